@@ -1,0 +1,53 @@
+# mdp_trt: set-up, tests, profiling, pruning, benchmarks.
+# Every target installs what it needs into .venv (idempotent; a second run is fast).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+GPU       ?= $(shell $(PY) -m profilers.device_label 2>/dev/null || echo cpu)
+MODEL     ?= resnet50
+ENGINE    ?= onnxruntime
+PRECISION ?= fp32
+BATCH     ?= 1
+RES       ?= 224
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all lint typecheck demo profile bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	# Type stubs only: their dependency on the tensorrt runtime is not wanted for type-checking.
+	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10'
+	touch $(STAMP)
+
+setup: $(STAMP)
+	@$(PY) -c "import mdp_trt, profilers, solvers; print('mdp_trt ready:', mdp_trt.__version__)"
+
+test: $(STAMP)
+	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
+	$(PY) -m mypy profilers/engines/tensorrt.py
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
+
+demo: $(STAMP)
+	$(PY) -m mdp_trt.demo
+
+profile: $(STAMP)
+	$(PY) -m mdp_trt.profile --model $(MODEL) --engine $(ENGINE) --precision $(PRECISION) \
+		--batch-size $(BATCH) --resolution $(RES) --gpu $(GPU)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.profiling
+	$(PY) -m benchmarks.solver
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""Public entry points: describe a model's pruning space, apply a plan, save and load results."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mdp_trt.errors import MdpError, PlanError
+from mdp_trt.models import Importance, SpaceConfig, adapter_for
+from mdp_trt.space import Plan, PruningSpace
+
+PRUNED_FORMAT = 1
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
+                 **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with one clear error for an unknown name or a checkpoint that does not fit."""
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise MdpError(f"unknown timm model {name!r}{hint}")
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise MdpError(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for unreadable files
+            raise MdpError(f"cannot read checkpoint {path}: {exc}") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise MdpError(f"checkpoint {path} holds no state dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise MdpError(f"checkpoint {path} does not fit {name}: {' '.join(first[:3])[:400]}") from exc
+    return model
+
+
+def space_of(model: nn.Module, config: SpaceConfig | None = None) -> PruningSpace:
+    """The pruning space of a timm model (ResNet family or VisionTransformer/DeiT)."""
+    return adapter_for(model).space(model, config or SpaceConfig())
+
+
+def apply_plan(model: nn.Module, plan: Plan, importance: Importance | None = None,
+               space: PruningSpace | None = None) -> nn.Module:
+    """A new, physically smaller module for ``plan``; ``model`` is not modified.
+
+    With ``importance`` the highest-scoring units of every dim survive; without it, the
+    units with the largest weight norm.
+    """
+    adapter = adapter_for(model)
+    if space is None:
+        space = adapter.space(model, _config_of(plan))
+    space.validate(plan)
+    if importance is None:
+        importance = adapter.magnitude(model, space)
+    for name, scores in importance.units.items():
+        if name in plan.widths and len(scores) != space.dim(name).size:
+            raise PlanError(f"importance for {name} has {len(scores)} units, the dim has {space.dim(name).size}")
+    pruned = adapter.apply(model, space, plan, importance)
+    pruned.mdp_plan = plan.to_dict()  # type: ignore[assignment]
+    return pruned
+
+
+def _config_of(plan: Plan) -> SpaceConfig:
+    cfg = plan.meta.get("space_config")
+    return SpaceConfig(**cfg) if isinstance(cfg, dict) else SpaceConfig()
+
+
+def save_pruned(path: str | Path, model: nn.Module, plan: Plan, arch: dict[str, Any] | None = None) -> None:
+    """Write ``{format, arch, plan, state_dict}`` atomically (temporary file, then rename)."""
+    if arch is None:
+        arch = getattr(model, "mdp_arch", None)
+    if arch is None:
+        raise MdpError("save_pruned needs the architecture (arch=...) of the dense model")
+    payload = {
+        "format": PRUNED_FORMAT,
+        "arch": arch,
+        "plan": plan.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Rebuild a pruned model from the timm architecture and its plan, then load its weights."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise MdpError(f"no pruned model at {path}") from exc
+    except Exception as exc:
+        raise MdpError(f"cannot read pruned model {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT:
+        raise MdpError(f"{path} is not a pruned model written by save_pruned")
+    arch = payload["arch"]
+    plan = Plan.from_dict(payload["plan"])
+    dense = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+    dense.mdp_arch = arch  # type: ignore[assignment]
+    pruned = apply_plan(dense, plan)
+    try:
+        pruned.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise MdpError(f"weights in {path} do not fit their plan: {exc}") from exc
+    return pruned.eval()
+
+
+def arch_of(model: nn.Module) -> dict[str, Any]:
+    return adapter_for(model).arch(model)

@@ -1,0 +1,77 @@
+"""What a model adapter does: describe a family's pruning space and apply plans to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from torch import nn
+
+from mdp_trt.space import Plan, PruningSpace, Term
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """How finely widths are cut. Channel-like steps are multiples of ``min_step``."""
+
+    min_step: int = 8
+    max_choices: int = 16
+    head_step: int = 1
+    per_head_step: int = 8
+
+
+@dataclass
+class Importance:
+    """Score per unit of every dim (1-D, length ``dim.size``) and per block.
+
+    ``blocks[name]`` is the importance lost when the block is removed, beyond the scores of
+    its private dims (which go with it anyway).
+    """
+
+    units: dict[str, np.ndarray]
+    blocks: dict[str, float]
+
+    def cumulative(self, dim_name: str, choices: tuple[int, ...]) -> np.ndarray:
+        """Importance of keeping the top-k units for each k in ``choices``."""
+        s = np.sort(np.asarray(self.units[dim_name], dtype=np.float64))[::-1]
+        c = np.concatenate([[0.0], np.cumsum(s)])
+        return np.array([c[k] for k in choices])
+
+
+class Adapter(Protocol):
+    """A timm model family. Adapters are stateless; register them in ``mdp_trt.models``."""
+
+    family: str
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter understands ``model`` (cheap structural check)."""
+        ...
+
+    def why_not(self, model: nn.Module) -> str:
+        """For a model of this family that cannot be handled: what blocked it ('' if fine)."""
+        ...
+
+    def arch(self, model: nn.Module) -> dict[str, Any]:
+        """``{"name": timm name, "kwargs": {...}}`` enough for ``timm.create_model`` to rebuild it."""
+        ...
+
+    def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace: ...
+
+    def term_module(self, space: PruningSpace, term: Term, widths: tuple[int, ...]
+                    ) -> tuple[nn.Module, tuple[int, ...]]:
+        """A runnable module for one term at the given widths, and its input shape (no batch)."""
+        ...
+
+    def magnitude(self, model: nn.Module, space: PruningSpace) -> Importance:
+        """Deterministic weight-norm importance, used when none is given."""
+        ...
+
+    def apply(self, model: nn.Module, space: PruningSpace, plan: Plan,
+              importance: Importance) -> nn.Module:
+        """A new, physically smaller module; ``model`` is left untouched."""
+        ...
+
+    def param_count(self, space: PruningSpace, plan: Plan) -> int:
+        """Parameters of the pruned model, computed from the plan alone."""
+        ...

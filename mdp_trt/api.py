@@ -19,13 +19,23 @@ PRUNED_FORMAT = 1
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
-                 **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with one clear error for an unknown name or a checkpoint that does not fit."""
-    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+                 resolution: int | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with one clear error for an unknown name or a checkpoint that does not fit.
+
+    ``resolution`` is passed as ``img_size`` to models whose structure depends on it (ViTs);
+    convolutional models take any resolution as they are.
+    """
+    if name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise MdpError(f"unknown timm model {name!r}{hint}")
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs,
+                                  **({"img_size": resolution} if resolution else {}))
+    except TypeError as exc:
+        if not resolution or "img_size" not in str(exc):
+            raise
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():

@@ -23,14 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mdp_trt.api import create_model, space_of
     from mdp_trt.models import SpaceConfig
 
-    kwargs = {}
+    kwargs: dict[str, int] = {}
     if args.resolution:
         kwargs["resolution"] = args.resolution
     if args.max_choices:
         kwargs["max_choices"] = args.max_choices
     if args.min_step:
         kwargs["min_step"] = args.min_step
-    model = create_model(args.model, pretrained=False)
+    model = create_model(args.model, pretrained=False, resolution=args.resolution)
     space = space_of(model, SpaceConfig(**kwargs))
     if args.json:
         json.dump(space.summary(), sys.stdout, indent=2)

@@ -13,12 +13,18 @@ from mdp_trt.space import Plan, PruningSpace, Term
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """How finely widths are cut. Channel-like steps are multiples of ``min_step``."""
+    """How finely widths are cut. Channel-like steps are multiples of ``min_step``.
+
+    ``resolution`` is the square input side that latency terms are built for; ``None`` means
+    the model's own (for a ViT it must equal the model's image size: create the model with
+    ``img_size`` to change it).
+    """
 
     min_step: int = 8
     max_choices: int = 16
     head_step: int = 1
     per_head_step: int = 8
+    resolution: int | None = None
 
 
 @dataclass

@@ -73,6 +73,16 @@ class Adapter(Protocol):
         """Deterministic weight-norm importance, used when none is given."""
         ...
 
+    def taylor_terms(self, model: nn.Module, space: PruningSpace
+                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Signed first-order Taylor terms from the gradients now on ``model``'s parameters.
+
+        Per unit of every dim (summed over all layers of a shared width before any absolute
+        value), and per removable block. The caller takes absolute values per batch and
+        averages over batches.
+        """
+        ...
+
     def apply(self, model: nn.Module, space: PruningSpace, plan: Plan,
               importance: Importance) -> nn.Module:
         """A new, physically smaller module; ``model`` is left untouched."""

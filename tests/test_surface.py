@@ -1,0 +1,104 @@
+"""Latency surface: exact at measured points, interpolation counted, calibration fitted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mdp_trt.errors import TableError
+from mdp_trt.space import Block, Dim, PruningSpace, Term, choices_for
+from mdp_trt.surface import Calibration, LatencySurface, grid, pct_err, sample_plans
+
+
+def toy_space() -> PruningSpace:
+    dims = [
+        Dim("res", "channels", 64, 16, choices_for(64, 16)),
+        Dim("b0.inner", "channels", 32, 8, choices_for(32, 8), block="b0"),
+        Dim("b1.inner", "channels", 32, 8, choices_for(32, 8), block="b1"),
+    ]
+    blocks = [Block("b0", False, "first block"), Block("b1", True, dims=("b1.inner",))]
+    terms = [
+        Term("stem", "conv", ("res",), (("cin", 3), ("k", 3)), None),
+        Term("b0.a", "conv", ("res", "b0.inner"), (("k", 1),), "b0"),
+        Term("b0.b", "conv", ("b0.inner", "res"), (("k", 1),), "b0"),
+        Term("b1.a", "conv", ("res", "b1.inner"), (("k", 1),), "b1"),
+        Term("b1.b", "conv", ("b1.inner", "res"), (("k", 1),), "b1"),
+    ]
+    return PruningSpace("toy", "test", dims, blocks, terms, (3, 8, 8))
+
+
+def engine_ms(sig: str, w: tuple[int, ...]) -> float:
+    """A made-up engine: cost grows with the widths and jumps at multiples of 32."""
+    base = 0.01 + 1e-5 * float(np.prod(w)) + 0.003 * sum(x % 32 != 0 for x in w)
+    return base * (2.0 if sig.startswith("conv[1]") else 1.0)
+
+
+def full_points(space: PruningSpace) -> dict[str, dict[tuple[int, ...], float]]:
+    pts: dict[str, dict[tuple[int, ...], float]] = {}
+    for t in space.terms:
+        for w in grid(space, t):
+            pts.setdefault(t.signature, {})[w] = engine_ms(t.signature, w)
+    return pts
+
+
+def test_surface_equals_table_at_measured_points() -> None:
+    space = toy_space()
+    surf = LatencySurface.from_points(space, full_points(space))
+    assert surf.interpolated_points == 0
+    for t in space.terms:
+        for idx, w in zip(np.ndindex(surf.arrays[t.name].shape), grid(space, t), strict=True):
+            assert surf.arrays[t.name][idx] == engine_ms(t.signature, w)
+    plan = space.plan({"res": 48, "b1.inner": 16}, removed=["b1"])
+    expected = sum(engine_ms(t.signature, space.term_widths(t, plan)) for t in space.terms if t.block != "b1")
+    assert surf.raw(plan) == pytest.approx(expected)
+
+
+def test_steps_are_kept_not_smoothed() -> None:
+    space = toy_space()
+    surf = LatencySurface.from_points(space, full_points(space))
+    stem = surf.arrays["stem"]  # res choices 16, 32, 48, 64: 16 and 48 pay the misalignment jump
+    assert stem[1] < stem[0] + 0.006 and stem[2] > stem[1] + 0.005
+
+
+def test_missing_points_are_interpolated_and_counted() -> None:
+    space = toy_space()
+    pts = full_points(space)
+    sig = space.terms[1].signature
+    del pts[sig][(48, 16)]
+    surf = LatencySurface.from_points(space, pts)
+    assert surf.interpolated_points == 1
+    i, j = space.dim("res").choices.index(48), space.dim("b0.inner").choices.index(16)
+    v = surf.arrays["b0.a"][i, j]
+    neighbours = [engine_ms(sig, w) for w in ((32, 16), (64, 16), (48, 8), (48, 24))]
+    assert min(neighbours) <= v <= max(neighbours)
+
+
+def test_missing_term_is_an_error() -> None:
+    space = toy_space()
+    pts = full_points(space)
+    del pts[space.terms[0].signature]
+    with pytest.raises(TableError, match="no measurements for term stem"):
+        LatencySurface.from_points(space, pts)
+
+
+def test_calibration_lowers_held_out_error() -> None:
+    space = toy_space()
+    surf = LatencySurface.from_points(space, full_points(space))
+    truth = lambda p: 1.3 * surf.raw(p) + 0.05  # noqa: E731 - a known scale and launch offset
+    fit_plans, held_out = sample_plans(space, 6, seed=1), sample_plans(space, 12, seed=2)
+    cal = Calibration.fit([surf.raw(p) for p in fit_plans], [truth(p) for p in fit_plans])
+    assert cal.scale == pytest.approx(1.3) and cal.offset == pytest.approx(0.05)
+    measured = [truth(p) for p in held_out]
+    before = np.median(pct_err([surf.raw(p) for p in held_out], measured))
+    surf.calibration = cal
+    after = np.median(pct_err([surf.predict(p) for p in held_out], measured))
+    assert before > 10 and after < 1e-6
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_sample_plans_are_valid_and_spread() -> None:
+    space = toy_space()
+    plans = sample_plans(space, 10, seed=0)
+    for p in plans:
+        space.validate(p)
+    assert len({tuple(sorted(p.widths.items())) + p.removed for p in plans}) > 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +88,22 @@ def _config_of(plan: Plan) -> SpaceConfig:
     return SpaceConfig(**cfg) if isinstance(cfg, dict) else SpaceConfig()
 
 
-def save_pruned(path: str | Path, model: nn.Module, plan: Plan, arch: dict[str, Any] | None = None) -> None:
-    """Write ``{format, arch, plan, state_dict}`` atomically (temporary file, then rename)."""
+def save_pruned(path: str | Path, model: nn.Module, plan: Plan | Sequence[Plan],
+                arch: dict[str, Any] | None = None) -> None:
+    """Write ``{format, arch, plans, state_dict}`` atomically (temporary file, then rename).
+
+    ``plan`` may be a lineage: plans applied one after another, each to the space of the
+    model the previous one produced (iterative prune-then-fine-tune).
+    """
     if arch is None:
         arch = getattr(model, "mdp_arch", None)
     if arch is None:
         raise MdpError("save_pruned needs the architecture (arch=...) of the dense model")
+    plans = [plan] if isinstance(plan, Plan) else list(plan)
     payload = {
         "format": PRUNED_FORMAT,
         "arch": arch,
-        "plan": plan.to_dict(),
+        "plans": [p.to_dict() for p in plans],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     path = Path(path)
@@ -123,10 +130,15 @@ def load_pruned(path: str | Path) -> nn.Module:
     if not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT:
         raise MdpError(f"{path} is not a pruned model written by save_pruned")
     arch = payload["arch"]
-    plan = Plan.from_dict(payload["plan"])
-    dense = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
-    dense.mdp_arch = arch  # type: ignore[assignment]
-    pruned = apply_plan(dense, plan)
+    try:
+        plans = [Plan.from_dict(p) for p in payload["plans"]]
+        pruned = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+    except (KeyError, TypeError) as exc:
+        raise MdpError(f"{path} is not a pruned model written by save_pruned: {exc!r}") from exc
+    pruned.mdp_arch = arch  # type: ignore[assignment]
+    for plan in plans:
+        pruned = apply_plan(pruned, plan)
+        pruned.mdp_arch = arch  # type: ignore[assignment]
     try:
         pruned.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -1,0 +1,177 @@
+"""How well does each latency model predict real end-to-end latency on the engine?
+
+    python -m benchmarks.latency_model --model resnet50 --engine onnxruntime --resolution 224 --plans 30
+
+Measures N random pruned models end to end and reports the absolute percentage error of
+three predictors, each fitted on the same calibration plans (never among the evaluated ones):
+- ``surface``: our latency surface (measured per-term tables over the widths), calibrated;
+- ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style),
+  fitted to the same term measurements, calibrated the same way;
+- ``flops``: latency proportional to FLOPs, the constant fitted on the calibration plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdp_trt.cli import run_cli
+from mdp_trt.space import Plan, PruningSpace
+from mdp_trt.surface import Calibration, LatencySurface, pct_err, sample_plans
+
+
+class LinearModel:
+    """Per term: ``a + b * out`` at dense input width, where ``out`` is the product of the term's
+    output-side widths (all dims but the first; the only dim of a one-dim term)."""
+
+    def __init__(self, space: PruningSpace, surface: LatencySurface) -> None:
+        self.space = space
+        self.coef: dict[str, tuple[float, float]] = {}
+        for t in space.terms:
+            arr = surface.arrays[t.name]
+            axes = [np.array(space.dim(d).choices, dtype=np.float64) for d in t.dims]
+            if len(axes) == 1:
+                x, y = axes[0], arr
+            else:
+                sl = arr[-1]  # first dim (the input width) at its dense size
+                grids = np.meshgrid(*axes[1:], indexing="ij")
+                x, y = np.prod(np.stack([g.ravel() for g in grids]), axis=0), sl.ravel()
+            b, a = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(np.mean(y)))
+            self.coef[t.name] = (float(a), float(b))
+        self.calibration = Calibration()
+
+    def raw(self, plan: Plan) -> float:
+        total = 0.0
+        for t in self.space.kept_terms(plan):
+            w = [plan.widths[d] for d in t.dims]
+            out = float(np.prod(w[1:])) if len(w) > 1 else float(w[0])
+            a, b = self.coef[t.name]
+            total += a + b * out
+        return total
+
+
+def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
+    from mdp_trt.api import apply_plan
+    from mdp_trt.flops import count_flops
+
+    return count_flops(apply_plan(model, plan, space=space), (1, *space.input_size))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mdp_trt.api import create_model
+    from mdp_trt.engine_io import Lab, plan_key
+    from mdp_trt.models import SpaceConfig, adapter_for
+
+    model = create_model(args.model, resolution=args.resolution).eval()
+    space = adapter_for(model).space(model, SpaceConfig(max_choices=args.max_choices, resolution=args.resolution))
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    lab = Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads, args.lut,
+              args.model, progress=not args.json, log=log)
+    surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
+
+    cal_plans = Lab.calibration_plans(space, args.calibration_plans, args.seed)
+    cal_keys = {plan_key(p) for p in cal_plans}
+    eval_plans = [p for p in sample_plans(space, args.plans, seed=args.seed) if plan_key(p) not in cal_keys]
+    cal_ms = [lab.measure_plan(model, space, p) for p in cal_plans]
+    measured = []
+    for i, p in enumerate(eval_plans, 1):
+        measured.append(lab.measure_plan(model, space, p))
+        log(f"plan {i}/{len(eval_plans)}: {measured[-1]:.3f} ms")
+
+    linear = LinearModel(space, surface)
+    linear.calibration = Calibration.fit([linear.raw(p) for p in cal_plans], cal_ms)
+    cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
+    k = float(np.dot(cal_flops, cal_ms) / np.dot(cal_flops, cal_flops))
+
+    preds = {
+        "surface": [surface.predict(p) for p in eval_plans],
+        "linear": [float(linear.calibration(linear.raw(p))) for p in eval_plans],
+        "flops": [k * plan_flops(model, space, p) for p in eval_plans],
+    }
+    errs = {name: pct_err(v, measured) for name, v in preds.items()}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "plans": len(eval_plans),
+        "calibration_plans": len(cal_plans),
+        "median_abs_pct_err": float(np.median(errs["surface"])),
+        "p95_abs_pct_err": float(np.percentile(errs["surface"], 95)),
+        "linear_median_abs_pct_err": float(np.median(errs["linear"])),
+        "linear_p95_abs_pct_err": float(np.percentile(errs["linear"], 95)),
+        "flops_median_abs_pct_err": float(np.median(errs["flops"])),
+        "flops_p95_abs_pct_err": float(np.percentile(errs["flops"], 95)),
+        "raw_surface_median_abs_pct_err": float(np.median(pct_err([surface.raw(p) for p in eval_plans], measured))),
+        "calibration": surface.calibration.to_dict(),
+        "interpolated_points": surface.interpolated_points,
+        "measured_ms": {"min": float(min(measured)), "max": float(max(measured))},
+        "engine": lab.identity,
+        "table": str(lab.table_path),
+    }
+    if args.plot:
+        _plot(args.plot, args.model, measured, preds, result)
+        result["plot"] = str(args.plot)
+    return result
+
+
+def _plot(path: Path, model: str, measured: list[float], preds: dict[str, list[float]], r: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    labels = {"surface": "latency surface", "linear": "linear in out-channels", "flops": "proportional to FLOPs"}
+    keys = {"surface": "median_abs_pct_err", "linear": "linear_median_abs_pct_err", "flops": "flops_median_abs_pct_err"}
+    for (name, v), m in zip(preds.items(), ("o", "s", "^"), strict=True):
+        ax.scatter(measured, v, marker=m, s=18, label=f"{labels[name]} (median {r[keys[name]]:.1f}%)")
+    lo, hi = min(measured) * 0.9, max(measured) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    eng = r["engine"]
+    ax.set_title(f"{model}, {eng['engine']} {eng['precision']} bs{eng['batch_size']}, {r['plans']} plans", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.latency_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plans", type=int, default=30)
+    ap.add_argument("--calibration-plans", type=int, default=8)
+    ap.add_argument("--max-choices", type=int, default=16)
+    ap.add_argument("--lut", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of predicted against measured")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    r = run(args)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{args.model} on {r['engine']['engine']} ({r['engine']['device']}), {r['plans']} plans, "
+              f"{r['measured_ms']['min']:.2f}-{r['measured_ms']['max']:.2f} ms")
+        print(f"{'predictor':<28}{'median |err| %':>16}{'p95 |err| %':>14}")
+        for name, a, b in (("latency surface", "median_abs_pct_err", "p95_abs_pct_err"),
+                           ("linear (HALP-style)", "linear_median_abs_pct_err", "linear_p95_abs_pct_err"),
+                           ("proportional to FLOPs", "flops_median_abs_pct_err", "flops_p95_abs_pct_err")):
+            print(f"{name:<28}{r[a]:>16.2f}{r[b]:>14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,111 @@
+"""Everything the prune job asks of the target engine: tables, profiling, whole-model timing, export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mdp_trt.models import adapter_for
+from mdp_trt.space import Plan, PruningSpace
+from mdp_trt.surface import Calibration, LatencySurface, calibrate, sample_plans
+
+
+def plan_key(plan: Plan) -> str:
+    """A short fingerprint of a plan's widths and removed blocks."""
+    text = json.dumps([sorted(plan.widths.items()), sorted(plan.removed)])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class Lab:
+    """One engine setting, its latency table, and the measurements made with them."""
+
+    def __init__(self, engine: str, precision: str, batch_size: int, resolution: int, threads: int | None,
+                 table_path: Path | None, model_name: str, progress: bool = True,
+                 log: Callable[[str], None] = lambda s: None) -> None:
+        from profilers.device_label import device_label
+        from profilers.engines import get_engine
+        from profilers.table import LatencyTable, default_table_path
+
+        kw: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "resolution": resolution}
+        if threads is not None:
+            kw["threads"] = threads
+        self.engine = get_engine(engine, **kw)
+        self.identity: dict[str, Any] = asdict(self.engine.identity())
+        self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,
+                                                           batch_size, resolution)
+        self.table = LatencyTable.open(self.table_path, self.engine.identity())
+        self.progress = progress
+        self.log = log
+
+    def surface(self, model: nn.Module, space: PruningSpace, calibration: Calibration | None = None,
+                calibration_plans: int = 8, seed: int = 0) -> LatencySurface:
+        """Profile what the table lacks for ``space``, build the surface, calibrate it (once per space)."""
+        from profilers.profile import profile_space
+
+        adapter = adapter_for(model)
+        stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
+                              progress=self.progress)
+        self.log(f"latency table {self.table_path}: {stats}")
+        points = {sig: self.table.points(sig) for sig in {t.signature for t in space.terms}}
+        surf = LatencySurface.from_points(space, points)
+        if calibration is not None:
+            surf.calibration = calibration
+            return surf
+        key = f"calibration/{space.space_id}"
+        rec = self.table.kv_get(key)
+        if rec is not None:
+            surf.calibration = Calibration.from_dict(rec)
+            return surf
+        cal, _ = calibrate(surf, self.calibration_plans(space, calibration_plans, seed),
+                           lambda p: self.measure_plan(model, space, p))
+        self.table.kv_set(key, cal.to_dict())
+        self.log(f"calibration on {cal.plans} plans: x{cal.scale:.3f} {cal.offset:+.3f} ms, "
+                 f"median error {cal.raw_median_abs_pct_err:.1f}% raw -> {cal.fit_median_abs_pct_err:.1f}% fitted")
+        return surf
+
+    @staticmethod
+    def calibration_plans(space: PruningSpace, n: int, seed: int = 0) -> list[Plan]:
+        """The dense plan and ``n - 1`` spread plans (seeds apart from any evaluation plans)."""
+        return [space.full_plan(), *sample_plans(space, max(1, n - 1), seed=10_000 + seed)]
+
+    def measure_plan(self, model: nn.Module, space: PruningSpace, plan: Plan) -> float:
+        """Whole-model latency of ``plan`` applied to ``model``; cached in the table."""
+        from mdp_trt.api import apply_plan
+
+        key = f"model/{space.space_id}/{plan_key(plan)}"
+        rec = self.table.kv_get(key)
+        if rec is not None:
+            return float(rec["median_ms"])
+        shape = (self.engine.identity().batch_size, *space.input_size)
+        ms = self.measure([apply_plan(model, plan, space=space)], shape)[0]
+        self.table.kv_set(key, {"median_ms": ms, "widths": plan.widths, "removed": list(plan.removed)})
+        return ms
+
+    def measure(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
+        """Median latency in ms of each module on the engine, measured interleaved."""
+        from profilers.timing import WHOLE_MODEL, measure_interleaved
+
+        runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
+        try:
+            return [t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)]
+        finally:
+            for r in runners:
+                r.close()
+
+    def export(self, model: nn.Module, input_shape: tuple[int, ...], out: Path) -> list[str]:
+        """``model.onnx``, and ``model.engine`` when the engine builds one; returns the file names."""
+        from profilers.export import export_onnx
+
+        export_onnx(model.eval(), input_shape, out / "model.onnx")
+        files = ["model.onnx"]
+        save = getattr(self.engine, "save_engine", None)
+        if callable(save):
+            save(out / "model.onnx", input_shape, out / "model.engine")
+            files.append("model.engine")
+        return files

@@ -1,0 +1,34 @@
+"""From a space, a latency surface and importance to the solver's plain arrays, and back to a plan."""
+
+from __future__ import annotations
+
+from mdp_trt.models import Importance
+from mdp_trt.space import Plan, PruningSpace
+from mdp_trt.surface import LatencySurface
+from solvers import Problem, Solution, SolverBlock, SolverDim, SolverTerm, solve
+
+
+def problem(space: PruningSpace, surface: LatencySurface, importance: Importance) -> Problem:
+    """The solver's view: cumulative importance per choice, latency arrays per term, calibration."""
+    dims = [SolverDim(d.name, d.choices, importance.cumulative(d.name, d.choices), d.block) for d in space.dims]
+    blocks = [SolverBlock(b.name, b.removable, float(importance.blocks.get(b.name, 0.0))) for b in space.blocks]
+    terms = [SolverTerm(t.name, t.dims, surface.arrays[t.name], t.block) for t in space.terms]
+    cal = surface.calibration
+    return Problem(dims, blocks, terms, fixed_ms=0.0, scale=cal.scale, offset=cal.offset)
+
+
+def solve_plan(space: PruningSpace, surface: LatencySurface, importance: Importance, budget_ms: float,
+               solver: str = "HIGHS", time_limit_s: float = 120.0) -> tuple[Plan | None, Solution]:
+    """Best plan under ``budget_ms``; ``None`` with the solver's status when there is none."""
+    sol = solve(problem(space, surface, importance), budget_ms, solver=solver, time_limit_s=time_limit_s)
+    if sol.status != "optimal":
+        return None, sol
+    widths = {d.name: sol.widths.get(d.name, d.size) for d in space.dims}
+    for b in sol.removed:  # private widths of removed blocks are irrelevant; keep them valid
+        for name in space.block(b).dims:
+            if widths[name] not in space.dim(name).choices:
+                widths[name] = space.dim(name).choices[0]
+    plan = space.plan(widths, sol.removed)
+    plan.meta.update(predicted_ms=sol.predicted_ms, objective=sol.objective, budget_ms=budget_ms,
+                     solver=sol.solver, solve_s=sol.solve_s, gap=sol.gap)
+    return plan, sol

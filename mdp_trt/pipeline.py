@@ -1,0 +1,210 @@
+"""The prune job: profile, calibrate, score, solve, cut, validate on the engine, fine-tune, export.
+
+Every latency in the report is measured on the chosen engine with one setting for dense and
+pruned models (measured interleaved); predictions come from the calibrated surface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mdp_trt import engine_io
+from mdp_trt.api import apply_plan, create_model, save_pruned
+from mdp_trt.data import DataSpec, evaluate, loaders
+from mdp_trt.errors import BudgetError
+from mdp_trt.finetune import TrainConfig, train
+from mdp_trt.flops import count_flops, count_params
+from mdp_trt.importance import estimate
+from mdp_trt.models import SpaceConfig, adapter_for
+from mdp_trt.optimize import solve_plan
+from mdp_trt.space import Plan, PruningSpace
+from mdp_trt.surface import LatencySurface
+from mdp_trt.target import Target
+
+Log = Callable[[str], None]
+
+
+def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict[str, Any]:
+    """Run the job into ``out`` (a fresh directory) and return the report."""
+    t_start = time.time()
+    kwargs: dict[str, Any] = {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.in_chans is not None:
+        kwargs["in_chans"] = args.in_chans
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                         resolution=args.resolution, **kwargs).eval()
+    adapter = adapter_for(model)
+    model.mdp_arch = adapter.arch(model)  # type: ignore[assignment]
+    config = SpaceConfig(max_choices=args.max_choices, resolution=args.resolution)
+    space = adapter.space(model, config)
+    input_shape = (args.batch_size, *space.input_size)
+    progress = not args.quiet
+
+    # Engine, latency table (profiling what is missing), surface and calibration.
+    lab = engine_io.Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads,
+                        args.lut, args.model, progress=progress, log=log)
+    surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
+    dense_pred = surface.predict(space.full_plan())
+
+    # Data, accuracy of the dense model, importance.
+    spec = DataSpec(space.input_size[0], space.input_size[1], _num_classes(model))
+    train_loader, val_loader = loaders(args.data, spec, args.train_batch_size, args.train_limit,
+                                       args.val_limit, seed=args.seed)
+    real_data = args.data != "synthetic"
+    accuracy: dict[str, float] = {}
+    if real_data:
+        accuracy["dense"] = evaluate(model, val_loader)
+        log(f"dense top-1: {accuracy['dense']:.2f}%")
+
+    # Dense latency on the engine: the reference every target is relative to.
+    dense_ms = lab.measure([model], input_shape)[0]
+    budget = target.budget_ms(dense_ms)
+    log(f"dense: {dense_ms:.3f} ms measured, {dense_pred:.3f} ms predicted; budget {budget:.3f} ms ({target.text})")
+
+    # Prune: K steps towards the budget, each a closed loop of solve -> cut -> measure.
+    plans: list[Plan] = []
+    rounds: list[dict[str, Any]] = []
+    current, cur_space, cur_surface = model, space, surface
+    note = ""
+    for step in range(1, args.steps + 1):
+        step_budget = dense_ms - (dense_ms - budget) * step / args.steps
+        if step > 1:
+            cur_space = adapter.space(current, config)
+            cur_surface = lab.surface(current, cur_space, calibration=surface.calibration)
+        imp = estimate(args.importance, current, cur_space, train_loader, args.importance_batches,
+                       seed=args.seed, progress=progress)
+        plan, pruned, measured, step_rounds, note = _closed_loop(
+            args, lab, current, cur_space, cur_surface, imp, model if step == args.steps else None,
+            step_budget, input_shape, log)
+        rounds += [dict(r, step=step) for r in step_rounds]
+        plans.append(plan)
+        current = pruned
+        if args.finetune_epochs > 0:
+            epochs = args.finetune_epochs / args.steps
+            if real_data and step == 1:
+                accuracy["pruned_before_finetune"] = evaluate(current, val_loader)
+            train(current, train_loader.dataset, TrainConfig(epochs=epochs, batch_size=args.train_batch_size,
+                                                             lr=args.lr, seed=args.seed, progress=progress),
+                  desc=f"fine-tune step {step}/{args.steps}")
+    chosen = next(r for r in reversed(rounds) if r.get("chosen"))
+    pruned, pruned_ms = current, chosen["measured_ms"]
+    if real_data:
+        accuracy["pruned" if args.finetune_epochs > 0 else "pruned_no_finetune"] = evaluate(pruned, val_loader)
+
+    # Outputs.
+    final = plans[-1]
+    plan_doc = final.to_dict()
+    plan_doc["lineage"] = [p.to_dict() for p in plans[:-1]]
+    plan_doc["engine"] = lab.identity
+    plan_doc["target"] = target.text
+    (out / "plan.json").write_text(json.dumps(plan_doc, indent=2) + "\n")
+    save_pruned(out / "pruned.pt", pruned, plans, arch=model.mdp_arch)  # type: ignore[arg-type]
+    files = ["plan.json", "pruned.pt"] + lab.export(pruned, input_shape, out)
+
+    met = pruned_ms <= budget * (1 + args.tolerance / 100)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "target": {"text": target.text, "kind": target.kind, "value": target.value, "budget_ms": budget},
+        "engine": lab.identity,
+        "dense_ms": dense_ms,
+        "dense_predicted_ms": dense_pred,
+        "pruned_ms": pruned_ms,
+        "predicted_ms": chosen["predicted_ms"],
+        "speedup": dense_ms / pruned_ms,
+        "target_met": bool(met),
+        "tolerance_pct": args.tolerance,
+        "prediction_error_pct": 100 * abs(chosen["predicted_ms"] - pruned_ms) / pruned_ms,
+        "params_before": count_params(model),
+        "params_after": count_params(pruned),
+        "flops_before": count_flops(model, (1, *space.input_size)),
+        "flops_after": count_flops(pruned, (1, *space.input_size)),
+        "accuracy": accuracy,
+        "importance": args.importance,
+        "steps": args.steps,
+        "rounds": rounds,
+        "calibration": surface.calibration.to_dict(),
+        "interpolated_points": surface.interpolated_points,
+        "blocks": _blocks(space, surface, final if args.steps == 1 else None),
+        "dims": _dims(cur_space, final),
+        "table": str(lab.table_path),
+        "wall_s": time.time() - t_start,
+        "files": files,
+        "note": note,
+    }
+    return report
+
+
+def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module, space: PruningSpace,
+                 surface: LatencySurface, imp: Any, dense: nn.Module | None, budget: float,
+                 input_shape: tuple[int, ...], log: Log
+                 ) -> tuple[Plan, nn.Module, float, list[dict[str, Any]], str]:
+    """Solve, cut and measure; when the measurement misses the budget by more than the tolerance,
+    scale the budget by predicted/measured and solve again, a bounded number of times.
+    Returns the best plan that met the budget (else the fastest one) and what happened."""
+    tol = args.tolerance / 100
+    rounds: list[dict[str, Any]] = []
+    tried: list[tuple[Plan, nn.Module, float]] = []
+    solve_budget = budget
+    for _ in range(args.max_rounds):
+        plan, sol = solve_plan(space, surface, imp, solve_budget, solver=args.solver)
+        if plan is None:
+            if sol.status == "infeasible" and sol.min_latency_ms is not None:
+                raise BudgetError(
+                    f"no plan reaches {solve_budget:.3f} ms on this engine; the fastest this space allows "
+                    f"is about {sol.min_latency_ms:.3f} ms (predicted)")
+            raise BudgetError(f"the solver found no plan: {sol.status} ({sol.message})")
+        pruned = apply_plan(model, plan, imp, space=space)
+        ms = lab.measure([dense, pruned] if dense is not None else [pruned], input_shape)
+        measured, pred = ms[-1], float(plan.meta["predicted_ms"])
+        rd: dict[str, Any] = {"budget_ms": solve_budget, "predicted_ms": pred, "measured_ms": measured,
+                              "solve_s": sol.solve_s, "gap": sol.gap}
+        if dense is not None:
+            rd.update(dense_ms=ms[0], speedup=ms[0] / measured)
+        rounds.append(rd)
+        tried.append((plan, pruned, measured))
+        log(f"round {len(rounds)}: budget {solve_budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
+        if abs(measured - budget) <= tol * budget:
+            break
+        solve_budget *= budget / measured
+    # Keep the slowest plan within the tolerance (least over-pruned); else the fastest one.
+    ok = [i for i, t in enumerate(tried) if t[2] <= budget * (1 + tol)]
+    pick = max(ok, key=lambda i: tried[i][2]) if ok else min(range(len(tried)), key=lambda i: tried[i][2])
+    rounds[pick]["chosen"] = True
+    plan, pruned, measured = tried[pick]
+    note = ""
+    if abs(measured - budget) > tol * budget:
+        note = (f"The closed loop ended {100 * (measured / budget - 1):+.1f}% from the budget after "
+                f"{len(rounds)} rounds; kept round {pick + 1}.")
+    return plan, pruned, measured, rounds, note
+
+
+def _num_classes(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    with torch.no_grad():
+        return int(model.forward_head(model.forward_features(torch.zeros(1, 3, 32, 32))).shape[-1])
+
+
+def _blocks(space: PruningSpace, surface: LatencySurface, plan: Plan | None) -> list[dict[str, Any]]:
+    dense = surface.per_block(space.full_plan())
+    pruned = surface.per_block(plan) if plan is not None else {}
+    names = ["fixed"] + [b.name for b in space.blocks]
+    removed = set(plan.removed) if plan is not None else set()
+    return [{"name": n, "kept": n not in removed, "dense_ms": dense.get(n, 0.0),
+             "pruned_ms": pruned.get(n, 0.0) if plan is not None else None} for n in names if n in dense]
+
+
+def _dims(space: PruningSpace, plan: Plan) -> list[dict[str, Any]]:
+    removed = set(plan.removed)
+    return [{"name": d.name, "kind": d.kind, "size": d.size,
+             "kept": None if d.block in removed else plan.widths[d.name]} for d in space.dims]

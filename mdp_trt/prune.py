@@ -1,0 +1,114 @@
+"""``python -m mdp_trt.prune``: importance, solve, surgery, closed-loop validation, fine-tune, report.
+
+    python -m mdp_trt.prune --model resnet50 --engine onnxruntime --engine-target 2x --out runs/r50
+
+The target is a speedup over the dense model (``2x``), a share of its latency (``50%``) or
+milliseconds (``3.2ms``), all measured on the engine. Without a matching latency table the
+model is profiled first; a table measured under another identity is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mdp_trt.cli import run_cli
+from mdp_trt.errors import MdpError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mdp_trt.prune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = ap.add_argument_group("model")
+    m.add_argument("--model", required=True, help="timm model name")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    src.add_argument("--checkpoint", type=Path, help="state dict to load into the timm model")
+    m.add_argument("--num-classes", type=int, default=None, help="classifier size (default: timm's)")
+    m.add_argument("--in-chans", type=int, default=None, help="input channels (default: timm's)")
+    e = ap.add_argument_group("engine")
+    e.add_argument("--engine", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
+    e.add_argument("--engine-target", required=True, metavar="T", help="2x, 50%% or 3.2ms")
+    e.add_argument("--precision", default="fp32")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--resolution", type=int, default=None, help="input side in pixels (default: the model's)")
+    e.add_argument("--threads", type=int, default=None, help="engine threads (CPU engines)")
+    e.add_argument("--lut", type=Path, default=None, help="latency table (default: luts/<device>/...)")
+    e.add_argument("--max-choices", type=int, default=16, help="at most this many widths per dim")
+    e.add_argument("--calibration-plans", type=int, default=8)
+    e.add_argument("--tolerance", type=float, default=3.0, help="closed-loop tolerance in %% of the target")
+    e.add_argument("--max-rounds", type=int, default=4, help="closed-loop solves at most")
+    e.add_argument("--solver", default="HIGHS")
+    d = ap.add_argument_group("data and training")
+    d.add_argument("--data", default="synthetic", help="ImageFolder DIR, fashion-mnist or synthetic")
+    d.add_argument("--importance", default="taylor", choices=("taylor", "magnitude", "random"))
+    d.add_argument("--importance-batches", type=int, default=16)
+    d.add_argument("--train-batch-size", type=int, default=64)
+    d.add_argument("--finetune-epochs", type=float, default=0.0)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--steps", type=int, default=1, help="prune-then-fine-tune steps towards the target")
+    d.add_argument("--train-limit", type=int, default=None, help="use at most this many training images")
+    d.add_argument("--val-limit", type=int, default=None, help="evaluate on at most this many images")
+    d.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True, help="output directory (must not exist, or --force)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(f"report: {result / 'report.md'}")
+    return 0
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The whole job; returns the output directory. Everything is written to a temporary
+    directory beside ``--out`` and renamed at the end, so an interrupted run leaves nothing."""
+    from mdp_trt import pipeline
+    from mdp_trt.target import parse_target
+
+    target = parse_target(args.engine_target)
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise MdpError(f"output directory {out} exists and is not empty (use --force to replace it)")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise MdpError(f"checkpoint {args.checkpoint} does not exist")
+    if args.data not in ("synthetic", "fashion-mnist") and not Path(args.data).is_dir():
+        raise MdpError(f"dataset path {args.data} does not exist (or use --data fashion-mnist|synthetic)")
+    if args.steps < 1 or args.max_rounds < 1:
+        raise MdpError("--steps and --max-rounds must be at least 1")
+    torch.manual_seed(args.seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report = pipeline.prune(args, target, tmp, log=lambda s: _log(args, s))
+        from mdp_trt import report as report_mod
+
+        report_mod.write(report, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
+

@@ -1,0 +1,102 @@
+"""The prune command: bad input gives one line and exit 1; a full run writes every output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdp_trt import load_pruned
+from mdp_trt.prune import main as prune_main
+
+TINY = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "4", "--calibration-plans", "4",
+        "--importance-batches", "2", "--train-batch-size", "8", "--train-limit", "32", "--val-limit", "16",
+        "--quiet"]
+
+
+def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mdp_trt.prune", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete run on a tiny model with a shared table (reused by the other tests)."""
+    root = tmp_path_factory.mktemp("prune")
+    out = root / "out"
+    assert prune_main([*TINY, "--engine-target", "1.3x", "--lut", str(root / "t.sqlite"),
+                       "--finetune-epochs", "1", "--out", str(out)]) == 0
+    return root
+
+
+def test_full_run_writes_every_output(full_run: Path) -> None:
+    out = full_run / "out"
+    for name in ("plan.json", "pruned.pt", "model.onnx", "report.json", "report.md", "blocks.png", "widths.png"):
+        assert (out / name).is_file(), name
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("dense_ms", "pruned_ms", "predicted_ms", "speedup", "target", "engine", "params_before",
+                "params_after", "flops_before", "flops_after", "blocks", "rounds"):
+        assert key in rep, key
+    for key in ("engine", "version", "device", "precision", "batch_size", "resolution", "threads"):
+        assert key in rep["engine"], key
+    assert rep["params_after"] < rep["params_before"]
+    assert rep["speedup"] == pytest.approx(rep["dense_ms"] / rep["pruned_ms"])
+    model = load_pruned(out / "pruned.pt")
+    assert sum(p.numel() for p in model.parameters()) == rep["params_after"]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+    assert not list(full_run.glob(".out.*")), "temporary directory left behind"
+
+
+def test_existing_output_is_refused(full_run: Path, tmp_path: Path) -> None:
+    proc = run_cli([*TINY, "--engine-target", "1.3x", "--lut", str(full_run / "t.sqlite"),
+                    "--out", str(full_run / "out")], tmp_path)
+    one_line_error(proc, "exists")
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    one_line_error(run_cli(["--model", "resnet_nope", "--engine-target", "2x", "--out", "o"], tmp_path),
+                   "unknown timm model")
+
+
+def test_bad_target(tmp_path: Path) -> None:
+    one_line_error(run_cli([*TINY, "--engine-target", "fast", "--out", "o"], tmp_path), "target")
+
+
+def test_unreachable_target_says_what_is_achievable(full_run: Path, tmp_path: Path) -> None:
+    proc = run_cli([*TINY, "--engine-target", "500x", "--lut", str(full_run / "t.sqlite"), "--out", "o"],
+                   tmp_path)
+    one_line_error(proc, "fastest")
+    assert not (tmp_path / "o").exists()
+
+
+def test_table_of_another_identity_is_refused(full_run: Path, tmp_path: Path) -> None:
+    proc = run_cli([*TINY, "--batch-size", "2", "--engine-target", "2x", "--lut", str(full_run / "t.sqlite"),
+                    "--out", "o"], tmp_path)
+    one_line_error(proc, "identity")
+
+
+def test_missing_dataset(tmp_path: Path) -> None:
+    one_line_error(run_cli([*TINY, "--engine-target", "2x", "--data", str(tmp_path / "nope"), "--out", "o"],
+                           tmp_path), "does not exist")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, bad)
+    proc = run_cli([*TINY, "--engine-target", "2x", "--checkpoint", str(bad), "--out", "o"], tmp_path)
+    one_line_error(proc, "does not fit")
+    missing = run_cli([*TINY, "--engine-target", "2x", "--checkpoint", str(tmp_path / "x.pt"), "--out", "o"],
+                      tmp_path)
+    one_line_error(missing, "does not exist")

@@ -1,0 +1,193 @@
+"""ONNX Runtime: the embedded default engine.
+
+CPU execution provider unless ``onnxruntime-gpu`` is installed and a CUDA device is seen,
+then the CUDA provider (or TensorRT's, with ``trt_provider=True``). Graph optimizations are
+all on (``ORT_ENABLE_ALL``: BatchNorm folding, fusions), as a deployment would run them.
+
+Threads: one intra-op thread by default. A table measured with one thread is stable on a
+shared machine and its terms add up the way a single-threaded deployment runs them; pass
+``threads=N`` (0: ONNX Runtime's own choice, one per physical core) to profile a
+multi-threaded deployment. The count is part of the engine identity either way.
+
+Inputs and outputs are bound once (``OrtValue`` I/O binding) so that a timed call is the
+inference and not the allocation or copy of its buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from mdp_trt.errors import EngineError
+from profilers.engines.base import (
+    EngineIdentity,
+    HostRunner,
+    cpu_name,
+    cuda_index,
+    driver_version,
+    gpu_name,
+    mdp_trt_version,
+    require_cuda,
+)
+from profilers.export import export_onnx
+
+PRECISIONS = ("fp32", "fp16")
+INSTALL_GPU = "pip install 'mdp-trt[ort-gpu]'"
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise EngineError("onnxruntime is not installed: pip install onnxruntime "
+                          f"(or {INSTALL_GPU} for GPUs)") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeEngine:
+    """ONNX Runtime with graph optimizations on and a recorded intra-op thread count."""
+
+    name = "onnxruntime"
+    precisions = PRECISIONS
+
+    def __init__(self, precision: str = "fp32", batch_size: int = 1, resolution: int | None = 224,
+                 threads: int | None = 1, device: str | None = None, trt_provider: bool = False) -> None:
+        ort = _ort()
+        available = set(ort.get_available_providers())
+        if device is None:
+            device = "cuda" if "CUDAExecutionProvider" in available and _torch_sees_cuda() else "cpu"
+        self.precision = precision
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.threads = 1 if threads is None else int(threads)
+        if self.threads < 0:
+            raise EngineError(f"threads must be >= 0 (0: ONNX Runtime's default), got {threads}")
+        if device == "cpu":
+            if trt_provider:
+                raise EngineError("the TensorRT execution provider runs on a GPU, not with device='cpu'")
+            if precision != "fp32":
+                raise EngineError(
+                    f"onnxruntime on CPU runs fp32 only (asked for {precision}); fp16 needs a GPU "
+                    f"provider: {INSTALL_GPU} on a machine with an NVIDIA GPU"
+                )
+            self.device = "cpu"
+            self.provider = "CPUExecutionProvider"
+        else:
+            index = cuda_index(device)
+            self.provider = "TensorrtExecutionProvider" if trt_provider else "CUDAExecutionProvider"
+            if self.provider not in available:
+                raise EngineError(
+                    f"onnxruntime has no {self.provider} here (available: {sorted(available)}); "
+                    f"install the GPU build: {INSTALL_GPU}"
+                )
+            require_cuda(self.name, device)
+            self.device = f"cuda:{index}"
+
+    def identity(self) -> EngineIdentity:
+        ort = _ort()
+        on_gpu = self.device != "cpu"
+        return EngineIdentity(
+            engine=self.name,
+            version=f"{ort.__version__}/{self.provider}",
+            device=gpu_name(cuda_index(self.device)) if on_gpu else cpu_name(),
+            driver=driver_version() if on_gpu else "",
+            precision=self.precision,
+            batch_size=self.batch_size,
+            resolution=self.resolution,
+            threads=self.threads,
+            mdp_trt_version=mdp_trt_version(),
+        )
+
+    def _session_options(self) -> Any:
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        return so
+
+    def _providers(self) -> list[Any]:
+        if self.device == "cpu":
+            return ["CPUExecutionProvider"]
+        opts: dict[str, Any] = {"device_id": cuda_index(self.device)}
+        if self.provider == "TensorrtExecutionProvider":
+            trt_opts = dict(opts, trt_fp16_enable=self.precision == "fp16")
+            return [("TensorrtExecutionProvider", trt_opts), ("CUDAExecutionProvider", opts)]
+        return [("CUDAExecutionProvider", opts)]
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> HostRunner:
+        """Export ``module`` through the one ONNX path and open a session for it."""
+        if self.precision == "fp16" and self.provider == "CUDAExecutionProvider":
+            import copy
+
+            module = copy.deepcopy(module).to(self.device).half()
+        return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
+
+    def prepare_onnx(self, model: str | Path | bytes, input_shape: Sequence[int] | None = None) -> HostRunner:
+        """A runner for an ONNX model (file or bytes) at ``input_shape`` (symbolic axes need it)."""
+        ort = _ort()
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+            if path.suffix != ".onnx":
+                raise EngineError(f"onnxruntime runs .onnx files, not {path.name}")
+            if not path.is_file():
+                raise EngineError(f"no ONNX model at {path}")
+            model = path.read_bytes()
+        try:
+            sess = ort.InferenceSession(model, self._session_options(), providers=self._providers())
+        except (RuntimeError, ValueError) as exc:  # ORT's Fail/InvalidGraph derive from these
+            raise EngineError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from exc
+        inputs = sess.get_inputs()
+        if len(inputs) != 1:
+            raise EngineError(f"expected a model with one input, this one has {len(inputs)}")
+        shape = _resolve_shape(inputs[0].shape, input_shape, self.batch_size)
+        dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape).astype(dtype)
+        outs = sess.run(None, {inputs[0].name: x})
+        device_type, device_id = ("cpu", 0) if self.device == "cpu" else ("cuda", cuda_index(self.device))
+        x_val = ort.OrtValue.ortvalue_from_numpy(x, device_type, device_id)
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(inputs[0].name, x_val)
+        out_vals = []
+        for meta, out in zip(sess.get_outputs(), outs, strict=True):
+            val = ort.OrtValue.ortvalue_from_shape_and_type(list(out.shape), out.dtype, device_type, device_id)
+            binding.bind_ortvalue_output(meta.name, val)
+            out_vals.append(val)
+        state: list[Any] = [sess, binding, x_val, out_vals]
+
+        def run() -> None:
+            state[0].run_with_iobinding(state[1])
+
+        return HostRunner(run, state.clear)
+
+
+def _resolve_shape(model_shape: Sequence[Any], asked: Sequence[int] | None, batch: int) -> tuple[int, ...]:
+    if asked is not None:
+        asked = tuple(int(s) for s in asked)
+        if len(asked) != len(model_shape) or any(
+                isinstance(m, int) and m != a for m, a in zip(model_shape, asked, strict=True)):
+            raise EngineError(f"input shape {asked} does not fit the model's input {list(model_shape)}")
+        return asked
+    out = []
+    for i, m in enumerate(model_shape):
+        if isinstance(m, int) and m > 0:
+            out.append(m)
+        elif i == 0:
+            out.append(batch)
+        else:
+            raise EngineError(f"the model's input {list(model_shape)} has a symbolic axis {i}; "
+                              "give the input shape")
+    return tuple(out)
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

@@ -1,0 +1,314 @@
+"""Latency tables: SQLite files of measured subgraph latencies, one engine identity each.
+
+Schema (format 1):
+
+- ``meta(key, value)``: ``format`` and ``identity`` (the engine identity as JSON);
+- ``latency(signature, widths, median_ms, p90_ms, p99_ms, cv, samples, measured_at)``, keyed
+  by the term signature and its widths as text (``"64,128"``);
+- ``kv(key, value)``: JSON records kept with the table (calibrations, whole-model
+  measurements).
+
+Every write is its own committed transaction, so a killed profile keeps everything it
+measured and resumes where it stopped. A table is bound to the identity it was created
+with: opening it under another identity raises :class:`TableError`, so measurements from
+one engine, device, precision, batch size or resolution are never mixed with another's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mdp_trt.errors import TableError
+from profilers.engines.base import EngineIdentity
+from profilers.timing import Timing
+
+TABLE_FORMAT = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS latency (
+    signature TEXT NOT NULL,
+    widths TEXT NOT NULL,
+    median_ms REAL NOT NULL,
+    p90_ms REAL NOT NULL,
+    p99_ms REAL NOT NULL,
+    cv REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    measured_at TEXT NOT NULL,
+    PRIMARY KEY (signature, widths)
+);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def widths_key(widths: Sequence[int]) -> str:
+    """Widths as stored: ``(64, 128)`` -> ``"64,128"``."""
+    return ",".join(str(int(w)) for w in widths)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    return tuple(int(w) for w in text.split(",")) if text else ()
+
+
+def default_table_path(label: str, model: str, engine: str, precision: str, batch_size: int,
+                       resolution: int | None, root: str | Path = "luts") -> Path:
+    """``<root>/<label>/<model>-<engine>-<precision>-bs<batch>-r<res>.sqlite``: the one naming rule."""
+    res = "native" if resolution is None else str(resolution)
+    safe_model = model.replace("/", "_").replace(":", "_")
+    return Path(root) / label / f"{safe_model}-{engine}-{precision}-bs{batch_size}-r{res}.sqlite"
+
+
+def shard_path(path: str | Path, shard: tuple[int, int]) -> Path:
+    """Where shard ``i`` of ``n`` is written by default: ``name.shard-i-of-n.sqlite``."""
+    p = Path(path)
+    i, n = shard
+    return p.with_name(f"{p.stem}.shard-{i}-of-{n}{p.suffix}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` with ``0 <= i < n`` (shards are numbered from 0)."""
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError as exc:
+        raise TableError(f"shard must look like i/n (e.g. 0/4), got {text!r}") from exc
+    if n < 1 or not 0 <= i < n:
+        raise TableError(f"shard {text!r}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
+def in_shard(signature: str, widths: Sequence[int], shard: tuple[int, int]) -> bool:
+    """Whether a grid point belongs to ``shard``: a stable hash, the same in every process."""
+    i, n = shard
+    if n == 1:
+        return True
+    digest = hashlib.sha1(f"{signature}|{widths_key(widths)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n == i
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured grid point."""
+
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    cv: float
+    samples: int
+    measured_at: str
+
+
+class LatencyTable:
+    """A latency table file bound to one engine identity. Use :meth:`open` or :meth:`read`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, identity: EngineIdentity) -> None:
+        self.path = path
+        self._conn = conn
+        self.identity = identity
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, identity: EngineIdentity) -> LatencyTable:
+        """Open (or create) the table at ``path`` for ``identity``; another identity is refused."""
+        path = Path(path)
+        if path.exists():
+            table = cls.read(path)
+            diff = table.identity.differences(identity)
+            if diff:
+                table.close()
+                raise TableError(
+                    f"latency table {path} was measured under another engine identity "
+                    f"({'; '.join(diff)}): it is not used or extended under this one; "
+                    "profile into another file (--out) or remove it"
+                )
+            return table
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path)
+            with conn:
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (str(TABLE_FORMAT),))
+                conn.execute("INSERT INTO meta VALUES ('identity', ?)", (identity.to_json(),))
+        except (sqlite3.Error, OSError) as exc:
+            raise TableError(f"cannot create latency table {path}: {exc}") from exc
+        return cls(path, conn, identity)
+
+    @classmethod
+    def read(cls, path: str | Path) -> LatencyTable:
+        """Open an existing table under the identity it was created with."""
+        path = Path(path)
+        if not path.is_file():
+            raise TableError(f"no latency table at {path}")
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"meta", "latency", "kv"} <= tables:
+                raise TableError(f"{path} is not a latency table (tables: {sorted(tables) or 'none'})")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("format") != str(TABLE_FORMAT):
+                raise TableError(f"latency table {path} has format {meta.get('format')!r}, "
+                                 f"this version reads {TABLE_FORMAT}")
+            identity = EngineIdentity.from_dict(json.loads(meta["identity"]))
+            conn.execute("SELECT count(*) FROM latency").fetchone()
+        except TableError:
+            if conn is not None:
+                conn.close()
+            raise
+        except (sqlite3.Error, KeyError, ValueError, TypeError) as exc:
+            if conn is not None:
+                conn.close()
+            raise TableError(f"corrupt latency table {path}: {exc}") from exc
+        return cls(path, conn, identity)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> LatencyTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- measurements -------------------------------------------------------------------
+
+    def put(self, signature: str, widths: Sequence[int], timing: Timing) -> None:
+        """Record one measurement and commit it."""
+        self.put_row(signature, widths, Row(timing.median_ms, timing.p90_ms, timing.p99_ms,
+                                            timing.cv, timing.samples, _now()))
+
+    def put_row(self, signature: str, widths: Sequence[int], row: Row) -> None:
+        self.put_rows([(signature, widths, row)])
+
+    def put_rows(self, rows: Iterable[tuple[str, Sequence[int], Row]]) -> None:
+        """Record several rows in one committed transaction."""
+        self._write_many(
+            "INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(sig, widths_key(w), r.median_ms, r.p90_ms, r.p99_ms, r.cv, r.samples, r.measured_at)
+             for sig, w, r in rows],
+        )
+
+    def get(self, signature: str, widths: Sequence[int]) -> Row | None:
+        r = self._query("SELECT median_ms, p90_ms, p99_ms, cv, samples, measured_at FROM latency "
+                        "WHERE signature = ? AND widths = ?", (signature, widths_key(widths)))
+        return Row(*r[0]) if r else None
+
+    def rows(self, signature: str) -> dict[tuple[int, ...], Row]:
+        """Every measured point of one signature, by widths."""
+        rs = self._query("SELECT widths, median_ms, p90_ms, p99_ms, cv, samples, measured_at "
+                         "FROM latency WHERE signature = ?", (signature,))
+        return {parse_widths(r[0]): Row(*r[1:]) for r in rs}
+
+    def points(self, signature: str) -> dict[tuple[int, ...], float]:
+        """Median latency (ms) of every measured point of one signature, by widths."""
+        rs = self._query("SELECT widths, median_ms FROM latency WHERE signature = ?", (signature,))
+        return {parse_widths(w): float(m) for w, m in rs}
+
+    def signatures(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT DISTINCT signature FROM latency ORDER BY signature")]
+
+    def keys(self) -> set[tuple[str, tuple[int, ...]]]:
+        """Every measured (signature, widths)."""
+        return {(s, parse_widths(w)) for s, w in self._query("SELECT signature, widths FROM latency")}
+
+    def __len__(self) -> int:
+        return int(self._query("SELECT count(*) FROM latency")[0][0])
+
+    def __contains__(self, key: tuple[str, Sequence[int]]) -> bool:
+        sig, widths = key
+        return bool(self._query("SELECT 1 FROM latency WHERE signature = ? AND widths = ?",
+                                (sig, widths_key(widths))))
+
+    def iter_rows(self) -> Iterator[tuple[str, tuple[int, ...], Row]]:
+        for r in self._query("SELECT signature, widths, median_ms, p90_ms, p99_ms, cv, samples, "
+                             "measured_at FROM latency ORDER BY signature, widths"):
+            yield r[0], parse_widths(r[1]), Row(*r[2:])
+
+    # -- key-value records ----------------------------------------------------------------
+
+    def kv_get(self, key: str, default: Any = None) -> Any:
+        r = self._query("SELECT value FROM kv WHERE key = ?", (key,))
+        if not r:
+            return default
+        try:
+            return json.loads(r[0][0])
+        except ValueError as exc:
+            raise TableError(f"corrupt record {key!r} in latency table {self.path}: {exc}") from exc
+
+    def kv_set(self, key: str, value: Any) -> None:
+        """Store a JSON-serializable record under ``key`` (replacing any previous one)."""
+        self._write("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    def kv_keys(self, prefix: str = "") -> list[str]:
+        return [r[0] for r in self._query("SELECT key FROM kv ORDER BY key") if r[0].startswith(prefix)]
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, tuple(args)).fetchall()
+        except sqlite3.Error as exc:
+            raise TableError(f"cannot read latency table {self.path}: {exc}") from exc
+
+    def _write(self, sql: str, args: Sequence[Any]) -> None:
+        self._write_many(sql, [tuple(args)])
+
+    def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            with self._conn:
+                self._conn.executemany(sql, [tuple(r) for r in rows])
+        except sqlite3.Error as exc:  # disk full, read-only file...: what was committed stays
+            raise TableError(f"cannot write latency table {self.path}: {exc}") from exc
+
+
+def merge(inputs: Iterable[str | Path], out: str | Path) -> dict[str, int]:
+    """Merge tables of one identity (shards) into ``out``, created or extended.
+
+    Rows present in several inputs keep the first input's measurement; records (kv) too.
+    Returns counts: inputs, rows added, duplicates skipped.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise TableError("merge needs at least one input table")
+    tables = [LatencyTable.read(p) for p in paths]
+    try:
+        ref = tables[0].identity
+        for t in tables[1:]:
+            diff = ref.differences(t.identity)
+            if diff:
+                raise TableError(f"cannot merge {t.path} into tables of {tables[0].path}: "
+                                 f"another engine identity ({'; '.join(diff)})")
+        with LatencyTable.open(out, ref) as dst:
+            have = dst.keys()
+            added = dup = 0
+            for t in tables:
+                if t.path.resolve() == dst.path.resolve():
+                    continue
+                new = []
+                for sig, widths, row in t.iter_rows():
+                    if (sig, widths) in have:
+                        dup += 1
+                        continue
+                    new.append((sig, widths, row))
+                    have.add((sig, widths))
+                dst.put_rows(new)
+                added += len(new)
+                for key in t.kv_keys():
+                    if dst.kv_get(key) is None:
+                        dst.kv_set(key, t.kv_get(key))
+    finally:
+        for t in tables:
+            t.close()
+    return {"inputs": len(paths), "added": added, "duplicates": dup}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,229 @@
+"""One timing protocol for every engine.
+
+Warm up by time and by count, then take several repeats of many iterations. The result is
+the median of the repeat medians (robust to a burst of noise in one repeat), with p90/p99,
+mean, min, max and the coefficient of variation over all samples. When the repeat medians
+disagree by more than the budget allows, more repeats are taken (a bounded number of times).
+
+A runner is any callable that runs one inference and returns when its result is ready.
+Runners on a device with its own clock (CUDA) may also offer ``timed(iters)``, returning the
+device time of each of ``iters`` back-to-back inferences in milliseconds; the protocol uses
+it unless host timing is asked for. Host timing uses a monotonic clock that tests replace
+with a fake one.
+
+:func:`measure_interleaved` times several runners round-robin, repeat by repeat, so slow
+drift of a shared machine does not favour one of them (dense against pruned, for instance).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+Clock = Callable[[], float]
+"""Seconds from a monotonic clock (``time.perf_counter``)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much time and how many iterations one measurement may take.
+
+    Warm-up runs until both ``warmup_ms`` and ``warmup_iters`` are reached (and stops at
+    ``warmup_max_iters``). Each repeat runs ``iters`` iterations, or, when ``iters`` is None,
+    as many as fit in ``repeat_ms`` judged from the warm-up, kept within
+    ``[min_iters, max_iters]``. When the repeat medians spread (their coefficient of
+    variation) exceeds ``max_spread``, ``repeats`` more are taken, at most ``max_rounds - 1``
+    times; the result pools every repeat.
+    """
+
+    warmup_ms: float = 5.0
+    warmup_iters: int = 2
+    warmup_max_iters: int = 1000
+    repeats: int = 3
+    iters: int | None = None
+    repeat_ms: float = 5.0
+    min_iters: int = 3
+    max_iters: int = 200
+    max_spread: float = 0.05
+    max_rounds: int = 2
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.min_iters < 1 or self.max_iters < self.min_iters:
+            raise ValueError(f"invalid timing budget {self}")
+        if self.iters is not None and self.iters < 1:
+            raise ValueError(f"invalid timing budget {self}")
+        if self.max_rounds < 1 or self.warmup_iters < 0:
+            raise ValueError(f"invalid timing budget {self}")
+
+
+PROFILE = Budget()
+"""Fast budget for the many small subgraphs of a latency table (tens of ms per point)."""
+
+WHOLE_MODEL = Budget(warmup_ms=200.0, warmup_iters=10, repeats=7, repeat_ms=150.0,
+                     min_iters=10, max_iters=2000, max_spread=0.02, max_rounds=3)
+"""Stricter budget for whole models (calibration, dense against pruned)."""
+
+
+@dataclass
+class Timing:
+    """Statistics of one measurement, in milliseconds per inference."""
+
+    median_ms: float
+    mean_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    cv: float
+    """Coefficient of variation (population std / mean) over all samples."""
+    samples: int
+    repeats: int
+    spread: float = 0.0
+    """Coefficient of variation of the repeat medians: how well the median is pinned down."""
+    rounds: int = 1
+    clock: str = "host"
+    """``host`` (wall clock around each call) or ``device`` (the engine's own events)."""
+    per_repeat_ms: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(repeats: Sequence[Sequence[float]], rounds: int = 1, clock: str = "host") -> Timing:
+    """Statistics of per-iteration samples grouped by repeat (median of repeat medians)."""
+    groups = [np.asarray(r, dtype=np.float64) for r in repeats if len(r)]
+    if not groups:
+        raise ValueError("no samples to summarize")
+    medians = np.array([float(np.median(g)) for g in groups])
+    pooled = np.concatenate(groups)
+    mean = float(pooled.mean())
+    cv = float(pooled.std() / mean) if mean > 0 else 0.0
+    mmean = float(medians.mean())
+    spread = float(medians.std() / mmean) if len(medians) > 1 and mmean > 0 else 0.0
+    p90, p95, p99 = (float(v) for v in np.percentile(pooled, [90, 95, 99]))
+    return Timing(
+        median_ms=float(np.median(medians)),
+        mean_ms=mean,
+        p90_ms=p90,
+        p95_ms=p95,
+        p99_ms=p99,
+        min_ms=float(pooled.min()),
+        max_ms=float(pooled.max()),
+        cv=cv,
+        samples=int(pooled.size),
+        repeats=len(groups),
+        spread=spread,
+        rounds=rounds,
+        clock=clock,
+        per_repeat_ms=[float(m) for m in medians],
+    )
+
+
+class _Timer:
+    """Runs one runner for a number of iterations and returns per-iteration milliseconds."""
+
+    def __init__(self, runner: Callable[[], Any], clock: Clock, use_device: bool) -> None:
+        self.runner = runner
+        self.clock = clock
+        timed = getattr(runner, "timed", None) if use_device else None
+        self.device = timed if callable(timed) else None
+
+    @property
+    def kind(self) -> str:
+        return "device" if self.device is not None else "host"
+
+    def run(self, iters: int) -> list[float]:
+        if self.device is not None:
+            out = self.device(iters)
+            if out is not None:
+                return [float(v) for v in out]
+            self.device = None
+        samples = []
+        clock, runner = self.clock, self.runner
+        for _ in range(iters):
+            t0 = clock()
+            runner()
+            samples.append((clock() - t0) * 1e3)
+        return samples
+
+    def warmup(self, budget: Budget) -> float:
+        """Warm up; returns the median warm-up iteration time (ms) for sizing repeats."""
+        samples: list[float] = []
+        start = self.clock()
+        while len(samples) < budget.warmup_max_iters:
+            enough_count = len(samples) >= budget.warmup_iters
+            enough_time = (self.clock() - start) * 1e3 >= budget.warmup_ms
+            if enough_count and enough_time and samples:
+                break
+            samples.extend(self.run(1))
+        # The first iterations carry one-off costs; size the repeats from the later half.
+        tail = samples[len(samples) // 2:] or samples
+        return float(np.median(tail))
+
+
+def _iters_for(budget: Budget, est_ms: float) -> int:
+    if budget.iters is not None:
+        return budget.iters
+    if est_ms <= 0 or not math.isfinite(est_ms):
+        return budget.max_iters
+    n = int(budget.repeat_ms / est_ms)
+    return max(budget.min_iters, min(budget.max_iters, n))
+
+
+def measure(runner: Callable[[], Any], budget: Budget = PROFILE, *, clock: Clock = time.perf_counter,
+            device_clock: bool = True) -> Timing:
+    """Time one runner under ``budget``; see the module docstring for the protocol."""
+    return measure_interleaved([runner], budget, clock=clock, device_clock=device_clock)[0]
+
+
+def measure_interleaved(runners: Sequence[Callable[[], Any]], budget: Budget = WHOLE_MODEL, *,
+                        clock: Clock = time.perf_counter, device_clock: bool = True) -> list[Timing]:
+    """Time several runners round-robin: repeat k of each runs before repeat k+1 of any.
+
+    The order within a round rotates from one repeat to the next, so no runner always goes
+    first. Each runner gets its own iteration count (from its own warm-up) and its own
+    re-measurement rounds.
+    """
+    if not runners:
+        return []
+    timers = [_Timer(r, clock, device_clock) for r in runners]
+    iters = [_iters_for(budget, t.warmup(budget)) for t in timers]
+    groups: list[list[list[float]]] = [[] for _ in timers]
+    rounds = [0] * len(timers)
+    active = list(range(len(timers)))
+    while active:
+        for i in active:
+            rounds[i] += 1
+        for rep in range(budget.repeats):
+            shift = rep % len(active)
+            for i in active[shift:] + active[:shift]:
+                groups[i].append(timers[i].run(iters[i]))
+        still = []
+        for i in active:
+            t = summarize(groups[i])
+            if t.spread > budget.max_spread and rounds[i] < budget.max_rounds:
+                still.append(i)
+        active = still
+    return [summarize(g, rounds=r, clock=t.kind) for g, r, t in zip(groups, rounds, timers, strict=True)]
+
+
+def measure_for(runner: Callable[[], Any], warmup_ms: float, duration_s: float, *,
+                clock: Clock = time.perf_counter, device_clock: bool = True,
+                repeats: int = 10) -> Timing:
+    """trtexec-style: warm up for ``warmup_ms``, then run for about ``duration_s`` seconds.
+
+    The run is split into ``repeats`` repeats of equal iteration counts sized from the
+    warm-up, so the same median-of-medians statistics apply.
+    """
+    if warmup_ms < 0 or duration_s <= 0 or repeats < 1:
+        raise ValueError("warm-up must be >= 0 ms and duration > 0 s")
+    budget = Budget(warmup_ms=warmup_ms, warmup_iters=1, warmup_max_iters=10**9, repeats=repeats,
+                    repeat_ms=duration_s * 1e3 / repeats, min_iters=1, max_iters=10**9,
+                    max_spread=math.inf, max_rounds=1)
+    return measure(runner, budget, clock=clock, device_clock=device_clock)

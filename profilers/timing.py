@@ -172,7 +172,7 @@ def _iters_for(budget: Budget, est_ms: float) -> int:
         return budget.iters
     if est_ms <= 0 or not math.isfinite(est_ms):
         return budget.max_iters
-    n = int(budget.repeat_ms / est_ms)
+    n = round(budget.repeat_ms / est_ms)
     return max(budget.min_iters, min(budget.max_iters, n))
 
 

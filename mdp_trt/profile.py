@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from mdp_trt.errors import MdpError
 
 
@@ -65,6 +67,14 @@ def _merge(argv: Sequence[str]) -> int:
     return 0
 
 
+def _native_resolution(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        raise MdpError(f"{type(model).__name__} declares no input size; give --resolution")
+    return int(size[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
@@ -80,15 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise MdpError(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    import torch
-
     from mdp_trt.api import create_model, space_of
     from mdp_trt.models import SpaceConfig, adapter_for
     from profilers.profile import profile_space
 
     torch.set_num_threads(max(1, args.threads or 1))
     model = create_model(args.model, pretrained=False, resolution=args.resolution).eval()
-    resolution = args.resolution or int(model.pretrained_cfg["input_size"][-1])
+    resolution = args.resolution or _native_resolution(model)
     engine = get_engine(args.engine, precision=args.precision, batch_size=args.batch_size,
                         resolution=resolution, threads=args.threads, device=args.device)
     label = check_label(args.gpu, engine.device) if args.gpu else device_label(engine.device)

@@ -2,8 +2,7 @@
 
 Uses the TorchScript-based exporter (``dynamo=False``): for the small static graphs of a
 latency table it is tens of milliseconds per graph, where the dynamo exporter takes seconds.
-The graph has one input named ``input`` and outputs named ``output`` (``output0``,
-``output1``... when there are several).
+The graph has one input named ``input``; its (first) output is named ``output``.
 """
 
 from __future__ import annotations
@@ -32,13 +31,6 @@ def _example_input(module: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), device=device, dtype=dtype)
 
 
-def _output_names(module: nn.Module, x: torch.Tensor) -> list[str]:
-    with torch.no_grad():
-        out = module(x)
-    n = len(out) if isinstance(out, (tuple, list)) else 1
-    return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
-
-
 def export_onnx(module: nn.Module, input_shape: Sequence[int], path: str | Path | None = None,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> bytes:
     """Export ``module`` (in eval mode, without gradients) for an input of ``input_shape``.
@@ -55,8 +47,9 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: str | Path 
     module.eval()
     try:
         x = _example_input(module, shape)
-        outputs = _output_names(module, x)
-        axes = {n: {0: "batch"} for n in ["input", *outputs]} if dynamic_batch else None
+        # Naming only the first output saves a forward pass; further outputs keep the
+        # exporter's names. Tracing runs the module once anyway.
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         buf = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -65,7 +58,7 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: str | Path 
             # The TorchScript exporter writes to file objects too; the annotation names paths only.
             torch.onnx.export(
                 module, (x,), buf,  # type: ignore[arg-type]
-                dynamo=False, opset_version=opset, input_names=["input"], output_names=outputs,
+                dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                 dynamic_axes=axes, do_constant_folding=True,
             )
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:

@@ -64,8 +64,8 @@ class Budget:
 PROFILE = Budget()
 """Fast budget for the many small subgraphs of a latency table (tens of ms per point)."""
 
-WHOLE_MODEL = Budget(warmup_ms=200.0, warmup_iters=10, repeats=7, repeat_ms=150.0,
-                     min_iters=10, max_iters=2000, max_spread=0.02, max_rounds=3)
+WHOLE_MODEL = Budget(warmup_ms=200.0, warmup_iters=5, repeats=5, repeat_ms=100.0,
+                     min_iters=5, max_iters=2000, max_spread=0.02, max_rounds=2)
 """Stricter budget for whole models (calibration, dense against pruned)."""
 
 

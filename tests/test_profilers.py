@@ -137,9 +137,11 @@ def _convnet() -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                       nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    bn = m[1]
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():
-        m[1].running_mean.uniform_(-1, 1)
-        m[1].running_var.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
     return m.eval()
 
 

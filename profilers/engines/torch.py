@@ -117,14 +117,14 @@ class TorchEngine:
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Any:
         """Fold BatchNorm, move to the device and precision, capture a CUDA graph on GPU."""
         shape = tuple(int(s) for s in input_shape)
-        m = copy.deepcopy(module).eval()
-        m, _ = fold_batchnorm(m, torch.randn(shape))
-        fmt = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
+        dev = torch.device(self.device)
+        m = copy.deepcopy(module).eval().to(device=dev, dtype=torch.float32)
+        m, _ = fold_batchnorm(m, torch.randn(shape, device=dev))
         if self.device == "cpu":
             return self._prepare_cpu(m, shape)
-        dev = torch.device(self.device)
+        fmt = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
         dtype = _dtype(self.precision)
-        m = m.to(device=dev, dtype=dtype).to(memory_format=fmt)
+        m = m.to(dtype=dtype).to(memory_format=fmt)
         x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
         return self._prepare_cuda(m, x)
 

@@ -69,3 +69,29 @@ def test_cpu_label() -> None:
     assert check_label("CPU", "cpu") == "cpu"
     with pytest.raises(MdpError, match="does not match"):
         check_label("h100", "cpu")
+
+
+def _adapters_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mdp_trt.models.resnet") is not None
+
+
+@pytest.mark.skipif(not _adapters_present(), reason="the ResNet adapter is not in this checkout yet")
+def test_profile_a_tiny_model_then_rerun(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import json
+
+    from profilers.table import LatencyTable
+
+    out = tmp_path / "t.sqlite"
+    argv = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "2", "--out", str(out),
+            "--no-progress", "--json"]
+    assert run_cli(main, argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["measured"] == first["grid_points"] > 0 and first["reused"] == 0
+    with LatencyTable.read(out) as t:
+        assert len(t) == first["grid_points"]
+        assert t.identity.resolution == 32 and t.identity.engine == "onnxruntime"
+    assert run_cli(main, argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["measured"] == 0 and again["reused"] == first["grid_points"]

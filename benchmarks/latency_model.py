@@ -5,8 +5,9 @@
 Measures N random pruned models end to end and reports the absolute percentage error of
 three predictors, each fitted on the same calibration plans (never among the evaluated ones):
 - ``surface``: our latency surface (measured per-term tables over the widths), calibrated;
-- ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style),
-  fitted to the same term measurements, calibrated the same way;
+- ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style,
+  :func:`mdp_trt.surface.linear_surface`), fitted to the same term measurements and
+  calibrated on the same plans;
 - ``flops``: latency proportional to FLOPs, the constant fitted on the calibration plans.
 """
 
@@ -23,37 +24,7 @@ import numpy as np
 
 from mdp_trt.cli import run_cli
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, LatencySurface, pct_err, sample_plans
-
-
-class LinearModel:
-    """Per term: ``a + b * out`` at dense input width, where ``out`` is the product of the term's
-    output-side widths (all dims but the first; the only dim of a one-dim term)."""
-
-    def __init__(self, space: PruningSpace, surface: LatencySurface) -> None:
-        self.space = space
-        self.coef: dict[str, tuple[float, float]] = {}
-        for t in space.terms:
-            arr = surface.arrays[t.name]
-            axes = [np.array(space.dim(d).choices, dtype=np.float64) for d in t.dims]
-            if len(axes) == 1:
-                x, y = axes[0], arr
-            else:
-                sl = arr[-1]  # first dim (the input width) at its dense size
-                grids = np.meshgrid(*axes[1:], indexing="ij")
-                x, y = np.prod(np.stack([g.ravel() for g in grids]), axis=0), sl.ravel()
-            b, a = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(np.mean(y)))
-            self.coef[t.name] = (float(a), float(b))
-        self.calibration = Calibration()
-
-    def raw(self, plan: Plan) -> float:
-        total = 0.0
-        for t in self.space.kept_terms(plan):
-            w = [plan.widths[d] for d in t.dims]
-            out = float(np.prod(w[1:])) if len(w) > 1 else float(w[0])
-            a, b = self.coef[t.name]
-            total += a + b * out
-        return total
+from mdp_trt.surface import Calibration, linear_surface, pct_err, sample_plans
 
 
 def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
@@ -84,14 +55,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measured.append(lab.measure_plan(model, space, p))
         log(f"plan {i}/{len(eval_plans)}: {measured[-1]:.3f} ms")
 
-    linear = LinearModel(space, surface)
+    linear = linear_surface(surface)
     linear.calibration = Calibration.fit([linear.raw(p) for p in cal_plans], cal_ms)
     cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
     k = float(np.dot(cal_flops, cal_ms) / np.dot(cal_flops, cal_flops))
 
     preds = {
         "surface": [surface.predict(p) for p in eval_plans],
-        "linear": [float(linear.calibration(linear.raw(p))) for p in eval_plans],
+        "linear": [linear.predict(p) for p in eval_plans],
         "flops": [k * plan_flops(model, space, p) for p in eval_plans],
     }
     errs = {name: pct_err(v, measured) for name, v in preds.items()}

@@ -13,7 +13,7 @@ from torch import nn
 
 from mdp_trt.models import adapter_for
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, LatencySurface, calibrate, sample_plans
+from mdp_trt.surface import Calibration, LatencySurface, calibrate, linear_surface, sample_plans
 
 
 def plan_key(plan: Plan) -> str:
@@ -68,6 +68,15 @@ class Lab:
         self.log(f"calibration on {cal.plans} plans: x{cal.scale:.3f} {cal.offset:+.3f} ms, "
                  f"median error {cal.raw_median_abs_pct_err:.1f}% raw -> {cal.fit_median_abs_pct_err:.1f}% fitted")
         return surf
+
+    def linear(self, model: nn.Module, space: PruningSpace, surface: LatencySurface, calibration_plans: int = 8,
+               seed: int = 0) -> LatencySurface:
+        """The linear latency model on the same measurements, calibrated on the same plans."""
+        lin = linear_surface(surface)
+        plans = self.calibration_plans(space, calibration_plans, seed)
+        lin.calibration = Calibration.fit([lin.raw(p) for p in plans],
+                                          [self.measure_plan(model, space, p) for p in plans])
+        return lin
 
     @staticmethod
     def calibration_plans(space: PruningSpace, n: int, seed: int = 0) -> list[Plan]:

@@ -26,7 +26,7 @@ from mdp_trt.importance import estimate
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.optimize import solve_plan
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import LatencySurface
+from mdp_trt.surface import LatencySurface, linear_surface
 from mdp_trt.target import Target
 
 Log = Callable[[str], None]
@@ -45,7 +45,8 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
     adapter = adapter_for(model)
     model.mdp_arch = adapter.arch(model)  # type: ignore[assignment]
     config = SpaceConfig(max_choices=args.max_choices, resolution=args.resolution)
-    space = adapter.space(model, config)
+    kinds = args.kinds.split(",") if args.kinds else None
+    space = adapter.space(model, config).restricted(kinds, not args.no_block_removal)
     input_shape = (args.batch_size, *space.input_size)
     progress = not args.quiet
 
@@ -53,6 +54,8 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
     lab = engine_io.Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads,
                         args.lut, args.model, progress=progress, log=log)
     surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
+    if args.latency_model == "linear":
+        surface = lab.linear(model, space, surface, args.calibration_plans, args.seed)
     dense_pred = surface.predict(space.full_plan())
 
     # Data, accuracy of the dense model, importance.
@@ -78,8 +81,12 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
     for step in range(1, args.steps + 1):
         step_budget = dense_ms - (dense_ms - budget) * step / args.steps
         if step > 1:
-            cur_space = adapter.space(current, config)
+            cur_space = adapter.space(current, config).restricted(kinds, not args.no_block_removal)
             cur_surface = lab.surface(current, cur_space, calibration=surface.calibration)
+            if args.latency_model == "linear":
+                cal = cur_surface.calibration
+                cur_surface = linear_surface(cur_surface)
+                cur_surface.calibration = cal
         imp = estimate(args.importance, current, cur_space, train_loader, args.importance_batches,
                        seed=args.seed, progress=progress)
         plan, pruned, measured, step_rounds, note = _closed_loop(

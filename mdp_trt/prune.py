@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, default=3.0, help="closed-loop tolerance in %% of the target")
     e.add_argument("--max-rounds", type=int, default=4, help="closed-loop solves at most")
     e.add_argument("--solver", default="HIGHS")
+    e.add_argument("--latency-model", default="surface", choices=("surface", "linear"),
+                   help="surface (default) or the linear-in-output-channels model, for ablations")
+    e.add_argument("--kinds", default=None,
+                   help="comma-separated dim kinds to prune (channels,heads,qk,v,mlp,embed; default all)")
+    e.add_argument("--no-block-removal", action="store_true", help="keep every block")
     d = ap.add_argument_group("data and training")
     d.add_argument("--data", default="synthetic", help="ImageFolder DIR, fashion-mnist or synthetic")
     d.add_argument("--importance", default="taylor", choices=("taylor", "magnitude", "random"))

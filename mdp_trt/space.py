@@ -192,14 +192,32 @@ class PruningSpace:
 
     @property
     def space_id(self) -> str:
-        """Fingerprint of the model and its space: a plan made for another space is refused."""
+        """Fingerprint of the model's structure: a plan made for another model is refused.
+
+        It leaves out the choices and which blocks may go, so a plan from a restricted space
+        (:meth:`restricted`) or a finer grid is still checked choice by choice by :meth:`validate`.
+        """
         h = hashlib.sha1()
         h.update(f"{self.family}|{self.model}|{self.input_size}".encode())
         for d in self.dims:
             h.update(f"|{d.name}:{d.kind}:{d.size}".encode())
         for b in self.blocks:
-            h.update(f"|{b.name}:{int(b.removable)}".encode())
+            h.update(f"|{b.name}".encode())
         return h.hexdigest()[:16]
+
+    def restricted(self, kinds: Iterable[str] | None = None, remove_blocks: bool = True) -> PruningSpace:
+        """The same space with only dims of ``kinds`` prunable and, unless ``remove_blocks``,
+        every block locked (for ablations). Its plans are valid plans of this space too."""
+        keep = set(DIM_KINDS if kinds is None else kinds)
+        unknown = keep - set(DIM_KINDS)
+        if unknown:
+            raise PlanError(f"unknown dim kinds {sorted(unknown)}; accepted: {', '.join(DIM_KINDS)}")
+        dims = [d if d.kind in keep else Dim(d.name, d.kind, d.size, d.size, (d.size,), d.block, d.layers)
+                for d in self.dims]
+        blocks = self.blocks if remove_blocks else [
+            Block(b.name, False, b.reason or "block removal disabled", b.dims) for b in self.blocks]
+        return PruningSpace(self.model, self.family, dims, blocks, self.terms, self.input_size,
+                            list(self.locked), dict(self.config))
 
     def plan(self, widths: Mapping[str, int] | None = None, removed: Iterable[str] = ()) -> Plan:
         """A plan from partial widths (unnamed dims stay full) and removed blocks, validated."""

@@ -189,6 +189,29 @@ def _interpolate(measured: Mapping[tuple[int, ...], float], queries: list[tuple[
     return out
 
 
+def linear_surface(surface: LatencySurface) -> LatencySurface:
+    """The HALP-style latency model MDP argues against, on the same measurements: per term,
+    ``a + b * out`` fitted at dense input width, where ``out`` is the product of the term's
+    output-side widths (all dims but the first; the only dim of a one-dim term)."""
+    space = surface.space
+    arrays: dict[str, np.ndarray] = {}
+    for t in space.terms:
+        arr = surface.arrays[t.name]
+        axes = [np.array(space.dim(d).choices, dtype=np.float64) for d in t.dims]
+        if len(axes) <= 1:
+            x = axes[0] if axes else np.zeros(1)
+            y = arr.reshape(-1)
+        else:
+            grids = np.meshgrid(*axes[1:], indexing="ij")
+            x = np.prod(np.stack([g.ravel() for g in grids]), axis=0)
+            y = arr[-1].ravel()  # first dim (the input width) at its dense size
+        b, a = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(np.mean(y)))
+        full = np.meshgrid(*axes, indexing="ij") if axes else []
+        out = np.prod(np.stack(full[1:]), axis=0) if len(full) > 1 else (full[0] if full else np.zeros(()))
+        arrays[t.name] = a + b * out
+    return LatencySurface(space, arrays, dict(surface.interpolated), Calibration())
+
+
 def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
     """``n`` plans spread over the latency range: a global keep ratio per plan, jittered per dim,
     and some removed blocks. Different seeds give disjoint plans for calibration and evaluation."""

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from mdp_trt.space import Block, Dim, Plan, PruningSpace, Term, aligned_choices,
 
 DEFAULT_SIDE = 224
 STEM_OUT = "stem"
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def _activation_name(module: nn.Module) -> str | None:
@@ -56,6 +56,14 @@ def _activation(name: str) -> nn.Module:
 
 class _Unsupported(Exception):
     """Something in the model that this adapter cannot handle (message says what)."""
+
+
+def _sub(model: nn.Module, name: str, cls: type[_M]) -> _M:
+    """Submodule ``name`` of ``model``, which must be a ``cls``."""
+    m = model.get_submodule(name)
+    if not isinstance(m, cls):
+        raise _Unsupported(f"{name} is {type(m).__name__}, expected {cls.__name__}")
+    return m
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,7 @@ def _int(v: Any) -> int:
 
 def _check_bn(model: nn.Module, name: str, channels: int) -> None:
     bn = model.get_submodule(name)
-    if type(bn) is not nn.BatchNorm2d:
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn) is not nn.BatchNorm2d:
         raise _Unsupported(f"normalization {name} is {type(bn).__name__}, only BatchNorm2d is handled")
     if not bn.affine or not bn.track_running_stats:
         raise _Unsupported(f"BatchNorm {name} has no affine parameters or no running statistics")
@@ -187,7 +195,7 @@ def _add_conv(g: _Graph, model: nn.Module, conv_name: str, bn_name: str, cin: st
               add: bool = False) -> int:
     """Record one conv+BN layer reading ``cin`` and writing the new variable ``cout``; its output side."""
     conv = model.get_submodule(conv_name)
-    if type(conv) is not nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d) or type(conv) is not nn.Conv2d:
         raise _Unsupported(f"{conv_name} is {type(conv).__name__}, expected a Conv2d")
     if conv.groups != 1:
         raise _Unsupported(f"grouped convolution {conv_name} (groups={conv.groups}, ResNeXt-style)")
@@ -221,7 +229,7 @@ def _act_of(model: nn.Module, name: str) -> str:
 
 def _stem(g: _Graph, model: ResNet, hw: int) -> tuple[str, int]:
     """The stem convs (one 7x7, or a deep stem of three 3x3) and the max-pool; (variable, side)."""
-    c1 = model.conv1
+    c1 = model.get_submodule("conv1")
     if isinstance(c1, nn.Sequential):
         kids = list(c1.named_children())
         kinds = "".join("c" if isinstance(m, nn.Conv2d) else "b" if isinstance(m, nn.BatchNorm2d)
@@ -239,8 +247,8 @@ def _stem(g: _Graph, model: ResNet, hw: int) -> tuple[str, int]:
                        _act_of(model, "act1"), None)
     else:
         hw = _add_conv(g, model, "conv1", "bn1", None, STEM_OUT, hw, _act_of(model, "act1"), None)
-    mp = model.maxpool
-    if type(mp) is nn.MaxPool2d:
+    mp = model.get_submodule("maxpool")
+    if isinstance(mp, nn.MaxPool2d) and type(mp) is nn.MaxPool2d:
         if _int(mp.dilation) != 1:
             raise _Unsupported("the stem max-pool is dilated")
         k, s, p = _int(mp.kernel_size), _int(mp.stride), _int(mp.padding)
@@ -279,7 +287,7 @@ def _block(g: _Graph, model: ResNet, name: str, stage: str, blk: nn.Module, r: s
         inner = [c1]
     for v in inner:
         g.var_block[v] = name
-    ds = blk.downsample
+    ds = getattr(blk, "downsample", None)
     if ds is None:
         if h_out != hw:
             raise _Unsupported(f"block {name} changes the feature map without a downsample path")
@@ -333,7 +341,7 @@ def _graph(model: nn.Module, side: int) -> _Graph:
         g.stages[stage] = r
         i += 1
     g.final, g.head_hw = r, hw
-    gp, fc = model.global_pool, model.fc
+    gp, fc = model.get_submodule("global_pool"), model.get_submodule("fc")
     if not isinstance(gp, SelectAdaptivePool2d):
         raise _Unsupported(f"global pool is {type(gp).__name__}")
     g.pool_type, g.feat_mult = gp.pool_type, int(gp.feat_mult())
@@ -401,14 +409,21 @@ def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> None:
     bn.num_features = len(idx)
 
 
+def _stats(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running mean and variance (checked to exist when the graph was read)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise MdpError("BatchNorm without running statistics")
+    return bn.running_mean, bn.running_var
+
+
 class _ConvTerm(nn.Module):
     """conv + BN (+ residual add) (+ activation), with an optional 2x2 average pool first.
 
     A term has one input, so the shortcut of a block-ending conv comes from a constant buffer
-    of one sample's shape (broadcast over the batch): the add is timmed where engines fuse it.
+    of one sample's shape (broadcast over the batch): the add is timed where engines fuse it into the conv.
     """
 
-    def __init__(self, cin: int, cout: int, c: dict[str, Any], gen: torch.Generator) -> None:
+    def __init__(self, cin: int, cout: int, c: dict[str, Any]) -> None:
         super().__init__()
         k, s, p = int(c["kernel"]), int(c["stride"]), int(c["padding"])
         self.pool: nn.Module = (nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
@@ -416,16 +431,12 @@ class _ConvTerm(nn.Module):
         self.conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.act = _activation(str(c["act"]))
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen)
-                                   * math.sqrt(2.0 / (cin * k * k)))
         self.add = bool(c.get("add"))
         hw = int(c["in_hw"])
         if c.get("pool"):
             hw = _conv_out(hw, 2, 2, 0, ceil=True)
         out = _conv_out(hw, k, s, p)
-        self.register_buffer("shortcut", torch.randn((1, cout, out, out), generator=gen)
-                             if self.add else torch.zeros(0))
+        self.register_buffer("shortcut", torch.randn(1, cout, out, out) if self.add else torch.zeros(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(self.pool(x)))
@@ -466,10 +477,13 @@ class ResNetAdapter:
         name = _arch_name(model)
         if name is None or not isinstance(model, ResNet):
             raise UnsupportedModelError(self.why_not(model) or "not a timm ResNet")
-        first = model.conv1[0] if isinstance(model.conv1, nn.Sequential) else model.conv1
-        return {"name": name, "kwargs": {"num_classes": int(model.num_classes),
-                                         "in_chans": int(first.in_channels),
-                                         "global_pool": str(model.global_pool.pool_type)}}
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        pool, fc = model.get_submodule("global_pool"), model.get_submodule("fc")
+        return {"name": name, "kwargs": {
+            "num_classes": fc.out_features if isinstance(fc, nn.Linear) else 0,
+            "in_chans": first.in_channels,
+            "global_pool": str(getattr(pool, "pool_type", "avg")),
+        }}
 
     # -- the space -----------------------------------------------------------------------
 
@@ -522,12 +536,16 @@ class ResNetAdapter:
                     ) -> tuple[nn.Module, tuple[int, ...]]:
         if len(widths) != len(term.dims):
             raise MdpError(f"term {term.name} takes {len(term.dims)} widths, got {widths}")
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
+            torch.manual_seed(0)
+            return self._term_module(term, widths)
+
+    def _term_module(self, term: Term, widths: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
         c = term.const
         hw = int(c["in_hw"])
-        gen = torch.Generator().manual_seed(0)
         if term.kind == "conv":
             cin, cout = (int(c["cin"]), widths[0]) if len(widths) == 1 else widths
-            return _ConvTerm(cin, cout, c, gen).eval(), (cin, hw, hw)
+            return _ConvTerm(cin, cout, c).eval(), (cin, hw, hw)
         if term.kind == "maxpool":
             mp = nn.MaxPool2d(int(c["kernel"]), int(c["stride"]), int(c["padding"]),
                               ceil_mode=bool(c["ceil"]))
@@ -551,10 +569,11 @@ class ResNetAdapter:
         per_conv: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for c in g.convs:
-                conv = model.get_submodule(c.conv)
-                bn = model.get_submodule(c.bn)
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                shift = bn.bias - bn.running_mean * scale
+                conv = _sub(model, c.conv, nn.Conv2d)
+                bn = _sub(model, c.bn, nn.BatchNorm2d)
+                mean, var = _stats(bn)
+                scale = bn.weight / torch.sqrt(var + bn.eps)
+                shift = bn.bias - mean * scale
                 w = conv.weight.flatten(1).norm(dim=1) * scale.abs() + shift.abs()
                 per_conv[c.conv] = w.double().cpu().numpy()
                 units[g.dim_of[c.cout]] += per_conv[c.conv]
@@ -574,11 +593,11 @@ class ResNetAdapter:
         per_bn: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for c in g.convs:
-                bn = model.get_submodule(c.bn)
+                bn = _sub(model, c.bn, nn.BatchNorm2d)
                 t = torch.zeros_like(bn.weight, dtype=torch.float64)
                 for p in (bn.weight, bn.bias):
                     if p.grad is not None:
-                        t += (p.detach() * p.grad).double()
+                        t += p.detach().double() * p.grad.double()
                 per_bn[c.conv] = t.cpu().numpy()
                 units[g.dim_of[c.cout]] += per_bn[c.conv]
         blocks = {b.name: float(per_bn[b.last].sum()) for b in g.blocks if b.removable}
@@ -611,22 +630,24 @@ class ResNetAdapter:
                 raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
             keep[d.name] = _top_k(scores, plan.widths[d.name])
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=ref.device) for k, v in keep.items()}
+        if not isinstance(model, ResNet):  # _fitting has read it as one
+            raise UnsupportedModelError(f"{type(model).__name__} is not a timm ResNet")
         pruned = copy.deepcopy(model)
         removed = set(plan.removed)
         for b in removed:
             stage, i = b.rsplit(".", 1)
-            pruned.get_submodule(stage)[int(i)] = nn.Identity()
+            _sub(pruned, stage, nn.Sequential)[int(i)] = nn.Identity()
         for c in g.convs:
             if c.block in removed:
                 continue
             cin = None if c.cin is None else idx[g.dim_of[c.cin]]
             out = idx[g.dim_of[c.cout]]
-            _slice_conv(pruned.get_submodule(c.conv), cin, out)
-            _slice_bn(pruned.get_submodule(c.bn), out)
+            _slice_conv(_sub(pruned, c.conv, nn.Conv2d), cin, out)
+            _slice_bn(_sub(pruned, c.bn, nn.BatchNorm2d), out)
         final = idx[g.dim_of[g.final]]
         width = len(final)
         if g.num_classes:
-            fc = pruned.fc
+            fc = _sub(pruned, "fc", nn.Linear)
             with torch.no_grad():
                 w = fc.weight.view(fc.out_features, g.feat_mult, -1).index_select(2, final)
                 fc.weight = nn.Parameter(w.reshape(fc.out_features, -1).clone(),
@@ -642,7 +663,7 @@ class ResNetAdapter:
                 info["num_chs"] = widths[key]
         for p in pruned.parameters():
             p.grad = None
-        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}
+        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}  # type: ignore[assignment]
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:

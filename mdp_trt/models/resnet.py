@@ -32,23 +32,23 @@ from mdp_trt.space import Block, Dim, Plan, PruningSpace, Term, aligned_choices,
 DEFAULT_SIDE = 224
 STEM_OUT = "stem"
 _M = TypeVar("_M", bound=nn.Module)
+# Parameter-free elementwise activations that map 0 to 0 (a silent channel stays silent).
+ACTIVATIONS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.GELU, "gelu"),
+    (nn.Hardswish, "hardswish"),
+)
 
 
 def _activation_name(module: nn.Module) -> str | None:
-    """Name of a parameter-free elementwise activation that maps 0 to 0, or None."""
-    for cls, name in ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"),
-                      (nn.GELU, "gelu"), (nn.Hardswish, "hardswish")):
-        if type(module) is cls:
-            return name
-    return None
+    """The name of ``module`` in :data:`ACTIVATIONS`, or None."""
+    return next((name for cls, name in ACTIVATIONS if type(module) is cls), None)
 
 
 def _activation(name: str) -> nn.Module:
-    """The activation module for a name given by :func:`_activation_name` ('none': identity)."""
+    """The activation module for a name in :data:`ACTIVATIONS` ('none': identity)."""
     if name == "none":
         return nn.Identity()
-    for cls, known in ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"),
-                       (nn.GELU, "gelu"), (nn.Hardswish, "hardswish")):
+    for cls, known in ACTIVATIONS:
         if name == known:
             return cls()
     raise MdpError(f"unknown activation {name!r} in a latency term")
@@ -113,8 +113,10 @@ class _Graph:
     pool_type: str = "avg"
     feat_mult: int = 1
     side: int = 0
-    dim_of: dict[str, str] = field(default_factory=dict)
+    dim_of: dict[str, str] = field(default_factory=dict)  # width variable -> dim name
     dim_order: list[str] = field(default_factory=list)
+    dim_size: dict[str, int] = field(default_factory=dict)
+    dim_block: dict[str, str] = field(default_factory=dict)  # private dims -> their block
 
     def new_var(self, name: str, size: int) -> str:
         self.sizes[name] = size
@@ -150,15 +152,15 @@ class _Graph:
                 name = vs[0]
             for v in vs:
                 self.dim_of[v] = name
+            self.dim_size[name] = sizes.pop()
+            if len(vs) == 1 and vs[0] in self.var_block:
+                self.dim_block[name] = self.var_block[vs[0]]
         seen: set[str] = set()
         for c in self.convs:
             d = self.dim_of[c.cout]
             if d not in seen:
                 seen.add(d)
                 self.dim_order.append(d)
-
-    def dim(self, var: str | None) -> str | None:
-        return None if var is None else self.dim_of[var]
 
 
 def _conv_out(hw: int, kernel: int, stride: int, padding: int, ceil: bool = False) -> int:
@@ -223,7 +225,8 @@ def _act_of(model: nn.Module, name: str) -> str:
     act = model.get_submodule(name)
     found = _activation_name(act)
     if found is None:
-        raise _Unsupported(f"activation {name} is {type(act).__name__}; handled: ReLU, ReLU6, SiLU, GELU, Hardswish")
+        known = ", ".join(cls.__name__ for cls, _ in ACTIVATIONS)
+        raise _Unsupported(f"activation {name} is {type(act).__name__}; handled: {known}")
     return found
 
 
@@ -420,7 +423,8 @@ class _ConvTerm(nn.Module):
     """conv + BN (+ residual add) (+ activation), with an optional 2x2 average pool first.
 
     A term has one input, so the shortcut of a block-ending conv comes from a constant buffer
-    of one sample's shape (broadcast over the batch): the add is timed where engines fuse it into the conv.
+    of one sample's shape (broadcast over the batch). The add is part of the term because
+    deployment engines fuse conv + BN + add + activation into one kernel.
     """
 
     def __init__(self, cin: int, cout: int, c: dict[str, Any]) -> None:
@@ -499,12 +503,10 @@ class ResNetAdapter:
             layers[g.dim_of[g.final]].append("fc")
         dims = []
         for d in g.dim_order:
-            var = next(v for v, n in g.dim_of.items() if n == d)
-            size = g.sizes[var]
+            size = g.dim_size[d]
             step, _ = aligned_choices(size, config.min_step, config.max_choices)
             dims.append(Dim(d, "channels", size, step, choices_for(size, step),
-                            block=g.var_block.get(var) if d == var else None,
-                            layers=tuple(dict.fromkeys(layers[d]))))
+                            block=g.dim_block.get(d), layers=tuple(dict.fromkeys(layers[d]))))
         blocks = [Block(b.name, b.removable, b.reason, tuple(g.dim_of[v] for v in b.inner))
                   for b in g.blocks]
         terms = []
@@ -608,7 +610,7 @@ class ResNetAdapter:
     def _fitting(self, model: nn.Module, space: PruningSpace) -> _Graph:
         """The graph of ``model``, checked to be the one ``space`` was built from."""
         g = self._require(model, space.input_size[1])
-        mine = [(d, g.sizes[next(v for v, n in g.dim_of.items() if n == d)]) for d in g.dim_order]
+        mine = [(d, g.dim_size[d]) for d in g.dim_order]
         theirs = [(d.name, d.size) for d in space.dims]
         if mine != theirs or _arch_name(model) != space.model:
             raise PlanError(f"the pruning space (of {space.model}, id {space.space_id}) was not built "

@@ -321,9 +321,9 @@ def _block(g: _Graph, model: ResNet, name: str, stage: str, blk: nn.Module, r: s
         if h_out != hw:
             changes.append(f"feature map {hw}->{h_out}")
         what = " and ".join(changes) or "nothing, yet has a projection shortcut"
-        reason = (f"first block of {stage} changes {what}: its shortcut is a projection "
-                  f"(downsample), not an identity, so without the block the next one would get "
-                  f"the wrong input; replacing the block by its downsample path alone is not offered")
+        reason = (f"first block of {stage} changes {what}: its shortcut is a projection, not an "
+                  f"identity, so removing it would leave nothing to map its input to the next "
+                  f"block's (replacement by the downsample path alone is not offered)")
     g.blocks.append(_BlockInfo(name, stage, removable, reason, inner, last))
     return out, h_out
 

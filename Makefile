@@ -30,10 +30,10 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
 	$(PY) -m mypy profilers/engines/tensorrt.py
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests

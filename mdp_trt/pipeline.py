@@ -169,6 +169,8 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
                     f"no plan reaches {solve_budget:.3f} ms on this engine; the fastest this space allows "
                     f"is about {sol.min_latency_ms:.3f} ms (predicted)")
             raise BudgetError(f"the solver found no plan: {sol.status} ({sol.message})")
+        if any(plan.widths == t[0].widths and plan.removed == t[0].removed for t in tried):
+            break  # the budget moved, the optimum did not: nothing new to measure
         pruned = apply_plan(model, plan, imp, space=space)
         ms = lab.measure([dense, pruned] if dense is not None else [pruned], input_shape)
         measured, pred = ms[-1], float(plan.meta["predicted_ms"])

@@ -1,0 +1,115 @@
+"""Multi-head self-attention whose query/key width per head may differ from its value width.
+
+A pruned ViT block keeps ``heads`` heads, ``qk`` query/key channels and ``v`` value channels
+per head. timm's ``Attention`` ties all three to one ``head_dim``, so surgery swaps it for
+:class:`PrunedAttention`, which keeps timm's parameter names (``qkv``, ``proj``) and its call
+signature, still runs ``F.scaled_dot_product_attention`` and keeps the softmax scale of the
+dense model (``head_dim ** -0.5`` of the original head width), so that a plan that keeps
+everything computes exactly what the dense model did.
+
+The two latency terms of attention (:class:`AttnQKTerm`, :class:`AttnVTerm`) live here too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PrunedAttention(nn.Module):
+    """Self-attention with ``num_heads`` heads of ``qk_dim`` query/key and ``v_dim`` value channels.
+
+    ``qkv`` writes ``[q | k | v]``: ``num_heads * qk_dim`` query rows (head-major), as many key
+    rows, then ``num_heads * v_dim`` value rows; ``proj`` reads ``num_heads * v_dim`` channels.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float,
+                 qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, dim_out: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.head_dim = v_dim  # what timm code reading ``head_dim`` expects: the output width per head
+        self.scale = float(scale)
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
+        q = q.reshape(b, n, h, dq).transpose(1, 2)
+        k = k.reshape(b, n, h, dq).transpose(1, 2)
+        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, n, h * dv)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}"
+
+
+def qkv_rows(heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, num_heads: int, qk_dim: int,
+             v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a ``[q | k | v]`` projection and columns of the output projection to keep.
+
+    ``heads``, ``qk`` and ``v`` are the kept head indices and the kept channel indices within
+    a head (the same channels in every kept head). Works for timm's ``Attention`` (where
+    ``qk_dim == v_dim == head_dim``) and :class:`PrunedAttention` alike.
+    """
+    q_rows = (heads[:, None] * qk_dim + qk[None, :]).flatten()
+    k_rows = q_rows + num_heads * qk_dim
+    v_cols = (heads[:, None] * v_dim + v[None, :]).flatten()
+    v_rows = v_cols + 2 * num_heads * qk_dim
+    return torch.cat([q_rows, k_rows, v_rows]), v_cols
+
+
+class AttnQKTerm(nn.Module):
+    """Latency term ``attn_qk``: norm, query and key projections, scaled ``q @ k^T``, softmax.
+
+    Input ``(batch, tokens, dim)``; output the attention probabilities ``(batch, heads, tokens, tokens)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, norm: nn.Module, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.qk_dim = num_heads, qk_dim
+        self.scale = qk_dim ** -0.5
+        self.norm = norm
+        self.qk = nn.Linear(dim, 2 * num_heads * qk_dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k = self.qk(self.norm(x)).reshape(b, n, 2, self.num_heads, self.qk_dim).permute(2, 0, 3, 1, 4)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+class AttnVTerm(nn.Module):
+    """Latency term ``attn_v``: value projection, ``attn @ v``, output projection, residual add.
+
+    The attention probabilities are a constant buffer of shape ``(1, heads, tokens, tokens)``,
+    so the term has the single input ``(batch, tokens, dim)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, v_dim: int, tokens: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, layer_scale: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.v_dim = num_heads, v_dim
+        self.v = nn.Linear(dim, num_heads * v_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
+        self.register_buffer("attn", torch.randn(1, num_heads, tokens, tokens).softmax(dim=-1))
+        self.gamma = nn.Parameter(torch.rand(dim)) if layer_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        v = self.v(x).reshape(b, n, self.num_heads, self.v_dim).transpose(1, 2)
+        y = self.proj((self.attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.v_dim))
+        if self.gamma is not None:
+            y = y * self.gamma
+        return x + y

@@ -86,7 +86,7 @@ class AttnQKTerm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k = self.qk(self.norm(x)).reshape(b, n, 2, self.num_heads, self.qk_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.qk(self.norm(x)).reshape(b, n, 2, self.num_heads, self.qk_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 

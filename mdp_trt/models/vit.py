@@ -431,8 +431,21 @@ def _branch_outputs(info: _Vit, i: int) -> list[tuple[str, str | None, str | Non
 # -- term modules ---------------------------------------------------------------------------
 
 
+class _RmsNormTerm(nn.Module):
+    """RMS norm written out in elementary ops: timm's ``RmsNorm`` calls ``aten::rms_norm``, which
+    the TorchScript ONNX exporter cannot export at opset 17, and a term must export."""
+
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 def _norm(kind: str, width: int) -> nn.Module:
-    return RmsNorm(width) if kind == "rmsnorm" else nn.LayerNorm(width, eps=1e-6)
+    return _RmsNormTerm(width) if kind == "rmsnorm" else nn.LayerNorm(width, eps=1e-6)
 
 
 class _PatchTerm(nn.Module):

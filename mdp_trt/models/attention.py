@@ -31,7 +31,6 @@ class PrunedAttention(nn.Module):
         self.num_heads = num_heads
         self.qk_dim = qk_dim
         self.v_dim = v_dim
-        self.head_dim = v_dim  # what timm code reading ``head_dim`` expects: the output width per head
         self.scale = float(scale)
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from timm.layers import Attention, LayerNorm, LayerScale, Mlp, PatchEmbed, RmsNorm
+from timm.layers import Attention, LayerNorm, LayerScale, Mlp, PatchEmbed, QuickGELU, RmsNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 from torch import nn
@@ -41,9 +41,12 @@ from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choice
 
 FAMILY = "vit"
 POOLS = ("token", "avg", "avgmax", "max", "")
-# Parameter-free MLP activations that map 0 to 0 (a silent hidden unit stays silent).
-ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-               "relu": lambda: nn.ReLU(), "silu": lambda: nn.SiLU()}
+# Parameter-free MLP activations that map 0 to 0 (a silent hidden unit stays silent): the
+# module class, the extra constructor arguments that tell it apart, and its name in a term.
+ACTIVATIONS: tuple[tuple[type[nn.Module], tuple[tuple[str, Any], ...], str], ...] = (
+    (nn.GELU, (("approximate", "none"),), "gelu"), (nn.GELU, (("approximate", "tanh"),), "gelu_tanh"),
+    (QuickGELU, (), "quick_gelu"), (nn.ReLU, (), "relu"), (nn.SiLU, (), "silu"),
+)
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 EMBED_NORMS = ("patch_embed.norm", "norm_pre", "norm", "fc_norm")
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -158,13 +161,18 @@ def _linear(model: nn.Module, name: str, fan_in: int, fan_out: int | None = None
 
 
 def _act_name(m: nn.Module, where: str) -> str:
-    if type(m) is nn.GELU:
-        return "gelu" if m.approximate == "none" else "gelu_tanh"
-    if type(m) is nn.ReLU:
-        return "relu"
-    if type(m) is nn.SiLU:
-        return "silu"
-    raise _Unsupported(f"MLP activation {where} is {type(m).__name__}; handled: GELU, ReLU, SiLU")
+    for cls, attrs, name in ACTIVATIONS:
+        if type(m) is cls and all(getattr(m, k, None) == v for k, v in attrs):
+            return name
+    handled = ", ".join(dict.fromkeys(cls.__name__ for cls, _, _ in ACTIVATIONS))
+    raise _Unsupported(f"MLP activation {where} is {m!r}; handled: {handled}")
+
+
+def _activation(name: str) -> nn.Module:
+    for cls, attrs, known in ACTIVATIONS:
+        if name == known:
+            return cls(**dict(attrs))
+    raise MdpError(f"unknown MLP activation {name!r} in a latency term")
 
 
 def _layer_scale(model: nn.Module, name: str, width: int) -> bool:
@@ -484,10 +492,7 @@ class _MlpTerm(nn.Module):
         bias = bool(c.get("bias", True))
         self.norm = _norm(str(c.get("norm", "layernorm")), embed)
         self.fc1 = nn.Linear(embed, hidden, bias=bias)
-        act = str(c.get("act", "gelu"))
-        if act not in ACTIVATIONS:
-            raise MdpError(f"unknown MLP activation {act!r} in a latency term")
-        self.act = ACTIVATIONS[act]()
+        self.act = _activation(str(c.get("act", "gelu")))
         self.fc2 = nn.Linear(hidden, embed, bias=bias)
         self.gamma = nn.Parameter(torch.rand(embed)) if c.get("ls") else None
 
@@ -635,6 +640,8 @@ class ViTAdapter:
         }
         if info.pos == "none":
             kwargs["pos_embed"] = "none"
+        if info.embed_norm:
+            kwargs["embed_norm_layer"] = info.norm
         if info.blocks:
             b = info.blocks[0]
             ratio = b.mlp / info.embed
@@ -665,7 +672,7 @@ class ViTAdapter:
         blocks = [SpaceBlock(f"blocks.{i}", True, "", tuple(f"blocks.{i}.{k}" for k in ("heads", "qk", "v", "mlp")))
                   for i in range(len(info.blocks))]
         locked = [("input channels", f"the image has {info.in_chans} channels"),
-                  ("tokens", f"{info.tokens} tokens: a {info.img[0]}x{info.img[1]} image in "
+                  ("tokens", f"fixed at {info.tokens}: a {info.img[0]}x{info.img[1]} image in "
                              f"{info.patch[0]}x{info.patch[1]} patches ({info.grid}) plus {info.prefix} "
                              f"class/register/distillation token(s); create the model with another "
                              f"img_size or patch_size to change them")]

@@ -79,7 +79,9 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def prune(model: nn.Module, sp: PruningSpace, plan: Plan, imp: Importance | None = None) -> nn.Module:
+def prune(
+    model: nn.Module, sp: PruningSpace, plan: Plan, imp: Importance | None = None
+) -> nn.Module:
     return A.apply(model, sp, plan, imp if imp is not None else A.magnitude(model, sp))
 
 
@@ -90,23 +92,61 @@ def test_deit_small_space() -> None:
     m = deit_small()
     assert A.matches(m) and A.why_not(m) == ""
     sp = space_of(m)
-    assert sp.model == "deit_small_patch16_224" and sp.family == "vit" and sp.input_size == (3, 224, 224)
-    assert [d.name for d in sp.dims[:5]] == ["embed", "blocks.0.heads", "blocks.0.qk", "blocks.0.v",
-                                             "blocks.0.mlp"]
+    assert (
+        sp.model == "deit_small_patch16_224"
+        and sp.family == "vit"
+        and sp.input_size == (3, 224, 224)
+    )
+    assert [d.name for d in sp.dims[:5]] == [
+        "embed",
+        "blocks.0.heads",
+        "blocks.0.qk",
+        "blocks.0.v",
+        "blocks.0.mlp",
+    ]
     assert len(sp.dims) == 1 + 12 * 4
     embed = sp.dim("embed")
-    assert (embed.kind, embed.size, embed.step, len(embed.choices), embed.block) == ("embed", 384, 24, 16, None)
-    assert {"patch_embed.proj", "cls_token", "pos_embed", "blocks.7.norm1", "blocks.7.attn.qkv",
-            "blocks.7.attn.proj", "blocks.7.mlp.fc1", "blocks.7.mlp.fc2", "norm", "head"} <= set(embed.layers)
+    assert (embed.kind, embed.size, embed.step, len(embed.choices), embed.block) == (
+        "embed",
+        384,
+        24,
+        16,
+        None,
+    )
+    assert {
+        "patch_embed.proj",
+        "cls_token",
+        "pos_embed",
+        "blocks.7.norm1",
+        "blocks.7.attn.qkv",
+        "blocks.7.attn.proj",
+        "blocks.7.mlp.fc1",
+        "blocks.7.mlp.fc2",
+        "norm",
+        "head",
+    } <= set(embed.layers)
     assert "fc_norm" not in embed.layers and "dist_token" not in embed.layers
     heads, qk, v, mlp = (sp.dim(f"blocks.4.{k}") for k in ("heads", "qk", "v", "mlp"))
-    assert heads.kind == "heads" and heads.choices == (1, 2, 3, 4, 5, 6) and heads.block == "blocks.4"
-    assert qk.kind == "qk" and qk.choices == tuple(range(8, 65, 8)) and qk.layers == ("blocks.4.attn.qkv",)
-    assert v.kind == "v" and v.size == 64 and v.layers == ("blocks.4.attn.qkv", "blocks.4.attn.proj")
+    assert (
+        heads.kind == "heads" and heads.choices == (1, 2, 3, 4, 5, 6) and heads.block == "blocks.4"
+    )
+    assert (
+        qk.kind == "qk"
+        and qk.choices == tuple(range(8, 65, 8))
+        and qk.layers == ("blocks.4.attn.qkv",)
+    )
+    assert (
+        v.kind == "v" and v.size == 64 and v.layers == ("blocks.4.attn.qkv", "blocks.4.attn.proj")
+    )
     assert mlp.kind == "mlp" and mlp.size == 1536 and mlp.step == 96 and len(mlp.choices) == 16
     assert mlp.layers == ("blocks.4.mlp.fc1", "blocks.4.mlp.fc2")
     assert len(sp.blocks) == 12 and all(b.removable for b in sp.blocks)
-    assert sp.block("blocks.4").dims == ("blocks.4.heads", "blocks.4.qk", "blocks.4.v", "blocks.4.mlp")
+    assert sp.block("blocks.4").dims == (
+        "blocks.4.heads",
+        "blocks.4.qk",
+        "blocks.4.v",
+        "blocks.4.mlp",
+    )
     assert [t.kind for t in sp.terms[:4]] == ["patch_embed", "attn_qk", "attn_v", "mlp"]
     assert len(sp.terms) == 1 + 12 * 3 + 1 and len({t.signature for t in sp.terms}) == 5
     by_name = {t.name: t for t in sp.terms}
@@ -117,9 +157,19 @@ def test_deit_small_space() -> None:
     assert mlp_t.dims == ("embed", "blocks.4.mlp") and mlp_t.const == {"tokens": 197}
     assert by_name["blocks.4.mlp"].signature == by_name["blocks.9.mlp"].signature
     head = by_name["head"]
-    assert head.block is None and head.const == {"num_classes": 1000, "tokens": 197, "pool": "token", "prefix": 1}
-    assert sp.config == {"min_step": 8, "max_choices": 16, "head_step": 1, "per_head_step": 8,
-                         "resolution": None}
+    assert head.block is None and head.const == {
+        "num_classes": 1000,
+        "tokens": 197,
+        "pool": "token",
+        "prefix": 1,
+    }
+    assert sp.config == {
+        "min_step": 8,
+        "max_choices": 16,
+        "head_step": 1,
+        "per_head_step": 8,
+        "resolution": None,
+    }
     locked = dict(sp.locked)
     assert "fixed at 197" in locked["tokens"] and "1000 classes" in locked["classifier outputs"]
 
@@ -129,10 +179,18 @@ def test_variants_name_what_differs() -> None:
     sp2 = space_of(make("test_vit2", img_size=32))  # no class token, 1 register token, avg pool
     c = {t.kind: t.const for t in sp2.terms}
     assert c["patch_embed"]["tokens"] == 2 * 2 + 1 and c["attn_v"].get("ls") and c["mlp"].get("ls")
-    assert c["head"] == {"num_classes": 1000, "tokens": 5, "pool": "avg", "prefix": 1, "final": "fc_norm"}
+    assert c["head"] == {
+        "num_classes": 1000,
+        "tokens": 5,
+        "pool": "avg",
+        "prefix": 1,
+        "final": "fc_norm",
+    }
     assert "reg_token" in sp2.dim("embed").layers and "cls_token" not in sp2.dim("embed").layers
     sp4 = space_of(make("test_vit4", img_size=32))
-    assert all(t.const.get("norm") == "rmsnorm" for t in sp4.terms if t.kind in ("attn_qk", "mlp", "head"))
+    assert all(
+        t.const.get("norm") == "rmsnorm" for t in sp4.terms if t.kind in ("attn_qk", "mlp", "head")
+    )
     spd = space_of(make("deit_tiny_distilled_patch16_224", img_size=64))
     head = spd.terms[-1].const
     assert head["dist"] is True and head["prefix"] == 2 and head["tokens"] == 16 + 2
@@ -145,7 +203,9 @@ def test_variants_name_what_differs() -> None:
     assert spw.input_size == (1, 32, 48) and spw.terms[0].const["tokens"] == 2 * 3 + 1
     assert spw.terms[0].const["img"] == (32, 48)
     head_step = space_of(make("test_vit", img_size=32), SpaceConfig(head_step=2, per_head_step=16))
-    assert head_step.dim("blocks.0.heads").choices == (2,) and head_step.dim("blocks.0.qk").choices == (16, 32)
+    assert head_step.dim("blocks.0.heads").choices == (2,) and head_step.dim(
+        "blocks.0.qk"
+    ).choices == (16, 32)
 
 
 def test_term_modules_match_the_model() -> None:
@@ -153,7 +213,9 @@ def test_term_modules_match_the_model() -> None:
     m = make("test_vit2", img_size=48)
     sp = space_of(m)
     seen: dict[str, tuple[int, ...]] = {}
-    m.blocks[0].register_forward_hook(lambda mod, i, o: seen.__setitem__("tokens", tuple(i[0].shape)))
+    m.blocks[0].register_forward_hook(
+        lambda mod, i, o: seen.__setitem__("tokens", tuple(i[0].shape))
+    )
     run(m, image(m))
     full = sp.full_plan()
     n = seen["tokens"][1]
@@ -163,8 +225,13 @@ def test_term_modules_match_the_model() -> None:
         assert t.const["tokens"] == n
         module, shape = A.term_module(sp, t, sp.term_widths(t, full))
         y = run(module, torch.randn(2, *shape))
-        expected = {"patch_embed": (n, 64), "attn_qk": (2, n, n), "attn_v": (n, 64), "mlp": (n, 64),
-                    "head": (1000,)}[t.kind]
+        expected = {
+            "patch_embed": (n, 64),
+            "attn_qk": (2, n, n),
+            "attn_v": (n, 64),
+            "mlp": (n, 64),
+            "head": (1000,),
+        }[t.kind]
         assert shape == ((3, 48, 48) if t.kind == "patch_embed" else (n, 64)), t.name
         assert tuple(y.shape[1:]) == expected, t.name
 
@@ -192,25 +259,32 @@ def test_term_modules_at_small_widths_and_onnx(name: str) -> None:
 
 def test_pruned_attention_keeps_the_dense_scale() -> None:
     torch.manual_seed(0)
-    att = PrunedAttention(32, 3, 8, 24, scale=16 ** -0.5).eval()
+    att = PrunedAttention(32, 3, 8, 24, scale=16**-0.5).eval()
     x = torch.randn(2, 5, 32)
     q, k, v = att.qkv(x).split([24, 24, 72], dim=-1)
     q, k = (t.reshape(2, 5, 3, 8).transpose(1, 2) for t in (q, k))
     v = v.reshape(2, 5, 3, 24).transpose(1, 2)
-    ref = att.proj(((q @ k.transpose(-1, -2)) * 0.25).softmax(-1).matmul(v).transpose(1, 2).reshape(2, 5, 72))
+    ref = att.proj(
+        ((q @ k.transpose(-1, -2)) * 0.25).softmax(-1).matmul(v).transpose(1, 2).reshape(2, 5, 72)
+    )
     assert (run(att, x) - ref).abs().max().item() < 1e-5
     m = make("test_vit", img_size=32)
     sp = space_of(m)
     pruned = prune(m, sp, sp.plan({"blocks.1.qk": 8, "blocks.1.v": 16}))
     a = pruned.blocks[1].attn
-    assert isinstance(a, PrunedAttention) and (a.qk_dim, a.v_dim) == (8, 16) and a.scale == 32 ** -0.5
+    assert isinstance(a, PrunedAttention) and (a.qk_dim, a.v_dim) == (8, 16) and a.scale == 32**-0.5
 
 
 # -- surgery -----------------------------------------------------------------------------
 
 
-FULL = [("deit_small_patch16_224", {}), ("test_vit", {}), ("deit_tiny_distilled_patch16_224", {}),
-        ("test_vit2", {"img_size": 32}), ("test_vit4", {"img_size": 32})]
+FULL = [
+    ("deit_small_patch16_224", {}),
+    ("test_vit", {}),
+    ("deit_tiny_distilled_patch16_224", {}),
+    ("test_vit2", {"img_size": 32}),
+    ("test_vit4", {"img_size": 32}),
+]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), FULL, ids=[n for n, _ in FULL])
@@ -232,8 +306,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], int]] = {
     "test_vit4": ("test_vit4", {"img_size": 32, "num_classes": 10}, 1),
     "patch8": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, 1),
 }
-PLANS = [pytest.param(key, seed, id=f"{key}-{seed}") for key, (_, _, n) in CONFIGS.items()
-         for seed in range(n)]
+PLANS = [
+    pytest.param(key, seed, id=f"{key}-{seed}")
+    for key, (_, _, n) in CONFIGS.items()
+    for seed in range(n)
+]
 
 
 @pytest.mark.parametrize(("key", "seed"), PLANS)
@@ -266,8 +343,16 @@ def test_input_model_untouched_and_still_timm_shaped() -> None:
     m = make("deit_tiny_distilled_patch16_224", img_size=64)
     before = copy.deepcopy(m.state_dict())
     sp = space_of(m)
-    plan = sp.plan({"embed": 96, "blocks.0.heads": 2, "blocks.0.qk": 32, "blocks.0.v": 48,
-                    "blocks.3.mlp": 384}, removed=["blocks.5", "blocks.2"])
+    plan = sp.plan(
+        {
+            "embed": 96,
+            "blocks.0.heads": 2,
+            "blocks.0.qk": 32,
+            "blocks.0.v": 48,
+            "blocks.3.mlp": 384,
+        },
+        removed=["blocks.5", "blocks.2"],
+    )
     pruned = prune(m, sp, plan)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert len(m.blocks) == 12 and m.embed_dim == 192 and type(m.blocks[0].attn) is Attention
@@ -278,7 +363,10 @@ def test_input_model_untouched_and_still_timm_shaped() -> None:
     assert len(pruned.feature_info) == 10 and pruned.feature_info[-1]["num_chs"] == 96
     assert pruned.blocks[0].attn.qkv.weight.shape == (2 * (32 + 32 + 48), 96)
     # blocks.2 went, so the dense blocks.3 is now blocks.2
-    assert pruned.blocks[2].mlp.fc1.out_features == 384 and pruned.blocks[3].mlp.fc1.out_features == 768
+    assert (
+        pruned.blocks[2].mlp.fc1.out_features == 384
+        and pruned.blocks[3].mlp.fc1.out_features == 768
+    )
     pruned.reset_classifier(7)
     assert run(pruned, x).shape == (2, 7)
     assert pruned.dist_token.shape == (1, 1, 96) and pruned.pos_embed.shape == (1, 18, 96)
@@ -291,7 +379,11 @@ def test_iterative_plans_on_a_pruned_model(tmp_path) -> None:
     p1 = prune(m, sp1, plan1)
     sp2 = space_of(p1)
     assert sp2.space_id != sp1.space_id and sp2.model == "test_vit" and len(sp2.blocks) == 5
-    assert (sp2.dim("embed").size, sp2.dim("blocks.0.qk").size, sp2.dim("blocks.1.v").size) == (48, 16, 8)
+    assert (sp2.dim("embed").size, sp2.dim("blocks.0.qk").size, sp2.dim("blocks.1.v").size) == (
+        48,
+        16,
+        8,
+    )
     assert A.arch(p1) == A.arch(m)
     plan2 = sp2.random_plan(4)
     p2 = prune(p1, sp2, plan2)
@@ -304,9 +396,16 @@ def test_iterative_plans_on_a_pruned_model(tmp_path) -> None:
     assert state_equal(back, p2) and torch.equal(run(back, x), run(p2, x))
 
 
-ARCHS = [("test_vit", {}), ("test_vit2", {"img_size": 32}), ("test_vit4", {}),
-         ("deit_tiny_distilled_patch16_224", {"img_size": 64}),
-         ("vit_tiny_patch16_224", {"img_size": (32, 48), "patch_size": 8, "in_chans": 1, "num_classes": 0})]
+ARCHS = [
+    ("test_vit", {}),
+    ("test_vit2", {"img_size": 32}),
+    ("test_vit4", {}),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 64}),
+    (
+        "vit_tiny_patch16_224",
+        {"img_size": (32, 48), "patch_size": 8, "in_chans": 1, "num_classes": 0},
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), ARCHS, ids=[n for n, _ in ARCHS])
@@ -314,11 +413,15 @@ def test_arch_rebuilds_the_model(name: str, kwargs: dict[str, Any]) -> None:
     m = make(name, **kwargs)
     arch = A.arch(m)
     assert arch["name"] == name
-    assert {k: arch["kwargs"][k] for k in ("num_classes", "in_chans")} == \
-        {"num_classes": kwargs.get("num_classes", 1000), "in_chans": kwargs.get("in_chans", 3)}
+    assert {k: arch["kwargs"][k] for k in ("num_classes", "in_chans")} == {
+        "num_classes": kwargs.get("num_classes", 1000),
+        "in_chans": kwargs.get("in_chans", 3),
+    }
     rebuilt = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
     assert type(rebuilt) is type(m)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in m.state_dict().items()
+    }
     assert space_of(rebuilt).space_id == space_of(m).space_id
     assert space_of(rebuilt).terms == space_of(m).terms
 
@@ -327,9 +430,13 @@ LAYOUTS = {
     "deit3 (position embedding over patches only, layer scale)": ("deit3_small_patch16_224", {}),
     "CLIP (pre-norm, no patch bias, QuickGELU)": ("vit_base_patch32_clip_quickgelu_224", {}),
     "no position embedding, no biases, per-token head": (
-        "vit_small_patch16_224", {"pos_embed": "none", "qkv_bias": False, "proj_bias": False, "global_pool": ""}),
+        "vit_small_patch16_224",
+        {"pos_embed": "none", "qkv_bias": False, "proj_bias": False, "global_pool": ""},
+    ),
     "patch-embedding norm, avgmax pool, no class token": (
-        "vit_small_patch16_224", {"embed_norm_layer": "layernorm", "global_pool": "avgmax", "class_token": False}),
+        "vit_small_patch16_224",
+        {"embed_norm_layer": "layernorm", "global_pool": "avgmax", "class_token": False},
+    ),
 }
 
 
@@ -393,8 +500,8 @@ def test_zeroed_units_are_the_ones_removed() -> None:
     # blocks.1: head 0 silent (its q, k, v rows and biases, and the projection columns reading it)
     qkv, proj = m.blocks[1].attn.qkv, m.blocks[1].attn.proj
     for part in range(3):
-        qkv.weight[part * h * hd:part * h * hd + hd] = 0
-        qkv.bias[part * h * hd:part * h * hd + hd] = 0
+        qkv.weight[part * h * hd : part * h * hd + hd] = 0
+        qkv.bias[part * h * hd : part * h * hd + hd] = 0
     proj.weight[:, :hd] = 0
     # blocks.2: query/key channels 1, 5, ..., 29 silent in both heads
     zero_qk = list(range(1, 32, 4))
@@ -446,7 +553,9 @@ def test_importance_ties_and_order() -> None:
     assert pruned.mdp_indices["blocks.0.heads"] == [1]
     assert torch.equal(pruned.cls_token[0, 0], m.cls_token[0, 0, [0, 1, 2, 3, 4, 5, 33, 60]])
     wq = m.blocks[0].attn.qkv.weight
-    assert torch.equal(pruned.blocks[0].attn.qkv.weight[:32], wq[32:64][:, pruned.mdp_indices["embed"]])
+    assert torch.equal(
+        pruned.blocks[0].attn.qkv.weight[:32], wq[32:64][:, pruned.mdp_indices["embed"]]
+    )
 
 
 def test_magnitude_is_deterministic_and_complete() -> None:
@@ -473,6 +582,7 @@ def test_taylor_terms() -> None:
         def hook(mod: nn.Module, i: Any, o: torch.Tensor) -> None:
             o.retain_grad()
             outs[name] = o
+
         return hook
 
     m.blocks[2].attn.register_forward_hook(keep("attn"))
@@ -487,14 +597,18 @@ def test_taylor_terms() -> None:
         return p.detach().double() * p.grad.double()
 
     qkv, proj = m.blocks[0].attn.qkv, m.blocks[0].attn.proj
-    tq = wg(qkv.weight).sum(1).view(3, 2, 32) + wg(qkv.bias).view(3, 2, 32)  # (q/k/v, head, channel)
+    tq = wg(qkv.weight).sum(1).view(3, 2, 32) + wg(qkv.bias).view(
+        3, 2, 32
+    )  # (q/k/v, head, channel)
     tp = wg(proj.weight).sum(0).view(2, 32)
     np.testing.assert_allclose(units["blocks.0.heads"], (tq.sum((0, 2)) + tp.sum(1)).numpy())
     np.testing.assert_allclose(units["blocks.0.qk"], tq[:2].sum((0, 1)).numpy())
     np.testing.assert_allclose(units["blocks.0.v"], (tq[2].sum(0) + tp.sum(0)).numpy())
     fc1, fc2 = m.blocks[5].mlp.fc1, m.blocks[5].mlp.fc2
-    np.testing.assert_allclose(units["blocks.5.mlp"],
-                               (wg(fc1.weight).sum(1) + wg(fc1.bias) + wg(fc2.weight).sum(0)).numpy())
+    np.testing.assert_allclose(
+        units["blocks.5.mlp"],
+        (wg(fc1.weight).sum(1) + wg(fc1.bias) + wg(fc2.weight).sum(0)).numpy(),
+    )
     # embed: every parameter along its embedding axis, so the units add up to all of them
     # except the biases of layers whose outputs are not embedding channels
     skip = ("attn.qkv.bias", "mlp.fc1.bias", "head.bias")
@@ -523,8 +637,14 @@ def test_bad_plans_are_refused() -> None:
             A.apply(m, sp, plan, importance)
 
     refused(Plan(good.model, good.space_id, {**good.widths, "blocks.9.heads": 1}), "unknown dims")
-    refused(Plan(good.model, good.space_id, {**good.widths, "blocks.1.mlp": 20}), "not one of its choices")
-    refused(Plan(good.model, good.space_id, {**good.widths, "blocks.1.heads": 0}), "not one of its choices")
+    refused(
+        Plan(good.model, good.space_id, {**good.widths, "blocks.1.mlp": 20}),
+        "not one of its choices",
+    )
+    refused(
+        Plan(good.model, good.space_id, {**good.widths, "blocks.1.heads": 0}),
+        "not one of its choices",
+    )
     refused(Plan(good.model, good.space_id, good.widths, ("blocks.6",)), "removes unknown block")
     other = space_of(make("test_vit2", img_size=32))
     refused(other.full_plan(), "plan is for model 'test_vit2'")
@@ -548,7 +668,9 @@ def test_unsupported_models_say_what_blocked_them() -> None:
         "attention pooling head (global_pool='map')": make("test_vit3"),
         "qk_norm": make("test_vit", qk_norm=True),
         "DiffAttention": make("test_vit", attn_layer="diff"),
-        "ParallelScalingBlock": make("test_vit", block_fn=timm.models.vision_transformer.ParallelScalingBlock),
+        "ParallelScalingBlock": make(
+            "test_vit", block_fn=timm.models.vision_transformer.ParallelScalingBlock
+        ),
         "dynamic_img_pad": make("test_vit", dynamic_img_pad=True),
         "activation blocks.0.mlp.act is Tanh()": make("test_vit", act_layer=nn.Tanh),
     }
@@ -559,10 +681,15 @@ def test_unsupported_models_say_what_blocked_them() -> None:
             A.space(model, SpaceConfig())
         with pytest.raises(UnsupportedModelError, match="cannot be pruned.*Supported:"):
             mdp_trt.space_of(model)
-    bare = timm.models.vision_transformer.VisionTransformer(img_size=32, embed_dim=32, depth=1, num_heads=2)
+    bare = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, embed_dim=32, depth=1, num_heads=2
+    )
     assert "pretrained_cfg" in A.why_not(bare)
-    pruned = prune(make("test_vit", img_size=32), space_of(make("test_vit", img_size=32)),
-                   space_of(make("test_vit", img_size=32)).full_plan())
+    pruned = prune(
+        make("test_vit", img_size=32),
+        space_of(make("test_vit", img_size=32)),
+        space_of(make("test_vit", img_size=32)).full_plan(),
+    )
     del pruned.mdp_arch
     with pytest.raises(UnsupportedModelError, match="was pruned"):
         A.arch(pruned)

@@ -24,9 +24,19 @@ class PrunedAttention(nn.Module):
     rows, then ``num_heads * v_dim`` value rows; ``proj`` reads ``num_heads * v_dim`` channels.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float,
-                 qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, dim_out: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        scale: float,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        dim_out: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qk_dim = qk_dim
@@ -37,8 +47,9 @@ class PrunedAttention(nn.Module):
         self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
@@ -46,17 +57,27 @@ class PrunedAttention(nn.Module):
         k = k.reshape(b, n, h, dq).transpose(1, 2)
         v = v.reshape(b, n, h, dv).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal, scale=self.scale)
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scale,
+        )
         out = out.transpose(1, 2).reshape(b, n, h * dv)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}"
+        return (
+            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
+            f"scale={self.scale:.6g}"
+        )
 
 
-def qkv_rows(heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, num_heads: int, qk_dim: int,
-             v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def qkv_rows(
+    heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, num_heads: int, qk_dim: int, v_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of a ``[q | k | v]`` projection and columns of the output projection to keep.
 
     ``heads``, ``qk`` and ``v`` are the kept head indices and the kept channel indices within
@@ -73,19 +94,27 @@ def qkv_rows(heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, num_heads: 
 class AttnQKTerm(nn.Module):
     """Latency term ``attn_qk``: norm, query and key projections, scaled ``q @ k^T``, softmax.
 
-    Input ``(batch, tokens, dim)``; output the attention probabilities ``(batch, heads, tokens, tokens)``.
+    Input ``(batch, tokens, dim)``; output the attention probabilities
+    ``(batch, heads, tokens, tokens)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_dim: int, norm: nn.Module, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qk_dim: int, norm: nn.Module, qkv_bias: bool = True
+    ) -> None:
         super().__init__()
         self.num_heads, self.qk_dim = num_heads, qk_dim
-        self.scale = qk_dim ** -0.5
+        self.scale = qk_dim**-0.5
         self.norm = norm
         self.qk = nn.Linear(dim, 2 * num_heads * qk_dim, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k = self.qk(self.norm(x)).reshape(b, n, 2, self.num_heads, self.qk_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = (
+            self.qk(self.norm(x))
+            .reshape(b, n, 2, self.num_heads, self.qk_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
@@ -96,8 +125,16 @@ class AttnVTerm(nn.Module):
     so the term has the single input ``(batch, tokens, dim)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, v_dim: int, tokens: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, layer_scale: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        v_dim: int,
+        tokens: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        layer_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.num_heads, self.v_dim = num_heads, v_dim
         self.v = nn.Linear(dim, num_heads * v_dim, bias=qkv_bias)

@@ -1,4 +1,4 @@
-"""timm VisionTransformer and DeiT: class, register and distillation tokens, any patch and image size.
+"""timm VisionTransformer and DeiT: class, register and distillation tokens, any patch/image size.
 
 Dims: ``embed`` (the embedding width, shared by the patch embedding, the prefix tokens, the
 position embedding, every block, the norms and the head) and, per block ``blocks.i``,
@@ -44,8 +44,11 @@ POOLS = ("token", "avg", "avgmax", "max", "")
 # Parameter-free MLP activations that map 0 to 0 (a silent hidden unit stays silent): the
 # module class, the extra constructor arguments that tell it apart, and its name in a term.
 ACTIVATIONS: tuple[tuple[type[nn.Module], tuple[tuple[str, Any], ...], str], ...] = (
-    (nn.GELU, (("approximate", "none"),), "gelu"), (nn.GELU, (("approximate", "tanh"),), "gelu_tanh"),
-    (QuickGELU, (), "quick_gelu"), (nn.ReLU, (), "relu"), (nn.SiLU, (), "silu"),
+    (nn.GELU, (("approximate", "none"),), "gelu"),
+    (nn.GELU, (("approximate", "tanh"),), "gelu_tanh"),
+    (QuickGELU, (), "quick_gelu"),
+    (nn.ReLU, (), "relu"),
+    (nn.SiLU, (), "silu"),
 )
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 EMBED_NORMS = ("patch_embed.norm", "norm_pre", "norm", "fc_norm")
@@ -105,7 +108,7 @@ class _Vit:
 
 
 def _sub(model: nn.Module, name: str, cls: type[_M]) -> _M:
-    """Submodule ``name`` of ``model``, which must be a ``cls`` (checked when the model was read)."""
+    """Submodule ``name`` of ``model``, which must be a ``cls`` (checked when it was read)."""
     m = model.get_submodule(name)
     if not isinstance(m, cls):
         raise MdpError(f"internal: {name} is {type(m).__name__}, expected {cls.__name__}")
@@ -143,7 +146,9 @@ def _norm_kind(model: nn.Module, name: str, width: int) -> str | None:
             raise _Unsupported(f"RmsNorm {name} has no affine weight")
         kind = "rmsnorm"
     else:
-        raise _Unsupported(f"normalization {name} is {type(m).__name__}; handled: LayerNorm, RmsNorm")
+        raise _Unsupported(
+            f"normalization {name} is {type(m).__name__}; handled: LayerNorm, RmsNorm"
+        )
     shape = tuple(getattr(m, "normalized_shape", ()))
     if shape != (width,):
         raise _Unsupported(f"{name} normalizes {shape}, the embedding is {width} wide")
@@ -155,8 +160,10 @@ def _linear(model: nn.Module, name: str, fan_in: int, fan_out: int | None = None
     if type(m) is not nn.Linear:
         raise _Unsupported(f"{name} is {type(m).__name__}, expected a Linear")
     if m.in_features != fan_in or (fan_out is not None and m.out_features != fan_out):
-        raise _Unsupported(f"{name} maps {m.in_features}->{m.out_features}, expected "
-                           f"{fan_in}->{fan_out if fan_out is not None else 'any'}")
+        raise _Unsupported(
+            f"{name} maps {m.in_features}->{m.out_features}, expected "
+            f"{fan_in}->{fan_out if fan_out is not None else 'any'}"
+        )
     return m
 
 
@@ -180,7 +187,9 @@ def _layer_scale(model: nn.Module, name: str, width: int) -> bool:
     if type(m) is nn.Identity:
         return False
     if type(m) is not LayerScale or tuple(m.gamma.shape) != (width,):
-        raise _Unsupported(f"{name} is {type(m).__name__}, expected timm LayerScale over {width} channels")
+        raise _Unsupported(
+            f"{name} is {type(m).__name__}, expected timm LayerScale over {width} channels"
+        )
     return True
 
 
@@ -188,8 +197,10 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
     n = f"blocks.{i}"
     blk = model.get_submodule(n)
     if type(blk) is not Block:
-        raise _Unsupported(f"block {n} is {type(blk).__name__}; only the plain timm Block (pre-norm "
-                           f"attention then MLP) is handled, not fused or parallel variants")
+        raise _Unsupported(
+            f"block {n} is {type(blk).__name__}; only the plain timm Block (pre-norm "
+            f"attention then MLP) is handled, not fused or parallel variants"
+        )
     for norm in ("norm1", "norm2"):
         kind = _norm_kind(model, f"{n}.{norm}", embed)
         if kind is None:
@@ -209,22 +220,36 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
     elif type(attn) is PrunedAttention:
         heads, qk, v = attn.num_heads, attn.qk_dim, attn.v_dim
     else:
-        raise _Unsupported(f"attention {n}.attn is {type(attn).__name__}; handled: timm Attention "
-                           f"(no relative position, rotary, differential or fused variants)")
+        raise _Unsupported(
+            f"attention {n}.attn is {type(attn).__name__}; handled: timm Attention "
+            f"(no relative position, rotary, differential or fused variants)"
+        )
     qkv = _linear(model, f"{n}.attn.qkv", embed, heads * (2 * qk + v))
     proj = _linear(model, f"{n}.attn.proj", heads * v, embed)
     mlp = blk.mlp
     if type(mlp) is not Mlp:
-        raise _Unsupported(f"MLP {n}.mlp is {type(mlp).__name__}; handled: timm Mlp (not GLU/SwiGLU)")
+        raise _Unsupported(
+            f"MLP {n}.mlp is {type(mlp).__name__}; handled: timm Mlp (not GLU/SwiGLU)"
+        )
     if type(mlp.norm) is not nn.Identity:
         raise _Unsupported(f"MLP {n}.mlp normalizes its hidden units (scale_mlp_norm)")
     fc1 = _linear(model, f"{n}.mlp.fc1", embed)
     fc2 = _linear(model, f"{n}.mlp.fc2", fc1.out_features, embed)
     if (fc1.bias is None) != (fc2.bias is None):
         raise _Unsupported(f"{n}.mlp has a bias on one of its two layers only")
-    return _Blk(heads, qk, v, fc1.out_features, float(attn.scale), qkv.bias is not None,
-                proj.bias is not None, fc1.bias is not None, _layer_scale(model, f"{n}.ls1", embed),
-                _layer_scale(model, f"{n}.ls2", embed), _act_name(mlp.act, f"{n}.mlp.act"))
+    return _Blk(
+        heads,
+        qk,
+        v,
+        fc1.out_features,
+        float(attn.scale),
+        qkv.bias is not None,
+        proj.bias is not None,
+        fc1.bias is not None,
+        _layer_scale(model, f"{n}.ls1", embed),
+        _layer_scale(model, f"{n}.ls2", embed),
+        _act_name(mlp.act, f"{n}.mlp.act"),
+    )
 
 
 def _read(model: nn.Module) -> _Vit:
@@ -232,14 +257,20 @@ def _read(model: nn.Module) -> _Vit:
     if not isinstance(model, VisionTransformer):
         raise _Unsupported(f"{type(model).__name__} is not a timm VisionTransformer")
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
-        raise _Unsupported(f"{type(model).__name__} subclasses VisionTransformer with its own behaviour")
+        raise _Unsupported(
+            f"{type(model).__name__} subclasses VisionTransformer with its own behaviour"
+        )
     name = _arch_name(model)
     if name is None:
-        raise _Unsupported("it has no timm pretrained_cfg naming its architecture "
-                           "(create it with timm.create_model so that it can be rebuilt)")
+        raise _Unsupported(
+            "it has no timm pretrained_cfg naming its architecture "
+            "(create it with timm.create_model so that it can be rebuilt)"
+        )
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d:
-        raise _Unsupported(f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed with a Conv2d")
+        raise _Unsupported(
+            f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed with a Conv2d"
+        )
     if pe.img_size is None:
         raise _Unsupported("the patch embedding has no fixed image size")
     if getattr(pe, "dynamic_img_pad", False):
@@ -248,8 +279,13 @@ def _read(model: nn.Module) -> _Vit:
     patch = _pair(pe.patch_size)
     if isinstance(conv.padding, str):
         raise _Unsupported(f"patch embedding conv uses padding {conv.padding!r}")
-    if (tuple(conv.kernel_size) != patch or tuple(conv.stride) != patch or _pair(conv.padding) != (0, 0)
-            or conv.groups != 1 or tuple(conv.dilation) != (1, 1)):
+    if (
+        tuple(conv.kernel_size) != patch
+        or tuple(conv.stride) != patch
+        or _pair(conv.padding) != (0, 0)
+        or conv.groups != 1
+        or tuple(conv.dilation) != (1, 1)
+    ):
         raise _Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify")
     embed = conv.out_channels
     img = _pair(pe.img_size)
@@ -267,12 +303,19 @@ def _read(model: nn.Module) -> _Vit:
         if p is None:
             counts[tok] = 0
             continue
-        if not isinstance(p, nn.Parameter) or p.dim() != 3 or p.shape[0] != 1 or p.shape[2] != embed:
+        if (
+            not isinstance(p, nn.Parameter)
+            or p.dim() != 3
+            or p.shape[0] != 1
+            or p.shape[2] != embed
+        ):
             raise _Unsupported(f"{tok} has shape {tuple(p.shape)}, expected (1, n, {embed})")
         counts[tok] = p.shape[1]
     prefix = int(model.num_prefix_tokens)
     if sum(counts.values()) != prefix:
-        raise _Unsupported(f"{prefix} prefix tokens declared, {sum(counts.values())} token parameters found")
+        raise _Unsupported(
+            f"{prefix} prefix tokens declared, {sum(counts.values())} token parameters found"
+        )
     pos_p = model.pos_embed
     if pos_p is None:
         pos = "none"
@@ -280,7 +323,9 @@ def _read(model: nn.Module) -> _Vit:
         pos = "patches" if model.no_embed_class else "all"
         want = grid if pos == "patches" else grid + prefix
         if tuple(pos_p.shape) != (1, want, embed):
-            raise _Unsupported(f"pos_embed has shape {tuple(pos_p.shape)}, expected (1, {want}, {embed})")
+            raise _Unsupported(
+                f"pos_embed has shape {tuple(pos_p.shape)}, expected (1, {want}, {embed})"
+            )
 
     blocks = model.blocks
     if not isinstance(blocks, nn.Sequential):
@@ -317,15 +362,36 @@ def _read(model: nn.Module) -> _Vit:
 
     known = {"patch_embed.proj", *EMBED_NORMS, "head", "head_dist"}
     for i in range(len(blks)):
-        known |= {f"blocks.{i}.{m}" for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "ls1", "ls2",
-                                               "mlp.fc1", "mlp.fc2")}
-    extra = [p for p, _ in model.named_parameters()
-             if p not in TOKEN_PARAMS and p.rsplit(".", 1)[0] not in known]
+        known |= {
+            f"blocks.{i}.{m}"
+            for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "ls1", "ls2", "mlp.fc1", "mlp.fc2")
+        }
+    extra = [
+        p
+        for p, _ in model.named_parameters()
+        if p not in TOKEN_PARAMS and p.rsplit(".", 1)[0] not in known
+    ]
     if extra:
         raise _Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
-    return _Vit(name, conv.in_channels, img, patch, grid, embed, prefix, pos, conv.bias is not None,
-                embed_norm is not None, pre_norm is not None, norms.pop() if norms else "layernorm",
-                final, pool, num_classes, distilled, blks)
+    return _Vit(
+        name,
+        conv.in_channels,
+        img,
+        patch,
+        grid,
+        embed,
+        prefix,
+        pos,
+        conv.bias is not None,
+        embed_norm is not None,
+        pre_norm is not None,
+        norms.pop() if norms else "layernorm",
+        final,
+        pool,
+        num_classes,
+        distilled,
+        blks,
+    )
 
 
 def _dim_names(info: _Vit) -> list[tuple[str, str, int]]:
@@ -333,8 +399,12 @@ def _dim_names(info: _Vit) -> list[tuple[str, str, int]]:
     out = [("embed", "embed", info.embed)]
     for i, b in enumerate(info.blocks):
         n = f"blocks.{i}"
-        out += [(f"{n}.heads", "heads", b.heads), (f"{n}.qk", "qk", b.qk), (f"{n}.v", "v", b.v),
-                (f"{n}.mlp", "mlp", b.mlp)]
+        out += [
+            (f"{n}.heads", "heads", b.heads),
+            (f"{n}.qk", "qk", b.qk),
+            (f"{n}.v", "v", b.v),
+            (f"{n}.mlp", "mlp", b.mlp),
+        ]
     return out
 
 
@@ -354,8 +424,11 @@ def _cols(n: int) -> Reducer:
 def _heads_qkv(h: int, q: int) -> Reducer:
     def red(t: torch.Tensor) -> torch.Tensor:
         hq = h * q
-        return sum((part.reshape(h, -1).sum(1) for part in (t[:hq], t[hq:2 * hq], t[2 * hq:])),
-                   torch.zeros(h, dtype=t.dtype, device=t.device))
+        return sum(
+            (part.reshape(h, -1).sum(1) for part in (t[:hq], t[hq : 2 * hq], t[2 * hq :])),
+            torch.zeros(h, dtype=t.dtype, device=t.device),
+        )
+
     return red
 
 
@@ -364,12 +437,14 @@ def _heads_proj(h: int) -> Reducer:
 
 
 def _qk_qkv(h: int, q: int) -> Reducer:
-    return lambda t: (t[:h * q].reshape(h, q, -1).sum((0, 2))
-                      + t[h * q:2 * h * q].reshape(h, q, -1).sum((0, 2)))
+    return lambda t: (
+        t[: h * q].reshape(h, q, -1).sum((0, 2))
+        + t[h * q : 2 * h * q].reshape(h, q, -1).sum((0, 2))
+    )
 
 
 def _v_qkv(h: int, q: int, v: int) -> Reducer:
-    return lambda t: t[2 * h * q:].reshape(h, v, -1).sum((0, 2))
+    return lambda t: t[2 * h * q :].reshape(h, v, -1).sum((0, 2))
 
 
 def _v_proj(h: int, v: int) -> Reducer:
@@ -399,9 +474,13 @@ def _owners(model: nn.Module, info: _Vit) -> dict[str, list[tuple[str, Reducer]]
         n = f"blocks.{i}"
         qkv = [f"{n}.attn.qkv.weight"] + ([f"{n}.attn.qkv.bias"] if b.qkv_bias else [])
         proj = f"{n}.attn.proj.weight"
-        own[f"{n}.heads"] = [(p, _heads_qkv(b.heads, b.qk)) for p in qkv] + [(proj, _heads_proj(b.heads))]
+        own[f"{n}.heads"] = [(p, _heads_qkv(b.heads, b.qk)) for p in qkv] + [
+            (proj, _heads_proj(b.heads))
+        ]
         own[f"{n}.qk"] = [(p, _qk_qkv(b.heads, b.qk)) for p in qkv]
-        own[f"{n}.v"] = [(p, _v_qkv(b.heads, b.qk, b.v)) for p in qkv] + [(proj, _v_proj(b.heads, b.v))]
+        own[f"{n}.v"] = [(p, _v_qkv(b.heads, b.qk, b.v)) for p in qkv] + [
+            (proj, _v_proj(b.heads, b.v))
+        ]
         fc1 = [f"{n}.mlp.fc1.weight"] + ([f"{n}.mlp.fc1.bias"] if b.mlp_bias else [])
         own[f"{n}.mlp"] = [(p, _rows(b.mlp)) for p in fc1] + [(f"{n}.mlp.fc2.weight", _cols(b.mlp))]
     missing = [p for items in own.values() for p, _ in items if p not in params]
@@ -410,8 +489,9 @@ def _owners(model: nn.Module, info: _Vit) -> dict[str, list[tuple[str, Reducer]]
     return own
 
 
-def _unit_sums(model: nn.Module, info: _Vit,
-               f: Callable[[nn.Parameter], torch.Tensor | None]) -> dict[str, np.ndarray]:
+def _unit_sums(
+    model: nn.Module, info: _Vit, f: Callable[[nn.Parameter], torch.Tensor | None]
+) -> dict[str, np.ndarray]:
     """Per dim, the per-unit sums of ``f(param)`` over the parameters its units own."""
     params = dict(model.named_parameters())
     sizes = {name: size for name, _, size in _dim_names(info)}
@@ -428,12 +508,20 @@ def _unit_sums(model: nn.Module, info: _Vit,
 
 
 def _branch_outputs(info: _Vit, i: int) -> list[tuple[str, str | None, str | None]]:
-    """(weight, bias, layer-scale gamma) of the two layers that write block i's residual branches."""
+    """(weight, bias, layer-scale gamma) of the two layers writing block i's residual branches."""
     n, b = f"blocks.{i}", info.blocks[i]
-    return [(f"{n}.attn.proj.weight", f"{n}.attn.proj.bias" if b.proj_bias else None,
-             f"{n}.ls1.gamma" if b.ls1 else None),
-            (f"{n}.mlp.fc2.weight", f"{n}.mlp.fc2.bias" if b.mlp_bias else None,
-             f"{n}.ls2.gamma" if b.ls2 else None)]
+    return [
+        (
+            f"{n}.attn.proj.weight",
+            f"{n}.attn.proj.bias" if b.proj_bias else None,
+            f"{n}.ls1.gamma" if b.ls1 else None,
+        ),
+        (
+            f"{n}.mlp.fc2.weight",
+            f"{n}.mlp.fc2.bias" if b.mlp_bias else None,
+            f"{n}.ls2.gamma" if b.ls2 else None,
+        ),
+    ]
 
 
 # -- term modules ---------------------------------------------------------------------------
@@ -465,7 +553,9 @@ class _PatchTerm(nn.Module):
         h, w = _pair(c["img"])
         grid, tokens = (h // ph) * (w // pw), int(c["tokens"])
         norm = str(c.get("norm", "layernorm"))
-        self.proj = nn.Conv2d(int(c["in_chans"]), embed, (ph, pw), stride=(ph, pw), bias=bool(c.get("bias", True)))
+        self.proj = nn.Conv2d(
+            int(c["in_chans"]), embed, (ph, pw), stride=(ph, pw), bias=bool(c.get("bias", True))
+        )
         self.embed_norm = _norm(norm, embed) if c.get("embed_norm") else nn.Identity()
         self.prefix = nn.Parameter(torch.randn(1, tokens - grid, embed)) if tokens > grid else None
         self.pos_mode = str(c.get("pos", "all"))
@@ -508,7 +598,11 @@ class _HeadTerm(nn.Module):
 
     def __init__(self, c: dict[str, Any], embed: int) -> None:
         super().__init__()
-        final, norm, n = str(c.get("final", "norm")), str(c.get("norm", "layernorm")), int(c["num_classes"])
+        final, norm, n = (
+            str(c.get("final", "norm")),
+            str(c.get("norm", "layernorm")),
+            int(c["num_classes"]),
+        )
         self.norm = _norm(norm, embed) if final == "norm" else nn.Identity()
         self.fc_norm = _norm(norm, embed) if final == "fc_norm" else nn.Identity()
         self.pool, self.prefix = str(c["pool"]), int(c["prefix"])
@@ -539,7 +633,9 @@ def _new(p: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
 
 
 @torch.no_grad()
-def _slice_linear(lin: nn.Linear, out: torch.Tensor | None = None, inp: torch.Tensor | None = None) -> None:
+def _slice_linear(
+    lin: nn.Linear, out: torch.Tensor | None = None, inp: torch.Tensor | None = None
+) -> None:
     w = lin.weight
     if out is not None:
         w = w.index_select(0, out)
@@ -559,19 +655,34 @@ def _slice_vector(module: nn.Module, names: tuple[str, ...], idx: torch.Tensor) 
         if isinstance(p, nn.Parameter):
             setattr(module, pname, _new(p, p.index_select(0, idx)))
     if hasattr(module, "normalized_shape"):
-        setattr(module, "normalized_shape", (len(idx),))  # noqa: B010 (a plain attribute, not typed on Module)
+        # a plain attribute that nn.Module does not declare, hence setattr
+        setattr(module, "normalized_shape", (len(idx),))  # noqa: B010
 
 
 @torch.no_grad()
-def _pruned_attention(attn: nn.Module, b: _Blk, e: torch.Tensor, heads: torch.Tensor, qk: torch.Tensor,
-                      v: torch.Tensor) -> PrunedAttention:
+def _pruned_attention(
+    attn: nn.Module,
+    b: _Blk,
+    e: torch.Tensor,
+    heads: torch.Tensor,
+    qk: torch.Tensor,
+    v: torch.Tensor,
+) -> PrunedAttention:
     """A :class:`PrunedAttention` holding the kept rows and columns of ``attn``'s weights."""
     rows, cols = qkv_rows(heads, qk, v, b.heads, b.qk, b.v)
     drop = attn.get_submodule("attn_drop")
     out_drop = attn.get_submodule("proj_drop")
-    new = PrunedAttention(len(e), len(heads), len(qk), len(v), b.scale, qkv_bias=b.qkv_bias,
-                          proj_bias=b.proj_bias, attn_drop=float(getattr(drop, "p", 0.0)),
-                          proj_drop=float(getattr(out_drop, "p", 0.0)))
+    new = PrunedAttention(
+        len(e),
+        len(heads),
+        len(qk),
+        len(v),
+        b.scale,
+        qkv_bias=b.qkv_bias,
+        proj_bias=b.proj_bias,
+        attn_drop=float(getattr(drop, "p", 0.0)),
+        proj_drop=float(getattr(out_drop, "p", 0.0)),
+    )
     new.qkv = copy.deepcopy(_sub(attn, "qkv", nn.Linear))
     new.proj = copy.deepcopy(_sub(attn, "proj", nn.Linear))
     _slice_linear(new.qkv, rows, e)
@@ -616,10 +727,13 @@ class ViTAdapter:
         if isinstance(stored, dict):
             return copy.deepcopy(stored)
         info = self._require(model)
-        if any(type(m) is PrunedAttention for m in model.modules()):
+        if hasattr(model, "mdp_indices") or any(
+            type(m) is PrunedAttention for m in model.modules()
+        ):
             raise UnsupportedModelError(
                 "this ViT was pruned and does not record the dense architecture it came from "
-                "(mdp_arch); rebuild it with mdp_trt.load_pruned")
+                "(mdp_arch); rebuild it with mdp_trt.load_pruned"
+            )
         if not isinstance(model, VisionTransformer):  # _read has checked it; this narrows the type
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
         kwargs: dict[str, Any] = {
@@ -647,7 +761,9 @@ class ViTAdapter:
             ratio = b.mlp / info.embed
             if int(info.embed * ratio) != b.mlp:
                 ratio = (b.mlp + 0.5) / info.embed
-            kwargs.update(num_heads=b.heads, mlp_ratio=ratio, qkv_bias=b.qkv_bias, proj_bias=b.proj_bias)
+            kwargs.update(
+                num_heads=b.heads, mlp_ratio=ratio, qkv_bias=b.qkv_bias, proj_bias=b.proj_bias
+            )
             if b.ls1 or b.ls2:
                 gamma = model.get_parameter("blocks.0.ls1.gamma" if b.ls1 else "blocks.0.ls2.gamma")
                 kwargs["init_values"] = float(gamma.detach().flatten()[0]) or 1e-5
@@ -660,29 +776,62 @@ class ViTAdapter:
         _check_config(info, config)
         dims = []
         layers = _dim_layers(model, info)
-        block_of = {f"blocks.{i}.{k}": f"blocks.{i}" for i in range(len(info.blocks))
-                    for k in ("heads", "qk", "v", "mlp")}
+        block_of = {
+            f"blocks.{i}.{k}": f"blocks.{i}"
+            for i in range(len(info.blocks))
+            for k in ("heads", "qk", "v", "mlp")
+        }
         for name, kind, size in _dim_names(info):
             if kind in ("embed", "mlp"):
                 step, _ = aligned_choices(size, config.min_step, config.max_choices)
             else:
                 step = min(size, config.head_step if kind == "heads" else config.per_head_step)
-            dims.append(Dim(name, kind, size, step, choices_for(size, step), block_of.get(name),
-                            layers[name]))
-        blocks = [SpaceBlock(f"blocks.{i}", True, "", tuple(f"blocks.{i}.{k}" for k in ("heads", "qk", "v", "mlp")))
-                  for i in range(len(info.blocks))]
-        locked = [("input channels", f"the image has {info.in_chans} channels"),
-                  ("tokens", f"fixed at {info.tokens}: a {info.img[0]}x{info.img[1]} image in "
-                             f"{info.patch[0]}x{info.patch[1]} patches ({info.grid}) plus {info.prefix} "
-                             f"class/register/distillation token(s); create the model with another "
-                             f"img_size or patch_size to change them")]
+            dims.append(
+                Dim(
+                    name,
+                    kind,
+                    size,
+                    step,
+                    choices_for(size, step),
+                    block_of.get(name),
+                    layers[name],
+                )
+            )
+        blocks = [
+            SpaceBlock(
+                f"blocks.{i}",
+                True,
+                "",
+                tuple(f"blocks.{i}.{k}" for k in ("heads", "qk", "v", "mlp")),
+            )
+            for i in range(len(info.blocks))
+        ]
+        locked = [
+            ("input channels", f"the image has {info.in_chans} channels"),
+            (
+                "tokens",
+                f"fixed at {info.tokens}: a {info.img[0]}x{info.img[1]} image in "
+                f"{info.patch[0]}x{info.patch[1]} patches ({info.grid}) plus {info.prefix} "
+                f"class/register/distillation token(s); create the model with another "
+                f"img_size or patch_size to change them",
+            ),
+        ]
         if info.num_classes:
             locked.append(("classifier outputs", f"the task has {info.num_classes} classes"))
-        return PruningSpace(info.name, self.family, dims, blocks, _terms(info),
-                            (info.in_chans, info.img[0], info.img[1]), locked, dataclasses.asdict(config))
+        return PruningSpace(
+            info.name,
+            self.family,
+            dims,
+            blocks,
+            _terms(info),
+            (info.in_chans, info.img[0], info.img[1]),
+            locked,
+            dataclasses.asdict(config),
+        )
 
-    def term_module(self, space: PruningSpace, term: Term, widths: tuple[int, ...]
-                    ) -> tuple[nn.Module, tuple[int, ...]]:
+    def term_module(
+        self, space: PruningSpace, term: Term, widths: tuple[int, ...]
+    ) -> tuple[nn.Module, tuple[int, ...]]:
         if len(widths) != len(term.dims):
             raise MdpError(f"term {term.name} takes {len(term.dims)} widths, got {widths}")
         with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
@@ -698,13 +847,30 @@ class ViTAdapter:
             return _PatchTerm(c, w[0]), (int(c["in_chans"]), h, wd)
         if term.kind == "attn_qk":
             e, heads, qk = w
-            return (AttnQKTerm(e, heads, qk, _norm(str(c.get("norm", "layernorm")), e),
-                               qkv_bias=bool(c.get("qkv_bias", True))), (tokens, e))
+            return (
+                AttnQKTerm(
+                    e,
+                    heads,
+                    qk,
+                    _norm(str(c.get("norm", "layernorm")), e),
+                    qkv_bias=bool(c.get("qkv_bias", True)),
+                ),
+                (tokens, e),
+            )
         if term.kind == "attn_v":
             e, heads, v = w
-            return (AttnVTerm(e, heads, v, tokens, qkv_bias=bool(c.get("qkv_bias", True)),
-                              proj_bias=bool(c.get("bias", True)), layer_scale=bool(c.get("ls"))),
-                    (tokens, e))
+            return (
+                AttnVTerm(
+                    e,
+                    heads,
+                    v,
+                    tokens,
+                    qkv_bias=bool(c.get("qkv_bias", True)),
+                    proj_bias=bool(c.get("bias", True)),
+                    layer_scale=bool(c.get("ls")),
+                ),
+                (tokens, e),
+            )
         if term.kind == "mlp":
             return _MlpTerm(c, w[0], w[1]), (tokens, w[0])
         if term.kind == "head":
@@ -738,8 +904,9 @@ class ViTAdapter:
                 blocks[f"blocks.{i}"] = score
         return Importance(units, blocks)
 
-    def taylor_terms(self, model: nn.Module, space: PruningSpace
-                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def taylor_terms(
+        self, model: nn.Module, space: PruningSpace
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Signed sums of ``w * dL/dw`` per unit over the weights it owns (see :func:`_owners`).
 
         A block scores the signed sum of ``w * dL/dw`` over the weights and biases of its
@@ -772,14 +939,21 @@ class ViTAdapter:
         info = self._require(model)
         mine = [(n, s) for n, _, s in _dim_names(info)]
         theirs = [(d.name, d.size) for d in space.dims]
-        if (mine != theirs or info.name != space.model or space.family != self.family
-                or (info.in_chans, *info.img) != tuple(space.input_size)):
-            raise PlanError(f"the pruning space (of {space.model}, id {space.space_id}) was not built "
-                            f"from this model ({info.name}, {len(mine)} dims)")
+        if (
+            mine != theirs
+            or info.name != space.model
+            or space.family != self.family
+            or (info.in_chans, *info.img) != tuple(space.input_size)
+        ):
+            raise PlanError(
+                f"the pruning space (of {space.model}, id {space.space_id}) was not built "
+                f"from this model ({info.name}, {len(mine)} dims)"
+            )
         return info
 
-    def apply(self, model: nn.Module, space: PruningSpace, plan: Plan,
-              importance: Importance) -> nn.Module:
+    def apply(
+        self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance
+    ) -> nn.Module:
         info = self._fitting(model, space)
         space.validate(plan)
         missing = [d.name for d in space.dims if d.name not in importance.units]
@@ -789,7 +963,9 @@ class ViTAdapter:
         for d in space.dims:
             scores = np.asarray(importance.units[d.name])
             if scores.shape != (d.size,):
-                raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
+                raise PlanError(
+                    f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units"
+                )
             keep[d.name] = _top_k(scores, plan.widths[d.name])
         if not isinstance(model, VisionTransformer):  # _fitting has read it as one
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
@@ -823,8 +999,9 @@ class ViTAdapter:
             blk = _sub(blocks, str(i), Block)
             for part in ("norm1", "norm2", "ls1", "ls2"):
                 _slice_vector(blk.get_submodule(part), ("weight", "bias", "gamma"), e)
-            blk.attn = _pruned_attention(blk.get_submodule("attn"), b, e, idx[f"{n}.heads"],
-                                         idx[f"{n}.qk"], idx[f"{n}.v"])
+            blk.attn = _pruned_attention(
+                blk.get_submodule("attn"), b, e, idx[f"{n}.heads"], idx[f"{n}.qk"], idx[f"{n}.v"]
+            )
             _slice_linear(_sub(blk, "mlp.fc1", nn.Linear), idx[f"{n}.mlp"], e)
             _slice_linear(_sub(blk, "mlp.fc2", nn.Linear), e, idx[f"{n}.mlp"])
         for i in reversed(range(len(info.blocks))):
@@ -835,11 +1012,14 @@ class ViTAdapter:
         reduction: Any = info.patch[0]
         if pruned.feature_info:
             reduction = pruned.feature_info[0].get("reduction", reduction)
-        pruned.feature_info = [dict(module=f"blocks.{i}", num_chs=width, reduction=reduction)
-                               for i in range(len(blocks))]
+        pruned.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=width, reduction=reduction)
+            for i in range(len(blocks))
+        ]
         for p in pruned.parameters():
             p.grad = None
-        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}  # type: ignore[assignment]
+        kept = {k: [int(i) for i in v] for k, v in keep.items()}
+        pruned.mdp_indices = kept  # type: ignore[assignment]
         pruned.mdp_arch = arch  # type: ignore[assignment]
         return pruned
 
@@ -866,11 +1046,15 @@ class ViTAdapter:
             elif t.kind == "attn_v":
                 e, heads, v = w
                 total += heads * v * (e + int(bool(c.get("qkv_bias", True))))
-                total += heads * v * e + (e if c.get("bias", True) else 0) + (e if c.get("ls") else 0)
+                total += (
+                    heads * v * e + (e if c.get("bias", True) else 0) + (e if c.get("ls") else 0)
+                )
             elif t.kind == "mlp":
                 e, hidden = w
                 bias = int(bool(c.get("bias", True)))
-                total += k * e + hidden * (e + bias) + e * (hidden + bias) + (e if c.get("ls") else 0)
+                total += (
+                    k * e + hidden * (e + bias) + e * (hidden + bias) + (e if c.get("ls") else 0)
+                )
             elif t.kind == "head":
                 e = w[0]
                 n = int(c["num_classes"])
@@ -882,12 +1066,16 @@ class ViTAdapter:
 def _check_config(info: _Vit, config: SpaceConfig) -> None:
     for field_name in ("min_step", "max_choices", "head_step", "per_head_step"):
         if getattr(config, field_name) < 1:
-            raise MdpError(f"space config {field_name} must be >= 1, got {getattr(config, field_name)}")
+            raise MdpError(
+                f"space config {field_name} must be >= 1, got {getattr(config, field_name)}"
+            )
     r = config.resolution
     if r is not None and (r, r) != info.img:
-        raise MdpError(f"a ViT's input size is fixed when it is created: this {info.name} takes "
-                       f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
-                       f"model with img_size={r}")
+        raise MdpError(
+            f"a ViT's input size is fixed when it is created: this {info.name} takes "
+            f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
+            f"model with img_size={r}"
+        )
 
 
 def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:
@@ -897,24 +1085,33 @@ def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for i in range(len(info.blocks)):
         n = f"blocks.{i}"
-        embed += [f"{n}.{m}" for m in ("norm1", "attn.qkv", "attn.proj", "ls1", "norm2", "mlp.fc1",
-                                       "mlp.fc2", "ls2")]
+        embed += [
+            f"{n}.{m}"
+            for m in ("norm1", "attn.qkv", "attn.proj", "ls1", "norm2", "mlp.fc1", "mlp.fc2", "ls2")
+        ]
         out[f"{n}.heads"] = (f"{n}.attn.qkv", f"{n}.attn.proj")
         out[f"{n}.qk"] = (f"{n}.attn.qkv",)
         out[f"{n}.v"] = (f"{n}.attn.qkv", f"{n}.attn.proj")
         out[f"{n}.mlp"] = (f"{n}.mlp.fc1", f"{n}.mlp.fc2")
     embed += ["norm", "fc_norm", "head", "head_dist"]
-    out["embed"] = tuple(m for m in embed
-                         if (getattr(model, m, None) is not None if m in TOKEN_PARAMS else m in present))
+    out["embed"] = tuple(
+        m
+        for m in embed
+        if (getattr(model, m, None) is not None if m in TOKEN_PARAMS else m in present)
+    )
     return out
 
 
 def _terms(info: _Vit) -> list[Term]:
-    """Latency terms; constants at their usual ViT default are left out (see the module docstring)."""
+    """Latency terms; constants at their usual ViT default are left out (see the module doc)."""
     tokens = ("tokens", info.tokens)
     norm: list[tuple[str, Any]] = [("norm", info.norm)] if info.norm != "layernorm" else []
-    patch: list[tuple[str, Any]] = [("patch", _scalar_or_pair(info.patch)), ("img", _scalar_or_pair(info.img)),
-                                    ("in_chans", info.in_chans), tokens]
+    patch: list[tuple[str, Any]] = [
+        ("patch", _scalar_or_pair(info.patch)),
+        ("img", _scalar_or_pair(info.img)),
+        ("in_chans", info.in_chans),
+        tokens,
+    ]
     if info.pos != "all":
         patch.append(("pos", info.pos))
     if not info.patch_bias:
@@ -930,15 +1127,29 @@ def _terms(info: _Vit) -> list[Term]:
         n = f"blocks.{i}"
         qkv_bias: list[tuple[str, Any]] = [] if b.qkv_bias else [("qkv_bias", False)]
         qk_c = [tokens, *qkv_bias, *norm]
-        v_c = [tokens, *qkv_bias] + ([] if b.proj_bias else [("bias", False)]) + ([("ls", True)] if b.ls1 else [])
-        mlp_c = [tokens, *norm] + ([] if b.mlp_bias else [("bias", False)]) + ([("ls", True)] if b.ls2 else [])
+        v_c = (
+            [tokens, *qkv_bias]
+            + ([] if b.proj_bias else [("bias", False)])
+            + ([("ls", True)] if b.ls1 else [])
+        )
+        mlp_c = (
+            [tokens, *norm]
+            + ([] if b.mlp_bias else [("bias", False)])
+            + ([("ls", True)] if b.ls2 else [])
+        )
         if b.act != "gelu":
             mlp_c.append(("act", b.act))
-        terms += [Term(f"{n}.attn_qk", "attn_qk", ("embed", f"{n}.heads", f"{n}.qk"), tuple(qk_c), n),
-                  Term(f"{n}.attn_v", "attn_v", ("embed", f"{n}.heads", f"{n}.v"), tuple(v_c), n),
-                  Term(f"{n}.mlp", "mlp", ("embed", f"{n}.mlp"), tuple(mlp_c), n)]
-    head: list[tuple[str, Any]] = [("num_classes", info.num_classes), tokens, ("pool", info.pool),
-                                   ("prefix", info.prefix)]
+        terms += [
+            Term(f"{n}.attn_qk", "attn_qk", ("embed", f"{n}.heads", f"{n}.qk"), tuple(qk_c), n),
+            Term(f"{n}.attn_v", "attn_v", ("embed", f"{n}.heads", f"{n}.v"), tuple(v_c), n),
+            Term(f"{n}.mlp", "mlp", ("embed", f"{n}.mlp"), tuple(mlp_c), n),
+        ]
+    head: list[tuple[str, Any]] = [
+        ("num_classes", info.num_classes),
+        tokens,
+        ("pool", info.pool),
+        ("prefix", info.prefix),
+    ]
     if info.final != "norm":
         head.append(("final", info.final))
     if info.final != "none":

@@ -191,7 +191,7 @@ def auto_enumerate(p: Problem) -> str | None:
 
 
 def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: float = 60.0,
-          verbose: bool = False, enumerate_dim: str | None | bool = "auto") -> Solution:
+          verbose: bool = False, enumerate_dim: str | None | bool = None) -> Solution:
     """The plan keeping the most importance with predicted latency within ``budget_ms``.
 
     ``enumerate_dim``: a shared dim to enumerate outside the program, ``"auto"`` to pick one

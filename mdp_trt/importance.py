@@ -83,9 +83,24 @@ def estimate(method: str, model: nn.Module, space: PruningSpace,
     if method == "taylor":
         if batches is None:
             raise MdpError("taylor importance needs data")
-        return taylor(model, space, batches, num_batches, progress=progress)
-    if method == "magnitude":
-        return adapter_for(model).magnitude(model, space)
-    if method == "random":
-        return random_importance(space, seed)
-    raise MdpError(f"unknown importance {method!r}; accepted: {', '.join(METHODS)}")
+        imp = taylor(model, space, batches, num_batches, progress=progress)
+    elif method == "magnitude":
+        imp = adapter_for(model).magnitude(model, space)
+    elif method == "random":
+        imp = random_importance(space, seed)
+    else:
+        raise MdpError(f"unknown importance {method!r}; accepted: {', '.join(METHODS)}")
+    return with_floor(imp)
+
+
+def with_floor(imp: Importance, rel: float = 1e-6) -> Importance:
+    """Every unit worth at least ``rel`` times the mean positive score.
+
+    Scores of exactly zero are common (timm zero-initialises the last norm of every residual
+    block, so a fresh model's residual widths score 0); with a flat objective the solver may
+    drop such units for nothing. The floor breaks those ties towards keeping units, and is
+    far too small to outweigh any real score.
+    """
+    pos = np.concatenate([v[v > 0] for v in imp.units.values()] + [np.zeros(0)])
+    floor = rel * (float(pos.mean()) if pos.size else 1.0)
+    return Importance({k: np.maximum(v, 0.0) + floor for k, v in imp.units.items()}, dict(imp.blocks))

@@ -93,7 +93,7 @@ def estimate(method: str, model: nn.Module, space: PruningSpace,
     return with_floor(imp)
 
 
-def with_floor(imp: Importance, rel: float = 1e-6) -> Importance:
+def with_floor(imp: Importance, rel: float = 1e-3) -> Importance:
     """Every unit worth at least ``rel`` times the mean positive score.
 
     Scores of exactly zero are common (timm zero-initialises the last norm of every residual

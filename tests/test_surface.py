@@ -111,4 +111,4 @@ def test_importance_floor_breaks_ties_towards_keeping_units() -> None:
     imp = with_floor(Importance({"a": np.zeros(4), "b": np.array([0.0, 2.0, 4.0])}, {"blk": 0.0}))
     cum = imp.cumulative("a", (1, 2, 4))
     assert np.all(np.diff(cum) > 0), "more units must be worth more, even at zero score"
-    assert imp.units["b"][2] == pytest.approx(4.0) and imp.units["a"][0] < 1e-5
+    assert imp.units["b"][2] == pytest.approx(4.0, rel=1e-3) and imp.units["a"][0] < 1e-2

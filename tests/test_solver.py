@@ -8,7 +8,16 @@ import random
 import numpy as np
 import pytest
 
-from solvers import Problem, SolverBlock, SolverDim, SolverError, SolverTerm, min_latency, solve, sweep
+from solvers import (
+    Problem,
+    SolverBlock,
+    SolverDim,
+    SolverError,
+    SolverTerm,
+    min_latency,
+    solve,
+    sweep,
+)
 
 
 def random_problem(seed: int) -> Problem:

@@ -30,9 +30,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise MdpError(f"unknown timm model {name!r}{hint}")
+    extra: dict[str, Any] = {"img_size": resolution} if resolution else {}
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs,
-                                  **({"img_size": resolution} if resolution else {}))
+        model = timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
     except TypeError as exc:
         if not resolution or "img_size" not in str(exc):
             raise
@@ -135,10 +135,10 @@ def load_pruned(path: str | Path) -> nn.Module:
         pruned = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
     except (KeyError, TypeError) as exc:
         raise MdpError(f"{path} is not a pruned model written by save_pruned: {exc!r}") from exc
-    pruned.mdp_arch = arch  # type: ignore[assignment]
+    pruned.mdp_arch = arch
     for plan in plans:
         pruned = apply_plan(pruned, plan)
-        pruned.mdp_arch = arch  # type: ignore[assignment]
+        pruned.mdp_arch = arch
     try:
         pruned.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from mdp_trt.errors import PlanError
 from mdp_trt.models import adapter_for
 from mdp_trt.space import Plan, PruningSpace
 from mdp_trt.surface import Calibration, LatencySurface, calibrate, linear_surface, sample_plans
@@ -95,6 +96,18 @@ class Lab:
         ms = self.measure([apply_plan(model, plan, space=space)], shape)[0]
         self.table.kv_set(key, {"median_ms": ms, "widths": plan.widths, "removed": list(plan.removed)})
         return ms
+
+    def measured_points(self, space: PruningSpace, surface: LatencySurface) -> list[tuple[float, float]]:
+        """(raw surface sum, measured ms) of every whole model of this space measured so far."""
+        out = []
+        for key in self.table.kv_keys(f"model/{space.space_id}/"):
+            rec = self.table.kv_get(key)
+            try:
+                plan = space.plan(rec["widths"], rec["removed"])
+            except (PlanError, KeyError, TypeError):
+                continue  # measured under a finer grid or another restriction of the space
+            out.append((surface.raw(plan), float(rec["median_ms"])))
+        return out
 
     def measure(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
         """Median latency in ms of each module on the engine, measured interleaved."""

@@ -26,7 +26,7 @@ from mdp_trt.importance import estimate
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.optimize import solve_plan
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import LatencySurface, linear_surface
+from mdp_trt.surface import Calibration, LatencySurface, linear_surface
 from mdp_trt.target import Target
 
 Log = Callable[[str], None]
@@ -89,9 +89,11 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
                 cur_surface.calibration = cal
         imp = estimate(args.importance, current, cur_space, train_loader, args.importance_batches,
                        seed=args.seed, progress=progress)
+        last = step == args.steps
         plan, pruned, measured, step_rounds, note = _closed_loop(
-            args, lab, current, cur_space, cur_surface, imp, model if step == args.steps else None,
-            step_budget, input_shape, log)
+            args, lab, current, cur_space, cur_surface, imp, model if last else None,
+            (lambda d, sb=step_budget, last=last: target.budget_ms(d) if last and d is not None else sb),
+            input_shape, log)
         rounds += [dict(r, step=step) for r in step_rounds]
         plans.append(plan)
         current = pruned
@@ -104,6 +106,8 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
                   desc=f"fine-tune step {step}/{args.steps}")
     chosen = next(r for r in reversed(rounds) if r.get("chosen"))
     pruned, pruned_ms = current, chosen["measured_ms"]
+    # Dense and pruned as measured side by side in the chosen round: drift moves both.
+    dense_ms, budget = chosen.get("dense_ms", dense_ms), chosen["budget_ms"]
     if real_data:
         accuracy["pruned" if args.finetune_epochs > 0 else "pruned_no_finetune"] = evaluate(pruned, val_loader)
 
@@ -151,16 +155,22 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
 
 
 def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module, space: PruningSpace,
-                 surface: LatencySurface, imp: Any, dense: nn.Module | None, budget: float,
-                 input_shape: tuple[int, ...], log: Log
+                 surface: LatencySurface, imp: Any, dense: nn.Module | None,
+                 budget_of: Callable[[float | None], float], input_shape: tuple[int, ...], log: Log
                  ) -> tuple[Plan, nn.Module, float, list[dict[str, Any]], str]:
-    """Solve, cut and measure; when the measurement misses the budget by more than the tolerance,
-    scale the budget by predicted/measured and solve again, a bounded number of times.
-    Returns the best plan that met the budget (else the fastest one) and what happened."""
+    """Solve, cut and measure, dense and pruned interleaved. When the measurement misses the
+    budget by more than the tolerance, refit the calibration with the fresh measurements
+    (weighted above older ones) and solve again, a bounded number of times.
+
+    ``budget_of(dense_ms)`` gives the budget for the dense latency measured beside the
+    pruned model (``None``: before any measurement), so drift of a shared machine moves both.
+    Returns the slowest plan within the tolerance (least over-pruned), else the fastest.
+    """
     tol = args.tolerance / 100
+    points = [(r, m, 1.0) for r, m in lab.measured_points(space, surface)]
     rounds: list[dict[str, Any]] = []
-    tried: list[tuple[Plan, nn.Module, float]] = []
-    solve_budget = budget
+    tried: list[tuple[Plan, nn.Module, float, float]] = []
+    budget = solve_budget = budget_of(None)
     for _ in range(args.max_rounds):
         plan, sol = solve_plan(space, surface, imp, solve_budget, solver=args.solver)
         if plan is None:
@@ -169,26 +179,33 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
                     f"no plan reaches {solve_budget:.3f} ms on this engine; the fastest this space allows "
                     f"is about {sol.min_latency_ms:.3f} ms (predicted)")
             raise BudgetError(f"the solver found no plan: {sol.status} ({sol.message})")
-        if any(plan.widths == t[0].widths and plan.removed == t[0].removed for t in tried):
-            break  # the budget moved, the optimum did not: nothing new to measure
+        seen = next((t for t in tried if plan.widths == t[0].widths and plan.removed == t[0].removed), None)
+        if seen is not None:  # the refit did not move the optimum: move the budget instead
+            solve_budget *= budget / seen[2]
+            continue
         pruned = apply_plan(model, plan, imp, space=space)
         ms = lab.measure([dense, pruned] if dense is not None else [pruned], input_shape)
         measured, pred = ms[-1], float(plan.meta["predicted_ms"])
-        rd: dict[str, Any] = {"budget_ms": solve_budget, "predicted_ms": pred, "measured_ms": measured,
-                              "solve_s": sol.solve_s, "gap": sol.gap}
+        if dense is not None:
+            budget = budget_of(ms[0])
+        rd: dict[str, Any] = {"budget_ms": budget, "solve_budget_ms": solve_budget, "predicted_ms": pred,
+                              "measured_ms": measured, "solve_s": sol.solve_s, "gap": sol.gap}
         if dense is not None:
             rd.update(dense_ms=ms[0], speedup=ms[0] / measured)
         rounds.append(rd)
-        tried.append((plan, pruned, measured))
-        log(f"round {len(rounds)}: budget {solve_budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
+        tried.append((plan, pruned, measured, budget))
+        log(f"round {len(rounds)}: budget {budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
         if abs(measured - budget) <= tol * budget:
             break
-        solve_budget *= budget / measured
-    # Keep the slowest plan within the tolerance (least over-pruned); else the fastest one.
-    ok = [i for i, t in enumerate(tried) if t[2] <= budget * (1 + tol)]
+        points.append((surface.raw(plan), measured, 4.0))
+        if dense is not None:
+            points.append((surface.raw(space.full_plan()), ms[0], 4.0))
+        surface.calibration = Calibration.fit(*zip(*points, strict=True))
+        solve_budget = budget
+    ok = [i for i, t in enumerate(tried) if t[2] <= t[3] * (1 + tol)]
     pick = max(ok, key=lambda i: tried[i][2]) if ok else min(range(len(tried)), key=lambda i: tried[i][2])
     rounds[pick]["chosen"] = True
-    plan, pruned, measured = tried[pick]
+    plan, pruned, measured, budget = tried[pick]
     note = ""
     if abs(measured - budget) > tol * budget:
         note = (f"The closed loop ended {100 * (measured / budget - 1):+.1f}% from the budget after "

@@ -50,16 +50,18 @@ class Calibration:
             raise TableError(f"corrupt calibration record: {exc}") from exc
 
     @classmethod
-    def fit(cls, raw: Sequence[float], measured: Sequence[float]) -> Calibration:
-        """Least-squares affine fit; a pure scale when there are fewer than three points."""
+    def fit(cls, raw: Sequence[float], measured: Sequence[float],
+            weights: Sequence[float] | None = None) -> Calibration:
+        """Weighted least-squares affine fit; a pure scale when there are fewer than three points."""
         r = np.asarray(raw, dtype=np.float64)
         m = np.asarray(measured, dtype=np.float64)
+        w = np.ones_like(r) if weights is None else np.asarray(weights, dtype=np.float64)
         if len(r) == 0:
             return cls()
         if len(r) < 3 or np.ptp(r) <= 1e-12:
-            scale, offset = float(np.dot(r, m) / np.dot(r, r)), 0.0
+            scale, offset = float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0
         else:
-            scale, offset = (float(v) for v in np.polyfit(r, m, 1))
+            scale, offset = (float(v) for v in np.polyfit(r, m, 1, w=np.sqrt(w)))
         cal = cls(scale, offset, len(r))
         cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r), m)))
         cal.raw_median_abs_pct_err = float(np.median(pct_err(r, m)))

@@ -54,7 +54,11 @@ def widths_key(widths: Sequence[int]) -> str:
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    return tuple(int(w) for w in text.split(",")) if text else ()
+    """``"64,128"`` -> ``(64, 128)``; anything else is a corrupt table."""
+    try:
+        return tuple(int(w) for w in text.split(",")) if text else ()
+    except (ValueError, AttributeError) as exc:
+        raise TableError(f"corrupt widths {text!r} in a latency table") from exc
 
 
 def default_table_path(label: str, model: str, engine: str, precision: str, batch_size: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -379,3 +380,49 @@ def test_profile_refuses_mismatched_table_or_resolution(tmp_path: Path) -> None:
     with LatencyTable.open(tmp_path / "u.sqlite", engine.identity()) as t, \
             pytest.raises(TableError, match="resolution 8"):
         profile_space(fake_space(res=16), TermModules(), engine, t, progress=False, budget=FAST)
+
+
+
+class DiskFills(TermModules):
+    """Fills the table's file to its page limit (SQLite's SQLITE_FULL, as on a full disk) once
+    ``after`` rows were measured, so the next write fails."""
+
+    def __init__(self, table: LatencyTable, after: int) -> None:
+        super().__init__()
+        self.table, self.after = table, after
+
+    def __call__(self, term: Term, widths: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+        if self.calls == self.after:
+            conn = self.table._conn
+            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+            inserts = ("INSERT INTO kv VALUES (?, ?)", "INSERT INTO latency VALUES (?, ?, 0, 0, 0, 0, 0, '')")
+            for sql in inserts:  # every table's last page, down to the smallest record
+                for size in (512, 64, 8, 1):
+                    with pytest.raises(sqlite3.Error, match="full"):
+                        for i in range(10_000):
+                            with conn:
+                                conn.execute(sql, (f"fill/{size}/{i}", "1" * size))
+        return super().__call__(term, widths)
+
+
+def _measured_keys(table: LatencyTable) -> set[tuple[str, tuple[int, ...]]]:
+    keys = table.keys()
+    return {k for k in keys if not k[0].startswith("fill/")}
+
+
+def test_profile_out_of_disk_keeps_committed_rows_and_resumes(tmp_path: Path) -> None:
+    """A full disk mid-profile stops it with a TableError that says so; every row committed
+    before stays, and a rerun (disk freed) measures only the rest."""
+    space, engine = fake_space(), _engine()
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, engine.identity()) as table:
+        with pytest.raises(TableError, match="cannot write latency table .*full"):
+            profile_space(space, DiskFills(table, after=3), engine, table, progress=False, budget=FAST)
+        kept = _measured_keys(table)
+    assert len(kept) == 3
+    with LatencyTable.open(path, engine.identity()) as table:  # a new connection has no page limit
+        assert _measured_keys(table) == kept
+        again = TermModules()
+        stats = profile_space(space, again, engine, table, progress=False, budget=FAST)
+        assert again.calls == 9 - 3 and stats.reused == 3 and stats.measured == 6
+        assert _measured_keys(table) == set(grid_points(space))

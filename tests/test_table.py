@@ -73,6 +73,14 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
         LatencyTable.open(foreign, IDENT)
     with pytest.raises(TableError, match="no latency table"):
         LatencyTable.read(tmp_path / "missing.sqlite")
+    edited = tmp_path / "edited.sqlite"
+    LatencyTable.open(edited, IDENT).close()
+    conn = sqlite3.connect(edited)
+    with conn:
+        conn.execute("INSERT INTO latency VALUES ('conv', '64,abc', 1, 1, 1, 0, 1, '')")
+    conn.close()
+    with LatencyTable.read(edited) as t, pytest.raises(TableError, match="corrupt widths '64,abc'"):
+        t.keys()
 
 
 def test_kv_records(tmp_path: Path) -> None:

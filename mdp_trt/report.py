@@ -15,6 +15,18 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def verdict(r: dict[str, Any]) -> str:
+    """One sentence: the measured latency against the budget, within the tolerance or not."""
+    budget, measured, tol = r["target"]["budget_ms"], r["pruned_ms"], r.get("tolerance_pct", 0.0)
+    off = 100.0 * (measured / budget - 1.0)
+    head = f"Measured {measured:.3f} ms against a budget of {budget:.3f} ms ({off:+.1f}%): "
+    if abs(off) <= tol:
+        return head + f"on target (tolerance {tol}%)."
+    if off < 0:
+        return head + f"faster than asked, by more than the {tol}% tolerance (over-pruned)."
+    return head + f"the target is missed (tolerance {tol}%)."
+
+
 def markdown(r: dict[str, Any]) -> str:
     """A readable summary of a prune run."""
     eng = r["engine"]
@@ -43,8 +55,9 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        f"Prediction error of the pruned latency: {_fmt(r.get('prediction_error_pct'), 1)}% "
-        f"(target met: {'yes' if r.get('target_met') else 'no'}, tolerance {r.get('tolerance_pct')}%).",
+        verdict(r),
+        "",
+        f"Prediction error of the pruned latency: {_fmt(r.get('prediction_error_pct'), 1)}%.",
         "",
         "## Closed loop",
         "",

@@ -22,7 +22,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = 10
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSpec:
     """What the model expects: channels, square resolution, classes."""
 

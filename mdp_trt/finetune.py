@@ -1,9 +1,11 @@
 """Training and fine-tuning: one process on CPU or one GPU, or DistributedDataParallel under torchrun.
 
-Under ``torchrun --nproc-per-node N -m mdp_trt.prune ...`` every process runs the same
-command; this module joins the process group from the environment torchrun sets
+Under ``torchrun --nproc-per-node N -m mdp_trt.prune ...`` every process starts the same
+command. The first process (rank 0) profiles, measures, solves and writes every output; it
+hands each model to fine-tune to the others with :func:`share`, and all of them train it
+together: this module joins the process group from the environment torchrun sets
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), shards the data with a DistributedSampler and
-averages gradients across processes. Only rank 0 should write outputs (see :func:`is_main`).
+averages gradients across processes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,18 +53,32 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed() -> bool:
+def init_distributed() -> bool:
+    """Join torchrun's process group (once); ``False`` when not under torchrun.
+
+    The timeout is long: the other processes wait while the first one profiles and solves,
+    which can take hours for a large model on a new engine.
+    """
     size, _, _ = world()
     if size <= 1:
         return False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
     return True
+
+
+def share(obj: Any) -> Any:
+    """The first process's ``obj`` on every process of the group (pickled); ``obj`` without one."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, desc: str = "fine-tune") -> list[float]:
     """Train ``model`` in place with AdamW and a cosine schedule; returns the mean loss per epoch."""
-    distributed = _init_distributed()
+    distributed = init_distributed()
     device = device_for_rank()
     model.to(device).train()
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if distributed else model

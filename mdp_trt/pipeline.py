@@ -7,6 +7,7 @@ pruned models (measured interleaved); predictions come from the calibrated surfa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from mdp_trt import engine_io
 from mdp_trt.api import apply_plan, create_model, save_pruned
 from mdp_trt.data import DataSpec, evaluate, loaders
 from mdp_trt.errors import BudgetError
-from mdp_trt.finetune import TrainConfig, train
+from mdp_trt.finetune import TrainConfig, share, train, world
 from mdp_trt.flops import count_flops, count_params
 from mdp_trt.importance import estimate
 from mdp_trt.models import SpaceConfig, adapter_for
@@ -87,8 +88,10 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
                 cal = cur_surface.calibration
                 cur_surface = linear_surface(cur_surface)
                 cur_surface.calibration = cal
-        imp = estimate(args.importance, current, cur_space, train_loader, args.importance_batches,
-                       seed=args.seed, progress=progress)
+        # Scored over the unrestricted space: adapters score every removable block of the model,
+        # and a restriction (--kinds, --no-block-removal) only limits what the solver may choose.
+        imp = estimate(args.importance, current, adapter.space(current, config), train_loader,
+                       args.importance_batches, seed=args.seed, progress=progress)
         last = step == args.steps
         plan, pruned, measured, step_rounds, note = _closed_loop(
             args, lab, current, cur_space, cur_surface, imp, model if last else None,
@@ -101,9 +104,11 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
             epochs = args.finetune_epochs / args.steps
             if real_data and step == 1:
                 accuracy["pruned_before_finetune"] = evaluate(current, val_loader)
-            train(current, train_loader.dataset, TrainConfig(epochs=epochs, batch_size=args.train_batch_size,
-                                                             lr=args.lr, seed=args.seed, progress=progress),
-                  desc=f"fine-tune step {step}/{args.steps}")
+            cfg = TrainConfig(epochs=epochs, batch_size=args.train_batch_size, lr=args.lr, seed=args.seed,
+                              progress=progress)
+            desc = f"fine-tune step {step}/{args.steps}"
+            share(("train", copy.deepcopy(current).cpu(), spec, cfg, desc))  # the other torchrun processes
+            train(current, train_loader.dataset, cfg, desc=desc)
     chosen = next(r for r in reversed(rounds) if r.get("chosen"))
     pruned, pruned_ms = current, chosen["measured_ms"]
     # Dense and pruned as measured side by side in the chosen round: drift moves both.
@@ -140,6 +145,7 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
         "flops_after": count_flops(pruned, (1, *space.input_size)),
         "accuracy": accuracy,
         "importance": args.importance,
+        "finetune": {"epochs": args.finetune_epochs, "processes": world()[0]},
         "steps": args.steps,
         "rounds": rounds,
         "calibration": surface.calibration.to_dict(),
@@ -152,6 +158,22 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
         "note": note,
     }
     return report
+
+
+def follow(args: argparse.Namespace) -> None:
+    """A torchrun process other than the first: fine-tune, with the first, each model it hands
+    over (see :func:`mdp_trt.finetune.share`), until it says the job is over."""
+    datasets: dict[DataSpec, Any] = {}
+    while True:
+        msg = share(None)
+        if msg is None:
+            return
+        _, model, spec, cfg, desc = msg
+        if spec not in datasets:
+            train_loader, _ = loaders(args.data, spec, args.train_batch_size, args.train_limit, args.val_limit,
+                                      seed=args.seed)
+            datasets[spec] = train_loader.dataset
+        train(model, datasets[spec], cfg, desc=desc)
 
 
 def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module, space: PruningSpace,

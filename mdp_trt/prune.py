@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mdp_trt.finetune import is_main
+
     args = build_parser().parse_args(argv)
     result = run(args)
-    print(f"report: {result / 'report.md'}")
+    if is_main():
+        print(f"report: {result / 'report.md'}")
     return 0
 
 
@@ -82,8 +85,11 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     """The whole job; returns the output directory. Everything is written to a temporary
-    directory beside ``--out`` and renamed at the end, so an interrupted run leaves nothing."""
+    directory beside ``--out`` and renamed at the end, so an interrupted run leaves nothing.
+
+    Under torchrun the first process does the job and the others only join its fine-tuning."""
     from mdp_trt import pipeline
+    from mdp_trt.finetune import init_distributed, is_main, share
     from mdp_trt.target import parse_target
 
     target = parse_target(args.engine_target)
@@ -97,6 +103,10 @@ def run(args: argparse.Namespace) -> Path:
     if args.steps < 1 or args.max_rounds < 1:
         raise MdpError("--steps and --max-rounds must be at least 1")
     torch.manual_seed(args.seed)
+    distributed = init_distributed()
+    if distributed and not is_main():
+        pipeline.follow(args)
+        return out
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> Path:
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
+        if distributed:
+            share(None)  # the job is over (done or failed): the other processes stop waiting
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -100,3 +100,19 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
     missing = run_cli([*TINY, "--engine-target", "2x", "--checkpoint", str(tmp_path / "x.pt"), "--out", "o"],
                       tmp_path)
     one_line_error(missing, "does not exist")
+
+
+def test_torchrun_two_processes_fine_tune_together(full_run: Path, tmp_path: Path) -> None:
+    """Under torchrun the first process does the job and the second joins its fine-tuning
+    (DistributedDataParallel on gloo): one report, written once, that counts both processes."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "mdp_trt.prune", *TINY, "--engine-target", "1.3x", "--lut", str(full_run / "t.sqlite"),
+         "--finetune-epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1, proc.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["finetune"] == {"epochs": 1.0, "processes": 2}
+    assert load_pruned(out / "pruned.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)

@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's private mode would stay on the renamed result
     try:
         report = pipeline.prune(args, target, tmp, log=lambda s: _log(args, s))
         from mdp_trt import report as report_mod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == rep["params_after"]
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
     assert not list(full_run.glob(".out.*")), "temporary directory left behind"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask(), "the output directory keeps mkdtemp's mode"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_existing_output_is_refused(full_run: Path, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Solver speed on realistic instances, and agreement with brute force on small ones.
 
-    python -m benchmarks.solver [--json]
+    python -m benchmarks.solver [--json] [--repeat N] [--whole]
 
 The instances use the real pruning spaces of resnet50 (default steps) and
 deit_base_patch16_224 (heads, qk, v, MLP, embedding width, block removal) with engine-like
@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import random
+import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +68,7 @@ def _brute(p: Problem, budget: float) -> float:
     return best
 
 
-def brute_force_agree(n: int = 20) -> bool:
+def brute_force_agree(n: int = 50) -> bool:
     """Tiny random instances (shared and private dims, 3-dim terms, removable blocks)."""
     for seed in range(n):
         rng = np.random.default_rng(seed)
@@ -99,27 +100,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--solver", default="HIGHS")
     ap.add_argument("--ratio", type=float, default=0.5, help="budget as a share of dense latency")
+    ap.add_argument("--repeat", type=int, default=5, help="solves per instance; the median is reported")
+    ap.add_argument("--whole", action="store_true", help="also time the whole program without reductions")
     args = ap.parse_args(argv)
-    import highspy
-
-    out: dict[str, Any] = {"solver": args.solver, "solver_version": getattr(highspy, "__version__", "?"),
-                           "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores"}
+    out: dict[str, Any] = {"solver": args.solver, "solver_version": _version(args.solver),
+                           "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores",
+                           "repeat": args.repeat}
     optimal = True
+    modes = (True, False) if args.whole else (True,)
     for key, name in (("resnet50", "resnet50"), ("deit_base", "deit_base_patch16_224")):
         p = instance(name)
         dense = p.latency({d.name: d.choices[-1] for d in p.dims})
-        for mode in ("auto", None):
-            sol = solve(p, args.ratio * dense, solver=args.solver, enumerate_dim=mode)
-            tag = "" if mode == "auto" else "_direct"
-            out[f"{key}_solve_s{tag}"] = sol.solve_s
-            out[f"{key}_gap{tag}"] = sol.gap
+        for reduce in modes:
+            sols = [solve(p, args.ratio * dense, solver=args.solver, reduce=reduce) for _ in range(args.repeat)]
+            sol = sols[0]
+            tag = "" if reduce else "_whole"
+            times = [s.solve_s for s in sols]
+            out[f"{key}_solve_s{tag}"] = statistics.median(times)
+            out[f"{key}_solve_s_runs{tag}"] = times
+            out[f"{key}_gap{tag}"] = max((s.gap or 0.0) for s in sols)
             out[f"{key}_status{tag}"] = sol.status
+            out[f"{key}_objective{tag}"] = sol.objective
             out[f"{key}_removed_blocks{tag}"] = len(sol.removed)
-            optimal &= sol.status == "optimal" and (sol.gap is None or sol.gap <= 1e-6)
+            optimal &= all(s.status == "optimal" and (s.gap is None or s.gap <= 1e-6) for s in sols)
+            optimal &= all(math.isclose(s.objective, sol.objective, rel_tol=1e-9) for s in sols)
             if not args.json:
-                print(f"{name:<24} {'enumerated' if mode else 'direct':<10} {sol.status:<9} "
-                      f"{sol.solve_s:6.2f} s  gap {sol.gap}  {len(sol.removed)} blocks removed  "
-                      f"{sol.predicted_ms:.3f}/{args.ratio * dense:.3f} ms  {sol.message}")
+                print(f"{name:<24} {'reduced' if reduce else 'whole':<8} {sol.status:<9} "
+                      f"median {statistics.median(times):6.2f} s (min {min(times):.2f}, max {max(times):.2f}, "
+                      f"{len(times)} runs)  gap {sol.gap}  objective {sol.objective:.6f}  "
+                      f"{len(sol.removed)} blocks removed  {sol.predicted_ms:.4f}/{args.ratio * dense:.4f} ms")
     out["proven_optimal"] = bool(optimal)
     out["brute_force_agree"] = brute_force_agree()
     if args.json:
@@ -128,6 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"proven optimal: {out['proven_optimal']}; brute force agrees: {out['brute_force_agree']}; "
               f"{args.solver} {out['solver_version']}, cvxpy {cp.__version__}, {out['machine']}")
     return 0
+
+
+def _version(solver: str) -> str:
+    from importlib import metadata
+
+    package = {"HIGHS": "highspy", "SCIPY": "scipy", "SCIP": "pyscipopt", "GUROBI": "gurobipy",
+               "CPLEX": "cplex", "MOSEK": "mosek", "XPRESS": "xpress", "CBC": "cylp", "GLPK_MI": "cvxopt"}
+    try:
+        return metadata.version(package.get(solver, solver.lower()))
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _cores() -> int:

@@ -1,106 +1,41 @@
 """Exact mixed-integer program: widths and kept blocks that keep the most importance under a budget.
 
-Formulation (built with CVXPY, solved by HiGHS by default):
-- one-hot binaries ``x_d`` over each dim's choices; a dim private to a removable block gets
-  one more state, "removed", tied to the block's keep/remove one-hot ``k_b``;
-- a term over several dims uses a continuous joint variable ``z >= 0`` over the product of
-  their states, constrained by its marginals (summing ``z`` over all axes but one gives that
-  dim's one-hot vector). For one-hot marginals the only feasible ``z`` is the indicator of
-  the chosen cell, so the linearisation is exact, and its LP relaxation is far tighter than
-  McCormick envelopes. A term of a removable block with no private dim takes ``k_b`` as an
-  extra axis; a removed state contributes no latency;
-- maximise kept importance subject to ``scale * (fixed + sum of terms) + offset <= budget``.
-A shared dim that appears in most terms (a ViT's embedding width) can instead be enumerated
-outside the program: one smaller solve per choice with that dim fixed.
+The program itself is in :mod:`solvers.matrix`. Before the final solve, exact reductions
+shrink it (HiGHS only; other solvers get the whole program):
+
+1. drop dominated choices (:func:`solvers.reduce.dominated`);
+2. solve the LP relaxation; a small MIP over the choices the LP uses gives a feasible
+   point, improved greedily (cheapest importance per millisecond that still fits);
+3. fix by bounds: a choice (or a block's removal) whose Lagrangian bound from the LP duals is
+   below the incumbent cannot be part of a better point, so it is dropped; repeat 2-3 on the
+   smaller problem while it shrinks;
+4. solve the MIP on what is left, started from the incumbent.
+
+Every point at least as good as the incumbent survives step 3, so the final optimum is the
+optimum of the original problem, with the final solver's proven gap.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
 
 import cvxpy as cp
 import numpy as np
-import scipy.sparse as sp
 
-from solvers.problem import Problem, Solution, SolverDim, SolverError, SolverTerm
+from solvers import backends
+from solvers.matrix import Matrix, build, decode, encode
+from solvers.problem import Problem, Solution, SolverError
+from solvers.reduce import Restriction, dominated, lift, restrict
 
 MIP_SOLVERS = ("HIGHS", "SCIP", "GUROBI", "CPLEX", "MOSEK", "XPRESS", "CBC", "GLPK_MI", "SCIPY")
-REL_GAP = 1e-7
+MAX_ROUNDS = 4
+SUPPORT_EPS = 1e-9
 
 
 def mip_solvers() -> list[str]:
-    """Installed CVXPY solvers that take integer variables."""
+    """Installed solvers that take integer variables (HiGHS through highspy, others through CVXPY)."""
     return [s for s in MIP_SOLVERS if s in cp.installed_solvers()]
-
-
-def _marginal(shape: tuple[int, ...], axis: int) -> sp.csr_matrix:
-    n = int(np.prod(shape))
-    rows = np.unravel_index(np.arange(n), shape)[axis]
-    return sp.csr_matrix((np.ones(n), (rows, np.arange(n))), shape=(shape[axis], n))
-
-
-@dataclass
-class _Model:
-    x: dict[str, cp.Variable]
-    keep: dict[str, cp.Variable]
-    constraints: list[Any]
-    importance: Any
-    latency: Any
-
-
-def _build(p: Problem) -> _Model:
-    removable = p.removable()
-    dims = {d.name: d for d in p.dims}
-    cons: list[Any] = []
-    keep = {b: cp.Variable(2, boolean=True, name=f"keep[{b}]") for b in sorted(removable)}  # [kept, removed]
-    cons += [cp.sum(k) == 1 for k in keep.values()]
-    x: dict[str, cp.Variable] = {}
-    importance: Any = 0.0
-    for d in p.dims:
-        private = d.block in removable
-        x[d.name] = cp.Variable(len(d.choices) + int(private), boolean=True, name=d.name)
-        cons.append(cp.sum(x[d.name]) == 1)
-        value = np.asarray(d.value, dtype=np.float64)
-        if private:
-            cons.append(x[d.name][-1] == keep[d.block][1])  # type: ignore[index]
-            value = np.append(value, 0.0)
-        importance = importance + value @ x[d.name]
-    for b in p.blocks:
-        if b.removable and b.value:
-            importance = importance + float(b.value) * keep[b.name][0]
-    latency: Any = float(p.fixed_ms)
-    for t in p.terms:
-        table = np.asarray(t.table, dtype=np.float64)
-        axes: list[cp.Variable] = []
-        for k, name in enumerate(t.dims):
-            axes.append(x[name])
-            if dims[name].block in removable:
-                pad = [(0, 0)] * table.ndim
-                pad[k] = (0, 1)
-                table = np.pad(table, pad)
-        if t.block in removable and not any(dims[n].block == t.block for n in t.dims):
-            table = np.stack([table, np.zeros_like(table)], axis=-1)
-            axes.append(keep[t.block])  # type: ignore[index]
-        if not axes:
-            latency = latency + float(table)
-        elif len(axes) == 1:
-            latency = latency + table @ axes[0]
-        else:
-            z = cp.Variable(table.size, nonneg=True, name=f"z[{t.name}]")
-            cons += [_marginal(table.shape, a) @ z == v for a, v in enumerate(axes)]
-            latency = latency + table.ravel() @ z
-    return _Model(x, keep, cons, importance, p.scale * latency + p.offset)
-
-
-def _point(p: Problem, m: _Model) -> tuple[dict[str, int], tuple[str, ...]]:
-    removed = tuple(b for b, k in m.keep.items() if k.value is not None and k.value[1] > 0.5)
-    widths = {}
-    for d in p.dims:
-        i = int(np.argmax(np.asarray(m.x[d.name].value)))
-        widths[d.name] = d.choices[min(i, len(d.choices) - 1)]
-    return widths, removed
 
 
 def _check_solver(solver: str) -> None:
@@ -109,119 +44,183 @@ def _check_solver(solver: str) -> None:
                           f"installed: {', '.join(mip_solvers()) or 'none'}")
 
 
-def _run(prob: cp.Problem, solver: str, time_limit_s: float, verbose: bool) -> float | None:
-    """Solve; returns the proven relative gap where the solver reports it."""
-    opts: dict[str, Any] = {}
-    if solver == "HIGHS":
-        opts = {"time_limit": float(time_limit_s), "mip_rel_gap": REL_GAP, "output_flag": verbose}
-    prob.solve(solver=solver, verbose=verbose, **opts)
-    stats = prob.solver_stats.extra_stats if prob.solver_stats is not None else None
-    gap = getattr(stats, "mip_gap", None)
-    return float(gap) if gap is not None and np.isfinite(gap) else None
+class _Chain:
+    """Restrictions applied one after another, to lift a point back to the original problem."""
+
+    def __init__(self, p: Problem) -> None:
+        self.steps: list[tuple[Problem, Restriction]] = []
+        self.current = p
+
+    def apply(self, r: Restriction) -> None:
+        self.steps.append((self.current, r))
+        self.current = restrict(self.current, r)
+
+    def lift(self, widths: dict[str, int], removed: Iterable[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+        out = (dict(widths), tuple(removed))
+        for q, r in reversed(self.steps):
+            out = lift(q, r, *out)
+        return out
+
+
+def _support(p: Problem, m: Matrix, col: np.ndarray) -> Restriction:
+    """The choices between the smallest and largest one the LP point uses; blocks it keeps or
+    removes outright are decided."""
+    allowed = {}
+    for d in p.dims:
+        used = np.flatnonzero(col[m.dim_cols[d.name]] > SUPPORT_EPS)
+        lo, hi = (int(used.min()), int(used.max())) if len(used) else (len(d.choices) - 1,) * 2
+        allowed[d.name] = tuple(range(lo, hi + 1))
+    kept = {b for b, c in m.removed_col.items() if col[c] < SUPPORT_EPS}
+    removed = {b for b, c in m.removed_col.items() if col[c] > 1 - SUPPORT_EPS}
+    return Restriction(allowed, kept, removed)
+
+
+def _fixing(p: Problem, m: Matrix, rx: backends.Relaxation, threshold: float) -> Restriction:
+    """Drop what cannot reach ``threshold``: choices whose bound when chosen is lower, removals
+    likewise; a block whose bound when kept is lower is decided removed."""
+    allowed = {}
+    for d in p.dims:
+        bound = rx.bound_one[m.dim_cols[d.name]]
+        ok = np.flatnonzero(bound >= threshold)
+        allowed[d.name] = tuple(int(i) for i in ok) if len(ok) else (int(np.argmax(bound)),)
+    kept = {b for b, c in m.removed_col.items() if rx.bound_one[c] < threshold}
+    removed = {b for b, c in m.removed_col.items() if rx.bound_zero[c] < threshold and b not in kept}
+    return Restriction(allowed, kept, removed)
+
+
+def _size(p: Problem) -> int:
+    return sum(len(d.choices) for d in p.dims) + len(p.removable())
+
+
+def greedy_fill(p: Problem, widths: dict[str, int], removed: Iterable[str], budget_ms: float
+                ) -> dict[str, int]:
+    """Widen dims of a feasible point while the budget allows, best importance per millisecond
+    first (removed blocks stay removed)."""
+    gone = set(removed)
+    dims = {d.name: d for d in p.dims}
+    idx = {n: dims[n].choices.index(w) for n, w in widths.items()}
+    live = [t for t in p.terms if t.block not in gone and not any(dims[n].block in gone for n in t.dims)]
+    uses: dict[str, list[tuple[np.ndarray, int, tuple[str, ...]]]] = {d.name: [] for d in p.dims}
+    for t in live:
+        for axis, n in enumerate(t.dims):
+            uses[n].append((np.asarray(t.table, dtype=np.float64), axis, t.dims))
+    slack = budget_ms - p.latency({n: dims[n].choices[i] for n, i in idx.items()}, gone)
+    while True:
+        best: tuple[float, str, int, float] | None = None
+        for d in p.dims:
+            if d.block in gone or idx[d.name] == len(d.choices) - 1:
+                continue
+            row = np.zeros(len(d.choices))
+            for table, axis, names in uses[d.name]:
+                sel = tuple(slice(None) if k == axis else idx[n] for k, n in enumerate(names))
+                row = row + table[sel]
+            cur = idx[d.name]
+            dlat = p.scale * (row[cur + 1:] - row[cur])
+            dval = np.asarray(d.value, dtype=np.float64)[cur + 1:] - float(d.value[cur])
+            fits = dlat <= slack
+            if not fits.any():
+                continue
+            ratio = np.where(fits, dval / np.maximum(dlat, 1e-300), -np.inf)
+            k = int(np.argmax(ratio))
+            if dval[k] > 0 and (best is None or ratio[k] > best[0]):
+                best = (float(ratio[k]), d.name, cur + 1 + k, float(dlat[k]))
+        if best is None:
+            break
+        _, name, new, dlat_ = best
+        idx[name] = new
+        slack -= dlat_
+    out = {n: dims[n].choices[i] for n, i in idx.items()}
+    return out if p.latency(out, gone) <= budget_ms else dict(widths)
+
+
+def _solution(p: Problem, widths: dict[str, int], removed: tuple[str, ...], budget_ms: float,
+              gap: float | None, solver: str, t0: float, message: str = "") -> Solution:
+    pred = p.latency(widths, removed)
+    sol = Solution("optimal", widths, removed, pred, p.objective(widths, removed), gap,
+                   time.perf_counter() - t0, solver, message=message)
+    if pred > budget_ms * (1 + 1e-9) + 1e-12:  # never trust a point the solver calls optimal blindly
+        sol.status, sol.message = "error", f"solver point predicts {pred:.6g} ms over the budget {budget_ms:.6g} ms"
+    return sol
+
+
+def _failed(run: backends.Run, solver: str, t0: float) -> Solution:
+    if run.status == "infeasible":
+        return Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
+                        message="the budget is below the smallest achievable latency")
+    return Solution(run.status, solver=solver, solve_s=time.perf_counter() - t0, message=run.message)
 
 
 def min_latency(p: Problem, solver: str = "HIGHS", time_limit_s: float = 60.0) -> float:
     """The smallest latency any point of the problem reaches."""
     _check_solver(solver)
-    m = _build(p)
-    prob = cp.Problem(cp.Minimize(m.latency), m.constraints)
-    _run(prob, solver, time_limit_s, False)
-    if prob.status not in ("optimal", "optimal_inaccurate"):
-        raise SolverError(f"minimum latency: solver status {prob.status}")
-    return p.latency(*_point(p, m))
-
-
-def _solve_direct(p: Problem, budget_ms: float, solver: str, time_limit_s: float, verbose: bool) -> Solution:
-    t0 = time.perf_counter()
-    m = _build(p)
-    prob = cp.Problem(cp.Maximize(m.importance), [*m.constraints, m.latency <= budget_ms])
-    try:
-        gap = _run(prob, solver, time_limit_s, verbose)
-    except cp.SolverError as exc:
-        return Solution("error", solver=solver, solve_s=time.perf_counter() - t0, message=str(exc))
-    status = prob.status
-    if status in ("infeasible", "infeasible_inaccurate"):
-        return Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
-                        message="the budget is below the smallest achievable latency")
-    if status == "user_limit" or (status not in ("optimal", "optimal_inaccurate")):
-        return Solution("time_limit" if "limit" in str(status) else "error", solver=solver,
-                        solve_s=time.perf_counter() - t0, message=f"solver status {status}")
-    widths, removed = _point(p, m)
-    pred = p.latency(widths, removed)
-    sol = Solution("optimal", widths, removed, pred, p.objective(widths, removed), gap,
-                   time.perf_counter() - t0, solver)
-    if pred > budget_ms * (1 + 1e-9) + 1e-12:  # never trust a point the solver calls optimal blindly
-        sol.status, sol.message = "error", f"solver point predicts {pred:.6g} ms over the budget {budget_ms:.6g} ms"
-    elif status == "optimal_inaccurate":
-        sol.message = "solver reported optimal_inaccurate; the point was checked against the budget"
-    return sol
-
-
-def fix_dim(p: Problem, name: str, index: int) -> Problem:
-    """The problem with dim ``name`` fixed at its ``index``-th choice (tables sliced, value folded)."""
-    d = next(d for d in p.dims if d.name == name)
-    if d.block is not None:
-        raise SolverError(f"only shared dims can be enumerated; {name} belongs to {d.block}")
-    dims = [SolverDim(q.name, q.choices, q.value, q.block) for q in p.dims if q.name != name]
-    fixed = float(p.fixed_ms)
-    terms = []
-    for t in p.terms:
-        if name not in t.dims:
-            terms.append(t)
-            continue
-        table = np.take(np.asarray(t.table), index, axis=t.dims.index(name))
-        rest = tuple(n for n in t.dims if n != name)
-        if rest or t.block is not None:
-            terms.append(SolverTerm(t.name, rest, table, t.block))
-        else:
-            fixed += float(table)
-    # The fixed dim's importance is a constant: carry it as a one-choice dummy dim.
-    dims.append(SolverDim(f"{name}#fixed", (d.choices[index],), np.array([float(d.value[index])])))
-    return Problem(dims, p.blocks, terms, fixed, p.scale, p.offset)
-
-
-def auto_enumerate(p: Problem) -> str | None:
-    """A shared dim used by most terms (e.g. a ViT embedding width), worth enumerating."""
-    counts = {d.name: sum(d.name in t.dims for t in p.terms) for d in p.dims if d.block is None}
-    if not counts:
-        return None
-    name, n = max(counts.items(), key=lambda kv: kv[1])
-    three = sum(len(t.dims) == 3 and name in t.dims for t in p.terms)
-    return name if n >= 0.5 * len(p.terms) and three > 0 else None
+    m = build(p)
+    run = backends.mip(m, None, solver, time_limit_s, False)
+    if run.status != "optimal":
+        raise SolverError(f"minimum latency: solver status {run.status}")
+    return p.latency(*decode(p, m, run.col))
 
 
 def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: float = 60.0,
-          verbose: bool = False, enumerate_dim: str | None | bool = None) -> Solution:
+          verbose: bool = False, reduce: bool = True) -> Solution:
     """The plan keeping the most importance with predicted latency within ``budget_ms``.
 
-    ``enumerate_dim``: a shared dim to enumerate outside the program, ``"auto"`` to pick one
-    when it pays (a dim in most terms, among them three-dim ones), or ``None``/``False``.
+    ``reduce``: apply the exact reductions of the module docstring (HiGHS only) before the
+    final solve; off, the whole program goes to the solver.
     """
     _check_solver(solver)
-    name = auto_enumerate(p) if enumerate_dim == "auto" else (enumerate_dim or None)
     t0 = time.perf_counter()
-    if not name:
-        sol = _solve_direct(p, budget_ms, solver, time_limit_s, verbose)
-    else:
-        d = next(d for d in p.dims if d.name == name)
-        best: Solution | None = None
-        gaps: list[float] = []
-        for i in range(len(d.choices)):
-            sub = _solve_direct(fix_dim(p, name, i), budget_ms, solver, time_limit_s, verbose)
-            if sub.status in ("error", "time_limit"):
-                return sub
-            if sub.status == "optimal":
-                gaps.append(sub.gap or 0.0)
-                sub.widths = {k: v for k, v in sub.widths.items() if k != f"{name}#fixed"}
-                sub.widths[name] = d.choices[i]
-                if best is None or sub.objective > best.objective + 1e-12:
-                    best = sub
-        sol = best if best is not None else Solution("infeasible", solver=solver,
-                                                     message="the budget is below the smallest achievable latency")
-        if best is not None:
-            sol.gap = max(gaps) if gaps else None
-            sol.message = f"{name} enumerated over {len(d.choices)} choices"
-    sol.solve_s = time.perf_counter() - t0
-    if sol.status == "infeasible":
-        sol.min_latency_ms = min_latency(p, solver, time_limit_s)
+    deadline = t0 + time_limit_s
+    chain = _Chain(p)
+    incumbent: tuple[float, dict[str, int], tuple[str, ...]] | None = None
+    if reduce:
+        chain.apply(dominated(p))
+    if reduce and solver == "HIGHS":
+        for _ in range(MAX_ROUNDS):
+            q = chain.current
+            m = build(q)
+            rx = backends.relax(m, budget_ms, max(deadline - time.perf_counter(), 1.0))
+            if rx.status == "infeasible":  # no point at all, the LP relaxation proves it
+                return Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
+                                min_latency_ms=min_latency(p, solver, time_limit_s),
+                                message="the budget is below the smallest achievable latency")
+            if rx.status != "optimal":
+                return Solution("error", solver=solver, solve_s=time.perf_counter() - t0,
+                                message=f"LP relaxation: {rx.status}")
+            r = _support(q, m, rx.col)
+            small = restrict(q, r)
+            ms = build(small)
+            run = backends.mip(ms, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), False)
+            if run.status == "optimal":
+                w, rem = lift(q, r, *decode(small, ms, run.col))
+                w = greedy_fill(q, w, rem, budget_ms)
+                w, rem = chain.lift(w, rem)
+                v = p.objective(w, rem)
+                if p.latency(w, rem) <= budget_ms and (incumbent is None or v > incumbent[0]):
+                    incumbent = (v, w, rem)
+            if incumbent is None:
+                break
+            before = _size(q)
+            chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
+            if _size(chain.current) > 0.9 * before:
+                break
+    q = chain.current
+    m = build(q)
+    start = None
+    if incumbent is not None:
+        start = encode(q, m, incumbent[1], tuple(b for b in incumbent[2] if b in m.removed_col))
+    run = backends.mip(m, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), verbose, start=start)
+    if run.status != "optimal":
+        if incumbent is not None and run.status == "time_limit":
+            sol = _solution(p, incumbent[1], incumbent[2], budget_ms, None, solver, t0,
+                            "time limit: best point found, not proven optimal")
+            sol.status = "time_limit"
+            return sol
+        sol = _failed(run, solver, t0)
+        if sol.status == "infeasible":
+            sol.min_latency_ms = min_latency(p, solver, time_limit_s)
+        return sol
+    widths, removed = chain.lift(*decode(q, m, run.col))
+    if incumbent is not None and p.objective(widths, removed) < incumbent[0]:
+        widths, removed = incumbent[1], incumbent[2]
+    sol = _solution(p, widths, removed, budget_ms, run.gap, solver, t0, run.message)
     return sol

@@ -68,7 +68,7 @@ def test_agrees_with_brute_force(seed: int) -> None:
     full = p.latency({d.name: d.choices[-1] for d in p.dims})
     budget = fastest + random.Random(seed).uniform(0.1, 0.9) * (full - fastest)
     expected, _ = brute_force(p, budget)
-    sol = solve(p, budget, enumerate_dim=None)
+    sol = solve(p, budget)
     assert sol.status == "optimal"
     assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert p.latency(sol.widths, sol.removed) <= budget + 1e-9
@@ -76,14 +76,14 @@ def test_agrees_with_brute_force(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_enumerating_a_shared_dim_gives_the_same_optimum(seed: int) -> None:
+def test_reductions_keep_the_optimum(seed: int) -> None:
     p = random_problem(100 + seed)
     _, fastest = brute_force(p, 0.0)
     budget = fastest * 1.5
-    direct, enumerated = solve(p, budget, enumerate_dim=None), solve(p, budget, enumerate_dim="s0")
-    assert direct.status == enumerated.status == "optimal"
-    assert enumerated.objective == pytest.approx(direct.objective, rel=1e-6)
-    assert enumerated.widths.keys() == direct.widths.keys()
+    whole, reduced = solve(p, budget, reduce=False), solve(p, budget)
+    assert whole.status == reduced.status == "optimal"
+    assert reduced.objective == pytest.approx(whole.objective, rel=1e-6)
+    assert reduced.widths.keys() == whole.widths.keys() == {d.name for d in p.dims}
 
 
 def test_infeasible_budget_reports_smallest_latency() -> None:

@@ -1,0 +1,92 @@
+"""The accuracy-against-latency benchmark: a quick run of every method, and resumable results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch_pruning")
+
+from benchmarks import pareto  # noqa: E402
+from mdp_trt.data import FASHION_MNIST_DIR  # noqa: E402
+from mdp_trt.errors import MdpError  # noqa: E402
+
+ROW_KEYS = {"model", "method", "target", "target_speedup", "dense_ms", "latency_ms", "speedup", "params",
+            "dense_params", "top1_before_ft", "top1", "dense_top1", "search", "wall_s"}
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    data = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() else "synthetic"
+    return ["--quick", "--data", data, "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+            "--tag", "t", *extra]
+
+
+@pytest.mark.slow
+def test_quick_run_every_method(tmp_path: Path) -> None:
+    argv = _args(tmp_path, "--models", "test_resnet@32", "--targets", "2x", "--train-limit", "384",
+                 "--val-limit", "256")
+    assert pareto.main(argv) == 0
+    doc = json.loads((tmp_path / "results" / "pareto_t.json").read_text())
+    rows = doc["rows"]
+    assert sorted(r["method"] for r in rows) == sorted(pareto.METHODS)
+    for r in rows:
+        assert "error" not in r, r
+        assert set(r) >= ROW_KEYS, sorted(ROW_KEYS - set(r))
+        assert r["model"] == "test_resnet@32" and r["target"] == "2x"
+        assert 0.0 <= r["top1_before_ft"] <= 100.0 and 0.0 <= r["top1"] <= 100.0
+        assert 0 < r["params"] < r["dense_params"]
+        assert r["latency_ms"] < r["dense_ms"]
+        # Matched on a shared, noisy machine at sub-millisecond latencies: a sane band, not 3%.
+        assert 1.3 <= r["speedup"] <= 3.0, (r["method"], r["speedup"])
+    info = doc["models"]["test_resnet@32"]
+    assert info["settings"]["finetune_epochs"] == 0.5 and "command" in info
+    assert "cpu" in doc["machine"]
+    md = (tmp_path / "results" / "pareto_t.md").read_text()
+    assert "| mdp_trt (full) | 2x |" in md and "Torch-Pruning" in md
+    assert (tmp_path / "results" / "pareto_t.png").stat().st_size > 1000
+
+    # A rerun finds every row finished and measures nothing.
+    log = tmp_path / "work" / "progress.log"
+    before = log.read_text()
+    assert pareto.main(argv) == 0
+    assert "every row done" in log.read_text()[len(before):]
+    assert len(json.loads((tmp_path / "results" / "pareto_t.json").read_text())["rows"]) == len(rows)
+
+
+def _row(model: str, method: str, target: str) -> dict:
+    return {"model": model, "method": method, "target": target, "target_speedup": float(target[:-1]),
+            "dense_ms": 2.0, "latency_ms": 1.0, "speedup": 2.0, "params": 10, "dense_params": 20,
+            "top1_before_ft": 50.0, "top1": 80.0, "dense_top1": 90.0, "search": {}, "wall_s": 1.0}
+
+
+def test_results_merge_and_refuse_other_settings(tmp_path: Path) -> None:
+    args = pareto._defaults(pareto.build_parser().parse_args(_args(tmp_path)))
+    meta = {"machine": pareto.machine(), "command": "python -m benchmarks.pareto"}
+    info = {"dense_top1": 90.0, "dense_params": 20, "engine": {}}
+
+    a = pareto.Results(args)
+    b = pareto.Results(args)  # a second process filling the same file
+    a.doc["models"]["m@32"] = dict(info, settings=a.settings)
+    a.doc["rows"].append(_row("m@32", "mdp", "2x"))
+    a.save(meta)
+    b.doc["models"]["v@64"] = dict(info, settings=b.settings)
+    b.doc["rows"].append(_row("v@64", "uniform", "3x"))
+    b.save(meta)
+
+    c = pareto.Results(args)
+    assert c.done("m@32", "mdp", "2x") and c.done("v@64", "uniform", "3x")
+    assert not c.done("m@32", "mdp", "3x")
+    md = (tmp_path / "results" / "pareto_t.md").read_text()
+    assert "## m@32" in md and "## v@64" in md and "| uniform width scaling | 3x |" in md
+
+    other = pareto._defaults(pareto.build_parser().parse_args(_args(tmp_path, "--finetune-epochs", "2")))
+    with pytest.raises(MdpError, match="other settings"):
+        pareto.Results(other).check("m@32")
+    other.fresh = True
+    d = pareto.Results(other)
+    d.check("m@32")
+    d.save(meta)
+    left = json.loads((tmp_path / "results" / "pareto_t.json").read_text())
+    assert [r["model"] for r in left["rows"]] == ["v@64"]

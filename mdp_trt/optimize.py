@@ -9,12 +9,16 @@ from solvers import Problem, Solution, SolverBlock, SolverDim, SolverTerm, solve
 
 
 def problem(space: PruningSpace, surface: LatencySurface, importance: Importance) -> Problem:
-    """The solver's view: cumulative importance per choice, latency arrays per term, calibration."""
+    """The solver's view: cumulative importance per choice, calibrated latency arrays per term.
+
+    The arrays already carry the calibration's scale and weight-traffic charge
+    (:meth:`LatencySurface.calibrated_arrays`), so the problem's scale is 1 and only the
+    offset is left; its latency of a plan equals ``surface.predict(plan)``."""
     dims = [SolverDim(d.name, d.choices, importance.cumulative(d.name, d.choices), d.block) for d in space.dims]
     blocks = [SolverBlock(b.name, b.removable, float(importance.blocks.get(b.name, 0.0))) for b in space.blocks]
-    terms = [SolverTerm(t.name, t.dims, surface.arrays[t.name], t.block) for t in space.terms]
-    cal = surface.calibration
-    return Problem(dims, blocks, terms, fixed_ms=0.0, scale=cal.scale, offset=cal.offset)
+    arrays = surface.calibrated_arrays()
+    terms = [SolverTerm(t.name, t.dims, arrays[t.name], t.block) for t in space.terms]
+    return Problem(dims, blocks, terms, fixed_ms=0.0, scale=1.0, offset=surface.calibration.offset)
 
 
 def solve_plan(space: PruningSpace, surface: LatencySurface, importance: Importance, budget_ms: float,

@@ -6,9 +6,14 @@ measurement at the exact widths; only widths that were never measured are interp
 and the surface counts them. Nothing is smoothed: the steps that real engines show at
 alignment boundaries stay in the array.
 
-Model latency = calibration(sum over kept terms), where the calibration is an affine fit of
-whole-model measurements against the raw sum (it absorbs what terms leave out: pooling,
-adds, launch gaps, fusion across term borders).
+Model latency = scale * (sum of kept terms' latency) + beta * (sum of kept terms' parameters)
++ offset, fitted on whole-model measurements. The affine part absorbs what terms leave out
+(pooling, adds, launch gaps, fusion across term borders). The parameter part is weight
+traffic: a term timed alone keeps its weights in cache, while inside a whole model whose
+weights exceed the cache they stream from memory on every inference. Both parts are sums
+over terms, so the calibrated model stays additive: :meth:`LatencySurface.calibrated_arrays`
+gives per-term arrays that sum, plus the offset, to :meth:`LatencySurface.predict`; the
+solver takes exactly those.
 """
 
 from __future__ import annotations
@@ -25,19 +30,25 @@ from mdp_trt.space import Plan, PruningSpace, Term
 
 Points = Mapping[str, Mapping[tuple[int, ...], float]]
 
+MIN_TRAFFIC_POINTS = 5
+"""Fewest whole-model measurements the three-parameter (weight-traffic) fit is tried on."""
+
 
 @dataclass
 class Calibration:
-    """``measured ~= scale * raw + offset``, fitted on whole-model measurements."""
+    """``measured ~= scale * raw + ms_per_mparam * mparams + offset``, fitted on whole-model
+    measurements (``raw``: the sum of kept terms' latency; ``mparams``: the sum of their
+    parameters in millions). Records written before ``ms_per_mparam`` existed read as 0."""
 
     scale: float = 1.0
     offset: float = 0.0
     plans: int = 0
     fit_median_abs_pct_err: float | None = None
     raw_median_abs_pct_err: float | None = None
+    ms_per_mparam: float = 0.0
 
-    def __call__(self, raw: float | np.ndarray) -> float | np.ndarray:
-        return self.scale * raw + self.offset
+    def __call__(self, raw: float | np.ndarray, mparams: float | np.ndarray = 0.0) -> float | np.ndarray:
+        return self.scale * raw + self.ms_per_mparam * mparams + self.offset
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -50,22 +61,43 @@ class Calibration:
             raise TableError(f"corrupt calibration record: {exc}") from exc
 
     @classmethod
-    def fit(cls, raw: Sequence[float], measured: Sequence[float],
-            weights: Sequence[float] | None = None) -> Calibration:
-        """Weighted least-squares affine fit; a pure scale when there are fewer than three points."""
+    def fit(cls, raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None = None,
+            mparams: Sequence[float] | None = None, min_traffic_points: int = MIN_TRAFFIC_POINTS
+            ) -> Calibration:
+        """Least-squares fit of the relative error (each point weighted by ``weights``).
+
+        With ``mparams`` and at least ``min_traffic_points`` points, the weight-traffic term is
+        fitted too; it is dropped (affine fit) when its coefficient or the scale would come out
+        negative. With fewer than three points, or no spread in ``raw``, a pure scale.
+        """
         r = np.asarray(raw, dtype=np.float64)
         m = np.asarray(measured, dtype=np.float64)
         w = np.ones_like(r) if weights is None else np.asarray(weights, dtype=np.float64)
         if len(r) == 0:
             return cls()
+        w = w / m**2  # relative error: a 1 ms miss on a 10 ms model counts as much as 10 ms on 100 ms
+        cal: Calibration | None = None
         if len(r) < 3 or np.ptp(r) <= 1e-12:
-            scale, offset = float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0
-        else:
-            scale, offset = (float(v) for v in np.polyfit(r, m, 1, w=np.sqrt(w)))
-        cal = cls(scale, offset, len(r))
-        cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r), m)))
+            cal = cls(float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0, len(r))
+        if cal is None and mparams is not None and len(r) >= min_traffic_points:
+            p = np.asarray(mparams, dtype=np.float64)
+            if np.ptp(p) > 1e-12:
+                scale, beta, offset = _wls(np.stack([r, p, np.ones_like(r)], axis=1), m, w)
+                if scale > 0 and beta >= 0:
+                    cal = cls(scale, offset, len(r), ms_per_mparam=beta)
+        if cal is None:
+            scale, offset = _wls(np.stack([r, np.ones_like(r)], axis=1), m, w)
+            cal = cls(scale, offset, len(r))
+        p0 = np.zeros_like(r) if mparams is None else np.asarray(mparams, dtype=np.float64)
+        cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r, p0), m)))
         cal.raw_median_abs_pct_err = float(np.median(pct_err(r, m)))
         return cal
+
+
+def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, ...]:
+    sw = np.sqrt(w)
+    coef, *_ = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)
+    return tuple(float(c) for c in coef)
 
 
 def pct_err(pred: np.ndarray | Sequence[float], measured: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -81,14 +113,22 @@ def grid(space: PruningSpace, term: Term) -> list[tuple[int, ...]]:
 
 
 class LatencySurface:
-    """Per-term latency arrays over the dims' choices, plus the calibration."""
+    """Per-term latency arrays over the dims' choices, plus the calibration.
+
+    ``mparams`` holds, per term and over the same axes, the parameters (millions) of the
+    term's subgraph: the weight traffic the calibration may charge for. Counted from the
+    model adapter's term modules when first needed; ``None`` for a space no adapter builds.
+    """
 
     def __init__(self, space: PruningSpace, arrays: dict[str, np.ndarray],
-                 interpolated: dict[str, int], calibration: Calibration | None = None) -> None:
+                 interpolated: dict[str, int], calibration: Calibration | None = None,
+                 mparams: dict[str, np.ndarray] | None = None) -> None:
         self.space = space
         self.arrays = arrays
         self.interpolated = interpolated
         self.calibration = calibration or Calibration()
+        self._mparams = mparams
+        self._calibrated: tuple[tuple[float, float], dict[str, np.ndarray]] | None = None
         self._index = {d.name: {w: i for i, w in enumerate(d.choices)} for d in space.dims}
 
     @classmethod
@@ -119,17 +159,54 @@ class LatencySurface:
             seen[t.signature + str([self.space.dim(d).choices for d in t.dims])] = self.interpolated[t.name]
         return sum(seen.values())
 
+    @property
+    def mparams(self) -> dict[str, np.ndarray] | None:
+        """Parameters (millions) per term over its grid; ``None`` when no adapter knows the space."""
+        if self._mparams is None:
+            self._mparams = term_mparams(self.space)
+        return self._mparams
+
+    def _at(self, arrays: Mapping[str, np.ndarray], term: Term, plan: Plan) -> float:
+        return float(arrays[term.name][tuple(self._index[d][plan.widths[d]] for d in term.dims)])
+
     def term_ms(self, term: Term, plan: Plan) -> float:
-        idx = tuple(self._index[d][plan.widths[d]] for d in term.dims)
-        return float(self.arrays[term.name][idx])
+        return self._at(self.arrays, term, plan)
 
     def raw(self, plan: Plan) -> float:
         """Uncalibrated sum over the terms of kept blocks and the fixed parts."""
         return sum(self.term_ms(t, plan) for t in self.space.kept_terms(plan))
 
+    def plan_mparams(self, plan: Plan) -> float:
+        """Parameters (millions) of the kept terms: the weight traffic of one inference."""
+        mp = self.mparams
+        if mp is None:
+            return 0.0
+        return sum(self._at(mp, t, plan) for t in self.space.kept_terms(plan))
+
+    def calibrated_arrays(self) -> dict[str, np.ndarray]:
+        """Per term, ``scale * latency + ms_per_mparam * parameters``: what the solver sums.
+
+        Their sum over a plan's kept terms plus ``calibration.offset`` is :meth:`predict`.
+        """
+        cal = self.calibration
+        key = (cal.scale, cal.ms_per_mparam)
+        if self._calibrated is None or self._calibrated[0] != key:
+            mp = self.mparams if cal.ms_per_mparam else None
+            if cal.ms_per_mparam and mp is None:
+                raise TableError(f"the calibration charges weight traffic, but no model adapter counts "
+                                 f"the parameters of {self.space.family} terms")
+            out = {name: (cal.scale * a + cal.ms_per_mparam * mp[name]) if mp is not None else cal.scale * a
+                   for name, a in self.arrays.items()}
+            self._calibrated = (key, out)
+        return self._calibrated[1]
+
     def predict(self, plan: Plan) -> float:
         """Calibrated latency of ``plan`` in milliseconds."""
-        return float(self.calibration(self.raw(plan)))
+        arrays = self.calibrated_arrays()
+        total = 0.0
+        for t in self.space.kept_terms(plan):
+            total += self._at(arrays, t, plan)
+        return total + self.calibration.offset
 
     def per_block(self, plan: Plan) -> dict[str, float]:
         """Uncalibrated latency of every block (and ``fixed`` for stem and head) under ``plan``."""
@@ -138,6 +215,33 @@ class LatencySurface:
             k = t.block or "fixed"
             out[k] = out.get(k, 0.0) + self.term_ms(t, plan)
         return out
+
+
+def term_mparams(space: PruningSpace) -> dict[str, np.ndarray] | None:
+    """Parameters (millions) of every term's subgraph over its grid, from the model adapter's
+    ``term_module`` built on the meta device (no memory, no initialisation); ``None`` when no
+    registered adapter builds ``space``'s family."""
+    import torch
+
+    from mdp_trt.models import adapters
+
+    adapter = next((a for a in adapters() if a.family == space.family), None)
+    if adapter is None:
+        return None
+    out: dict[str, np.ndarray] = {}
+    cache: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
+    for term in space.terms:
+        axes = tuple(space.dim(d).choices for d in term.dims)
+        key = (term.signature, axes)
+        if key not in cache:
+            arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
+            for idx in itertools.product(*(range(len(a)) for a in axes)):
+                with torch.device("meta"):
+                    module, _ = adapter.term_module(space, term, tuple(axes[k][i] for k, i in enumerate(idx)))
+                arr[idx] = sum(p.numel() for p in module.parameters()) / 1e6
+            cache[key] = arr
+        out[term.name] = cache[key]
+    return out
 
 
 def _fill(axes: tuple[tuple[int, ...], ...], measured: Mapping[tuple[int, ...], float]
@@ -211,7 +315,7 @@ def linear_surface(surface: LatencySurface) -> LatencySurface:
         full = np.meshgrid(*axes, indexing="ij") if axes else []
         out = np.prod(np.stack(full[1:]), axis=0) if len(full) > 1 else (full[0] if full else np.zeros(()))
         arrays[t.name] = a + b * out
-    return LatencySurface(space, arrays, dict(surface.interpolated), Calibration())
+    return LatencySurface(space, arrays, dict(surface.interpolated), Calibration(), surface._mparams)
 
 
 def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
@@ -235,6 +339,13 @@ def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[
               ) -> tuple[Calibration, list[float]]:
     """Fit the surface's calibration to whole-model measurements of ``plans``; returns it and them."""
     measured = [measure(p) for p in plans]
-    cal = Calibration.fit([surface.raw(p) for p in plans], measured)
+    cal = fit_calibration(surface, plans, measured)
     surface.calibration = cal
     return cal, measured
+
+
+def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Sequence[float],
+                    weights: Sequence[float] | None = None) -> Calibration:
+    """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``."""
+    mparams = [surface.plan_mparams(p) for p in plans] if surface.mparams is not None else None
+    return Calibration.fit([surface.raw(p) for p in plans], measured, weights, mparams)

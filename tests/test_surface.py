@@ -7,7 +7,15 @@ import pytest
 
 from mdp_trt.errors import TableError
 from mdp_trt.space import Block, Dim, PruningSpace, Term, choices_for
-from mdp_trt.surface import Calibration, LatencySurface, grid, pct_err, sample_plans
+from mdp_trt.surface import (
+    Calibration,
+    LatencySurface,
+    fit_calibration,
+    grid,
+    pct_err,
+    sample_plans,
+    term_mparams,
+)
 
 
 def toy_space() -> PruningSpace:
@@ -94,6 +102,82 @@ def test_calibration_lowers_held_out_error() -> None:
     after = np.median(pct_err([surf.predict(p) for p in held_out], measured))
     assert before > 10 and after < 1e-6
     assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def toy_mparams(space: PruningSpace) -> dict[str, np.ndarray]:
+    """Parameters (millions) of the toy terms: conv weights ``cin * cout * k * k``."""
+    out = {}
+    for t in space.terms:
+        c = t.const
+        ws = np.array([(int(c.get("cin", 1)) if len(w) == 1 else 1) * float(np.prod(w)) * c["k"] ** 2
+                       for w in grid(space, t)]) / 1e6
+        out[t.name] = ws.reshape(tuple(len(space.dim(d).choices) for d in t.dims))
+    return out
+
+
+def test_weight_traffic_calibration_recovers_known_beta() -> None:
+    space = toy_space()
+    base = LatencySurface.from_points(space, full_points(space))
+    surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
+    truth = lambda p: 1.2 * surf.raw(p) + 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
+    fit_plans, held_out = sample_plans(space, 8, seed=1), sample_plans(space, 12, seed=2)
+    cal = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans])
+    assert cal.scale == pytest.approx(1.2) and cal.ms_per_mparam == pytest.approx(4.0)
+    assert cal.offset == pytest.approx(0.03)
+    surf.calibration = cal
+    measured = [truth(p) for p in held_out]
+    assert np.max(pct_err([surf.predict(p) for p in held_out], measured)) < 1e-6
+    affine = Calibration.fit([surf.raw(p) for p in fit_plans], [truth(p) for p in fit_plans])
+    assert affine.ms_per_mparam == 0.0
+    assert np.median(pct_err([affine(surf.raw(p)) for p in held_out], measured)) > 0.1
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    # Too few plans to trust three parameters: the affine fit, no traffic term.
+    few = fit_calibration(surf, fit_plans[:4], [truth(p) for p in fit_plans[:4]])
+    assert few.ms_per_mparam == 0.0
+    # Latency that falls as weights grow is noise, not traffic: never a negative charge.
+    anti = lambda p: 1.2 * surf.raw(p) - 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
+    neg = fit_calibration(surf, fit_plans, [anti(p) for p in fit_plans])
+    assert neg.ms_per_mparam == 0.0 and neg.scale > 0
+
+
+def test_old_calibration_records_still_read() -> None:
+    old = {"scale": 0.93, "offset": 0.65, "plans": 8, "fit_median_abs_pct_err": 8.5, "raw_median_abs_pct_err": 9.0}
+    cal = Calibration.from_dict(old)
+    assert cal.ms_per_mparam == 0.0 and cal(10.0) == pytest.approx(9.95)
+
+
+def test_solver_arrays_agree_with_predict() -> None:
+    from mdp_trt.models import Importance
+    from mdp_trt.optimize import problem
+
+    space = toy_space()
+    base = LatencySurface.from_points(space, full_points(space))
+    surf = LatencySurface(space, base.arrays, base.interpolated,
+                          Calibration(1.2, 0.03, ms_per_mparam=4.0), toy_mparams(space))
+    imp = Importance({d.name: np.linspace(1.0, 2.0, d.size) for d in space.dims}, {"b1": 1.0})
+    prob = problem(space, surf, imp)
+    assert prob.scale == 1.0 and prob.offset == 0.03
+    plans = [space.random_plan(seed) for seed in range(10)] + sample_plans(space, 10, seed=3)
+    assert any(p.removed for p in plans)
+    for p in plans:
+        assert prob.latency(p.widths, p.removed) == surf.predict(p)
+        assert surf.predict(p) == pytest.approx(1.2 * surf.raw(p) + 4.0 * surf.plan_mparams(p) + 0.03)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_term_parameters_add_up_to_the_model(name: str) -> None:
+    from mdp_trt.api import create_model
+    from mdp_trt.models import SpaceConfig, adapter_for
+
+    model = create_model(name)
+    adapter = adapter_for(model)
+    space = adapter.space(model, SpaceConfig(max_choices=4))
+    mp = term_mparams(space)
+    assert mp is not None
+    surf = LatencySurface(space, {t.name: np.zeros_like(mp[t.name]) for t in space.terms},
+                          dict.fromkeys(mp, 0), mparams=mp)
+    for p in [space.full_plan(), *sample_plans(space, 5, seed=0)]:
+        assert round(surf.plan_mparams(p) * 1e6) == adapter.param_count(space, p)
 
 
 def test_sample_plans_are_valid_and_spread() -> None:

@@ -126,11 +126,11 @@ def relax(m: Matrix, budget: float, time_limit_s: float) -> Relaxation:
 
 
 def mip(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbose: bool,
-        start: np.ndarray | None = None) -> Run:
+        start: np.ndarray | None = None, presolve: bool = True) -> Run:
     """Maximise importance under ``budget``, or minimise latency when ``budget`` is ``None``."""
     if solver != "HIGHS":
         return _cvxpy(m, budget, solver, time_limit_s, verbose)
-    h, *_ = _highs(m, budget, True, time_limit_s, verbose, start=start)
+    h, *_ = _highs(m, budget, True, time_limit_s, verbose, start=start, presolve=presolve)
     status = _status(h)
     if status not in ("optimal", "time_limit") or not h.getSolution().value_valid:
         return Run(status if status != "time_limit" else "time_limit", np.zeros(0),

@@ -112,14 +112,13 @@ def _merge_terms(p: Problem) -> tuple[float, list[_Term]]:
     # Fold a term into a superset term with the same gates (no new columns for it).
     terms.sort(key=lambda t: -len(t.dims))
     kept: list[_Term] = []
-    for t in terms:
-        host = next((h for h in kept if h.gates == t.gates and set(t.dims) <= set(h.dims)), None)
-        if host is None or _linear(t, owner):
-            kept.append(t)
+    for term in terms:
+        host = next((h for h in kept if h.gates == term.gates and set(term.dims) <= set(h.dims)), None)
+        if host is None or _linear(term, owner):
+            kept.append(term)
             continue
-        shape = [len_ if n in t.dims else 1 for n, len_ in zip(host.dims, host.table.shape, strict=True)]
-        sub = np.transpose(t.table, [t.dims.index(n) for n in host.dims if n in t.dims]).reshape(shape)
-        host.table = host.table + sub
+        shape = [k if n in term.dims else 1 for n, k in zip(host.dims, host.table.shape, strict=True)]
+        host.table = host.table + term.table.reshape(shape)  # both in the dims' canonical order
     return const, kept
 
 
@@ -231,7 +230,7 @@ def _joint_padded(t: _Term, owner: dict[str, str | None], dim_cols: dict[str, np
     for k, name in enumerate(t.dims):
         b = owner[name]
         if b in t.gates:
-            axes.append((dim_cols[name], removed_col[b]))  # type: ignore[index]
+            axes.append((dim_cols[name], removed_col[b]))
             pad = [(0, 0)] * table.ndim
             pad[k] = (0, 1)
             table = np.pad(table, pad)

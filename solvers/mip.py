@@ -5,7 +5,7 @@ shrink it (HiGHS only; other solvers get the whole program):
 
 1. drop dominated choices (:func:`solvers.reduce.dominated`);
 2. solve the LP relaxation; a small MIP over the choices the LP uses gives a feasible
-   point, improved greedily (cheapest importance per millisecond that still fits);
+   point, improved by local search (one or two dims moved at a time, within the budget);
 3. fix by bounds: a choice (or a block's removal) whose Lagrangian bound from the LP duals is
    below the incumbent cannot be part of a better point, so it is dropped; repeat 2-3 on the
    smaller problem while it shrinks;
@@ -29,8 +29,9 @@ from solvers.problem import Problem, Solution, SolverError
 from solvers.reduce import Restriction, dominated, lift, restrict
 
 MIP_SOLVERS = ("HIGHS", "SCIP", "GUROBI", "CPLEX", "MOSEK", "XPRESS", "CBC", "GLPK_MI", "SCIPY")
-MAX_ROUNDS = 4
+MAX_ROUNDS = 8
 SUPPORT_EPS = 1e-9
+PRESOLVE_FINAL = False  # the reductions leave HiGHS's presolve little to do, at a cost
 
 
 def mip_solvers() -> list[str]:
@@ -92,45 +93,77 @@ def _size(p: Problem) -> int:
     return sum(len(d.choices) for d in p.dims) + len(p.removable())
 
 
-def greedy_fill(p: Problem, widths: dict[str, int], removed: Iterable[str], budget_ms: float
-                ) -> dict[str, int]:
-    """Widen dims of a feasible point while the budget allows, best importance per millisecond
-    first (removed blocks stay removed)."""
+def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], budget_ms: float,
+                 max_moves: int = 200) -> dict[str, int]:
+    """Improve a feasible point by the best move that still fits the budget: one dim to another
+    choice, or two dims at once (removed blocks stay removed)."""
     gone = set(removed)
-    dims = {d.name: d for d in p.dims}
-    idx = {n: dims[n].choices.index(w) for n, w in widths.items()}
-    live = [t for t in p.terms if t.block not in gone and not any(dims[n].block in gone for n in t.dims)]
-    uses: dict[str, list[tuple[np.ndarray, int, tuple[str, ...]]]] = {d.name: [] for d in p.dims}
-    for t in live:
-        for axis, n in enumerate(t.dims):
-            uses[n].append((np.asarray(t.table, dtype=np.float64), axis, t.dims))
-    slack = budget_ms - p.latency({n: dims[n].choices[i] for n, i in idx.items()}, gone)
-    while True:
-        best: tuple[float, str, int, float] | None = None
-        for d in p.dims:
-            if d.block in gone or idx[d.name] == len(d.choices) - 1:
-                continue
-            row = np.zeros(len(d.choices))
-            for table, axis, names in uses[d.name]:
-                sel = tuple(slice(None) if k == axis else idx[n] for k, n in enumerate(names))
-                row = row + table[sel]
-            cur = idx[d.name]
-            dlat = p.scale * (row[cur + 1:] - row[cur])
-            dval = np.asarray(d.value, dtype=np.float64)[cur + 1:] - float(d.value[cur])
-            fits = dlat <= slack
-            if not fits.any():
-                continue
-            ratio = np.where(fits, dval / np.maximum(dlat, 1e-300), -np.inf)
-            k = int(np.argmax(ratio))
-            if dval[k] > 0 and (best is None or ratio[k] > best[0]):
-                best = (float(ratio[k]), d.name, cur + 1 + k, float(dlat[k]))
-        if best is None:
+    dims = [d for d in p.dims if d.block not in gone]
+    if not dims:
+        return dict(widths)
+    pos = {d.name: k for k, d in enumerate(dims)}
+    idx = [d.choices.index(widths[d.name]) for d in dims]
+    owner = {d.name: d.block for d in p.dims}
+    live = [(tuple(pos[n] for n in t.dims), np.asarray(t.table, dtype=np.float64)) for t in p.terms
+            if t.block not in gone and not any(owner[n] in gone for n in t.dims)]
+    shared: dict[tuple[int, int], list[int]] = {}  # dim pairs with a term in common
+    for k, (ax, _) in enumerate(live):
+        for a in range(len(ax)):
+            for b in range(a + 1, len(ax)):
+                shared.setdefault((min(ax[a], ax[b]), max(ax[a], ax[b])), []).append(k)
+    values = [np.asarray(d.value, dtype=np.float64) for d in dims]
+    first = np.cumsum([0] + [len(d.choices) for d in dims])
+    item_dim = np.concatenate([np.full(len(d.choices), k) for k, d in enumerate(dims)])
+    apart = np.ones((len(dims), len(dims)), dtype=bool)
+    np.fill_diagonal(apart, False)
+    for a, b in shared:
+        apart[a, b] = apart[b, a] = False
+    apart_items = apart[np.ix_(item_dim, item_dim)]
+
+    def point() -> dict[str, int]:
+        return {**widths, **{d.name: d.choices[idx[k]] for k, d in enumerate(dims)}}
+
+    def cut(k: int, keep: tuple[int, ...]) -> np.ndarray:
+        ax, table = live[k]
+        return table[tuple(slice(None) if a in keep else idx[a] for a in ax)]
+
+    for _ in range(max_moves):
+        slack = budget_ms - p.latency(point(), gone)
+        rows = [np.zeros(len(d.choices)) for d in dims]
+        for k, (ax, _) in enumerate(live):
+            for a in ax:
+                rows[a] += cut(k, (a,))
+        dl = np.concatenate([p.scale * (r - r[idx[k]]) for k, r in enumerate(rows)])
+        dv = np.concatenate([v - v[idx[k]] for k, v in enumerate(values)])
+        moves: list[tuple[float, dict[int, int]]] = []
+        single = np.where(dl <= slack, dv, -np.inf)
+        s1 = int(np.argmax(single))
+        moves.append((float(single[s1]), {int(item_dim[s1]): int(s1 - first[item_dim[s1]])}))
+        pair = np.where((dl[:, None] + dl[None, :] <= slack) & apart_items, dv[:, None] + dv[None, :], -np.inf)
+        p1, p2 = (int(x) for x in np.unravel_index(int(np.argmax(pair)), pair.shape))
+        moves.append((float(pair[p1, p2]), {int(item_dim[p1]): int(p1 - first[item_dim[p1]]),
+                                            int(item_dim[p2]): int(p2 - first[item_dim[p2]])}))
+        for (a, b), ks in shared.items():  # joint change of the terms the two dims share
+            joint = np.zeros((len(dims[a].choices), len(dims[b].choices)))
+            for k in ks:
+                ax = live[k][0]
+                sl = cut(k, (a, b))
+                joint += sl if ax.index(a) < ax.index(b) else sl.T
+            joint = joint - joint[idx[a]][None, :] - joint[:, idx[b]][:, None] + joint[idx[a], idx[b]]
+            lat = dl[first[a]:first[a + 1], None] + dl[None, first[b]:first[b + 1]] + p.scale * joint
+            gain = np.where(lat <= slack, dv[first[a]:first[a + 1], None] + dv[None, first[b]:first[b + 1]], -np.inf)
+            u, w = (int(x) for x in np.unravel_index(int(np.argmax(gain)), gain.shape))
+            moves.append((float(gain[u, w]), {a: u, b: w}))
+        best_gain, move = max(moves, key=lambda m: m[0])
+        if not best_gain > 1e-12 * max(1.0, float(np.abs(dv).max())):
             break
-        _, name, new, dlat_ = best
-        idx[name] = new
-        slack -= dlat_
-    out = {n: dims[n].choices[i] for n, i in idx.items()}
-    return out if p.latency(out, gone) <= budget_ms else dict(widths)
+        before = list(idx)
+        for a, c in move.items():
+            idx[a] = c
+        if p.latency(point(), gone) > budget_ms:  # rounding; keep the last feasible point
+            idx = before
+            break
+    return point()
 
 
 def _solution(p: Problem, widths: dict[str, int], removed: tuple[str, ...], budget_ms: float,
@@ -172,6 +205,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     deadline = t0 + time_limit_s
     chain = _Chain(p)
     incumbent: tuple[float, dict[str, int], tuple[str, ...]] | None = None
+    tried: tuple[object, ...] = ()  # the last LP-support problem solved: the same support need not be redone
     if reduce:
         chain.apply(dominated(p))
     if reduce and solver == "HIGHS":
@@ -189,10 +223,13 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             r = _support(q, m, rx.col)
             small = restrict(q, r)
             ms = build(small)
-            run = backends.mip(ms, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), False)
+            key = (tuple(d.choices for d in small.dims), tuple(sorted(small.removable())))
+            run = backends.mip(ms, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), False) \
+                if key != tried else backends.Run("skipped", np.zeros(0))
+            tried = key
             if run.status == "optimal":
                 w, rem = lift(q, r, *decode(small, ms, run.col))
-                w = greedy_fill(q, w, rem, budget_ms)
+                w = local_search(q, w, rem, budget_ms)
                 w, rem = chain.lift(w, rem)
                 v = p.objective(w, rem)
                 if p.latency(w, rem) <= budget_ms and (incumbent is None or v > incumbent[0]):
@@ -201,14 +238,15 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
                 break
             before = _size(q)
             chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
-            if _size(chain.current) > 0.9 * before:
+            if _size(chain.current) > 0.95 * before:
                 break
     q = chain.current
     m = build(q)
     start = None
     if incumbent is not None:
         start = encode(q, m, incumbent[1], tuple(b for b in incumbent[2] if b in m.removed_col))
-    run = backends.mip(m, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), verbose, start=start)
+    run = backends.mip(m, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), verbose, start=start,
+                       presolve=PRESOLVE_FINAL or not reduce)
     if run.status != "optimal":
         if incumbent is not None and run.status == "time_limit":
             sol = _solution(p, incumbent[1], incumbent[2], budget_ms, None, solver, t0,

@@ -98,13 +98,8 @@ def _merge_terms(p: Problem) -> tuple[float, list[_Term]]:
     groups: dict[tuple[tuple[str, ...], frozenset[str]], np.ndarray] = {}
     for t in p.terms:
         gates = frozenset({b for b in (t.block, *(owner[n] for n in t.dims)) if b in removable})
-        dims = tuple(sorted(set(t.dims), key=order.__getitem__))
-        if len(dims) != len(t.dims):  # a dim repeated in a term: take the diagonal
-            table = np.asarray(t.table, dtype=np.float64)
-            table = np.einsum(f"{''.join(chr(97 + dims.index(n)) for n in t.dims)}->"
-                              f"{''.join(chr(97 + i) for i in range(len(dims)))}", table)
-        else:
-            table = np.transpose(np.asarray(t.table, dtype=np.float64), [t.dims.index(n) for n in dims])
+        dims = tuple(sorted(t.dims, key=order.__getitem__))
+        table = np.transpose(np.asarray(t.table, dtype=np.float64), [t.dims.index(n) for n in dims])
         key = (dims, gates)
         groups[key] = groups[key] + table if key in groups else table.copy()
     const = float(p.fixed_ms) + sum(float(v) for (dims, gates), v in groups.items() if not dims and not gates)

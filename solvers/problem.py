@@ -64,6 +64,8 @@ class Problem:
         for t in self.terms:
             if len(t.dims) > 3:
                 raise SolverError(f"term {t.name}: at most three dims")
+            if len(set(t.dims)) != len(t.dims):
+                raise SolverError(f"term {t.name}: a dim named twice")
             shape = tuple(len(names[n].choices) for n in t.dims if n in names)
             if len(shape) != len(t.dims):
                 raise SolverError(f"term {t.name}: unknown dims {[n for n in t.dims if n not in names]}")

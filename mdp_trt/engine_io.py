@@ -28,18 +28,18 @@ class Lab:
 
     def __init__(self, engine: str, precision: str, batch_size: int, resolution: int, threads: int | None,
                  table_path: Path | None, model_name: str, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: None) -> None:
+                 log: Callable[[str], None] = lambda s: None, clock: str = "wall") -> None:
         from profilers.device_label import device_label
-        from profilers.engines import get_engine
+        from profilers.engines import clock_options, get_engine
         from profilers.table import LatencyTable, default_table_path
 
         kw: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "resolution": resolution}
         if threads is not None:
             kw["threads"] = threads
-        self.engine = get_engine(engine, **kw)
+        self.engine = get_engine(engine, **kw, **clock_options(clock))
         self.identity: dict[str, Any] = asdict(self.engine.identity())
         self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,
-                                                           batch_size, resolution)
+                                                           batch_size, resolution, clock=clock)
         self.table = LatencyTable.open(self.table_path, self.engine.identity())
         self.progress = progress
         self.log = log

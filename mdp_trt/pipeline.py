@@ -53,7 +53,7 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
 
     # Engine, latency table (profiling what is missing), surface and calibration.
     lab = engine_io.Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads,
-                        args.lut, args.model, progress=progress, log=log)
+                        args.lut, args.model, progress=progress, log=log, clock=args.clock)
     surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
     if args.latency_model == "linear":
         surface = lab.linear(model, space, surface, args.calibration_plans, args.seed)

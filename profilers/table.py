@@ -62,11 +62,13 @@ def parse_widths(text: str) -> tuple[int, ...]:
 
 
 def default_table_path(label: str, model: str, engine: str, precision: str, batch_size: int,
-                       resolution: int | None, root: str | Path = "luts") -> Path:
-    """``<root>/<label>/<model>-<engine>-<precision>-bs<batch>-r<res>.sqlite``: the one naming rule."""
+                       resolution: int | None, root: str | Path = "luts", clock: str = "wall") -> Path:
+    """``<root>/<label>/<model>-<engine>-<precision>-bs<batch>-r<res>.sqlite``: the one naming rule
+    (``<engine>-cputime`` for tables timed by thread CPU time)."""
     res = "native" if resolution is None else str(resolution)
     safe_model = model.replace("/", "_").replace(":", "_")
-    return Path(root) / label / f"{safe_model}-{engine}-{precision}-bs{batch_size}-r{res}.sqlite"
+    eng = engine if clock == "wall" else f"{engine}-{clock}time"
+    return Path(root) / label / f"{safe_model}-{eng}-{precision}-bs{batch_size}-r{res}.sqlite"
 
 
 def shard_path(path: str | Path, shard: tuple[int, int]) -> Path:

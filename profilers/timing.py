@@ -136,7 +136,9 @@ class _Timer:
 
     @property
     def kind(self) -> str:
-        return "device" if self.device is not None else "host"
+        if self.device is None:
+            return "host"
+        return str(getattr(self.runner, "clock_name", "device"))
 
     def run(self, iters: int) -> list[float]:
         if self.device is not None:

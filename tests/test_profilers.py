@@ -18,7 +18,7 @@ from torch import nn
 
 from mdp_trt.errors import EngineError, TableError
 from mdp_trt.space import Block, Dim, PruningSpace, Term
-from profilers.engines import ENGINES, get_engine
+from profilers.engines import ENGINES, HostRunner, get_engine
 from profilers.engines.base import EngineIdentity
 from profilers.export import export_onnx
 from profilers.profile import grid_points, profile_space
@@ -209,6 +209,37 @@ def test_onnxruntime_engine_identity_and_runner() -> None:
         assert t.median_ms > 0 and t.samples >= 4
     finally:
         r.close()
+
+
+def test_onnxruntime_thread_cpu_clock() -> None:
+    """``clock="cpu"``: each inference timed by the calling thread's CPU time, named in the
+    identity (a table of one clock is refused under the other), one CPU thread only."""
+    wall = get_engine("onnxruntime", resolution=16, device="cpu")
+    cpu = get_engine("onnxruntime", resolution=16, device="cpu", clock="cpu")
+    assert cpu.identity().version == wall.identity().version + "/thread-cpu-time"
+    assert any("version" in d for d in wall.identity().differences(cpu.identity()))
+    r = cpu.prepare(_convnet(), (1, 3, 16, 16))
+    try:
+        assert len(r.timed(3)) == 3 and all(v > 0 for v in r.timed(3))
+        t = measure(r, FAST)
+        assert t.clock == "thread-cpu" and t.median_ms > 0
+    finally:
+        r.close()
+    with pytest.raises(EngineError, match="one thread"):
+        get_engine("onnxruntime", resolution=16, device="cpu", threads=2, clock="cpu")
+    with pytest.raises(EngineError, match="clock 'sundial'"):
+        get_engine("onnxruntime", resolution=16, device="cpu", clock="sundial")
+
+
+def test_thread_cpu_clock_ignores_a_sleeping_thread() -> None:
+    """Time the thread spends off the CPU (here: asleep, as when other processes hold the core)
+    does not count under the CPU clock, and does under the wall clock."""
+    from profilers.engines.onnxruntime import ThreadTimedRunner
+
+    r = ThreadTimedRunner(lambda: time.sleep(0.02))
+    assert max(r.timed(3)) < 5.0
+    t = measure(HostRunner(lambda: time.sleep(0.02)), FAST, device_clock=False)
+    assert t.median_ms >= 20.0
 
 
 def test_torch_engine_on_cpu_folds_batchnorm_and_refuses_half() -> None:

@@ -95,3 +95,6 @@ def test_profile_a_tiny_model_then_rerun(capsys: pytest.CaptureFixture[str], tmp
     assert run_cli(main, argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["measured"] == 0 and again["reused"] == first["grid_points"]
+    # The same table under the CPU clock is another identity: refused, with one line.
+    assert run_cli(main, [*argv, "--clock", "cpu"]) == 1
+    assert "another engine identity" in capsys.readouterr().err

@@ -98,6 +98,8 @@ def test_kv_records(tmp_path: Path) -> None:
 def test_widths_and_paths() -> None:
     assert widths_key((64, 128)) == "64,128"
     assert parse_widths("64,128") == (64, 128)
+    assert default_table_path("cpu-x", "resnet18", "onnxruntime", "fp32", 1, 224, clock="cpu").name == \
+        "resnet18-onnxruntime-cputime-fp32-bs1-r224.sqlite"
     p = default_table_path("a100", "resnet50", "tensorrt", "fp16", 8, 224)
     assert p == Path("luts/a100/resnet50-tensorrt-fp16-bs8-r224.sqlite")
     assert shard_path(p, (1, 4)).name == "resnet50-tensorrt-fp16-bs8-r224.shard-1-of-4.sqlite"

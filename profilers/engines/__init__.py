@@ -16,7 +16,7 @@ from mdp_trt.errors import EngineError
 from profilers.engines.base import Engine, EngineIdentity, HostRunner, Runner
 
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EngineIdentity", "HostRunner", "Runner",
-           "engine_class", "get_engine", "precisions_of"]
+           "clock_options", "engine_class", "get_engine", "precisions_of"]
 
 ENGINES = ("onnxruntime", "tensorrt", "torch")
 DEFAULT_ENGINE = "onnxruntime"
@@ -30,6 +30,12 @@ def engine_class(name: str) -> Any:
         raise EngineError(f"unknown engine {name!r}; accepted: {', '.join(ENGINES)}")
     module = importlib.import_module(f"profilers.engines.{name}")
     return getattr(module, _CLASSES[name])
+
+
+def clock_options(clock: str) -> dict[str, str]:
+    """Engine options for a command line's ``--clock``: none for the wall clock, which every
+    engine uses by default (only onnxruntime takes ``clock``)."""
+    return {} if clock == "wall" else {"clock": clock}
 
 
 def precisions_of(name: str) -> tuple[str, ...]:

@@ -31,7 +31,10 @@ from solvers.reduce import Restriction, dominated, lift, restrict
 MIP_SOLVERS = ("HIGHS", "SCIP", "GUROBI", "CPLEX", "MOSEK", "XPRESS", "CBC", "GLPK_MI", "SCIPY")
 MAX_ROUNDS = 8
 SUPPORT_EPS = 1e-9
-PRESOLVE_FINAL = False  # the reductions leave HiGHS's presolve little to do, at a cost
+# HiGHS presolve on the final MIP: a cost on a small reduced program, a large gain on a big one
+# (measured: resnet50 at 50% of dense, ~2.5k columns left, 0.15 s slower with it; hard budgets
+# with ~10k columns left, 4x faster with it).
+PRESOLVE_ABOVE_COLUMNS = 4000
 
 
 def mip_solvers() -> list[str]:
@@ -246,7 +249,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if incumbent is not None:
         start = encode(q, m, incumbent[1], tuple(b for b in incumbent[2] if b in m.removed_col))
     run = backends.mip(m, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), verbose, start=start,
-                       presolve=PRESOLVE_FINAL or not reduce)
+                       presolve=m.n > PRESOLVE_ABOVE_COLUMNS or not reduce)
     if run.status != "optimal":
         if incumbent is not None and run.status == "time_limit":
             sol = _solution(p, incumbent[1], incumbent[2], budget_ms, None, solver, t0,

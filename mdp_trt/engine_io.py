@@ -97,8 +97,8 @@ class Lab:
         self.table.kv_set(key, {"median_ms": ms, "widths": plan.widths, "removed": list(plan.removed)})
         return ms
 
-    def measured_points(self, space: PruningSpace, surface: LatencySurface) -> list[tuple[float, float]]:
-        """(raw surface sum, measured ms) of every whole model of this space measured so far."""
+    def measured_points(self, space: PruningSpace) -> list[tuple[Plan, float]]:
+        """(plan, measured ms) of every whole model of this space measured so far."""
         out = []
         for key in self.table.kv_keys(f"model/{space.space_id}/"):
             rec = self.table.kv_get(key)
@@ -106,7 +106,7 @@ class Lab:
                 plan = space.plan(rec["widths"], rec["removed"])
             except (PlanError, KeyError, TypeError):
                 continue  # measured under a finer grid or another restriction of the space
-            out.append((surface.raw(plan), float(rec["median_ms"])))
+            out.append((plan, float(rec["median_ms"])))
         return out
 
     def measure(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[float]:

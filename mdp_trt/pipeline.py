@@ -27,7 +27,7 @@ from mdp_trt.importance import estimate
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.optimize import solve_plan
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, LatencySurface, linear_surface
+from mdp_trt.surface import Calibration, LatencySurface, fit_calibration, linear_surface
 from mdp_trt.target import Target
 
 Log = Callable[[str], None]
@@ -189,7 +189,7 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
     Returns the slowest plan within the tolerance (least over-pruned), else the fastest.
     """
     tol = args.tolerance / 100
-    points = [(r, m, 1.0) for r, m in lab.measured_points(space, surface)]
+    points = [(p, m, 1.0) for p, m in lab.measured_points(space)]
     rounds: list[dict[str, Any]] = []
     tried: list[tuple[Plan, nn.Module, float, float]] = []
     budget = solve_budget = budget_of(None)
@@ -219,10 +219,14 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
         log(f"round {len(rounds)}: budget {budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
         if abs(measured - budget) <= tol * budget:
             break
-        points.append((surface.raw(plan), measured, 4.0))
+        points.append((plan, measured, 4.0))
         if dense is not None:
-            points.append((surface.raw(space.full_plan()), ms[0], 4.0))
-        surface.calibration = Calibration.fit(*zip(*points, strict=True))
+            points.append((space.full_plan(), ms[0], 4.0))
+        plans, ms_all, weights = zip(*points, strict=True)
+        if args.latency_model == "linear":  # the ablation keeps its affine calibration
+            surface.calibration = Calibration.fit([surface.raw(p) for p in plans], ms_all, weights)
+        else:
+            surface.calibration = fit_calibration(surface, plans, ms_all, weights)
         solve_budget = budget
     ok = [i for i, t in enumerate(tried) if t[2] <= t[3] * (1 + tol)]
     pick = max(ok, key=lambda i: tried[i][2]) if ok else min(range(len(tried)), key=lambda i: tried[i][2])

@@ -17,6 +17,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,19 +106,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"solver": args.solver, "solver_version": _version(args.solver),
                            "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores",
-                           "repeat": args.repeat}
+                           "load_average": _load(), "repeat": args.repeat}
     optimal = True
     modes = (True, False) if args.whole else (True,)
     for key, name in (("resnet50", "resnet50"), ("deit_base", "deit_base_patch16_224")):
         p = instance(name)
         dense = p.latency({d.name: d.choices[-1] for d in p.dims})
         for reduce in modes:
-            sols = [solve(p, args.ratio * dense, solver=args.solver, reduce=reduce) for _ in range(args.repeat)]
+            sols, cpu = [], []
+            for _ in range(args.repeat):
+                c0 = time.process_time()
+                sols.append(solve(p, args.ratio * dense, solver=args.solver, reduce=reduce))
+                cpu.append(time.process_time() - c0)
             sol = sols[0]
             tag = "" if reduce else "_whole"
             times = [s.solve_s for s in sols]
             out[f"{key}_solve_s{tag}"] = statistics.median(times)
             out[f"{key}_solve_s_runs{tag}"] = times
+            out[f"{key}_cpu_s{tag}"] = statistics.median(cpu)
             out[f"{key}_gap{tag}"] = max((s.gap or 0.0) for s in sols)
             out[f"{key}_status{tag}"] = sol.status
             out[f"{key}_objective{tag}"] = sol.objective
@@ -127,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.json:
                 print(f"{name:<24} {'reduced' if reduce else 'whole':<8} {sol.status:<9} "
                       f"median {statistics.median(times):6.2f} s (min {min(times):.2f}, max {max(times):.2f}, "
-                      f"{len(times)} runs)  gap {sol.gap}  objective {sol.objective:.6f}  "
+                      f"{len(times)} runs; CPU {statistics.median(cpu):.2f} s)  gap {sol.gap}  objective {sol.objective:.6f}  "
                       f"{len(sol.removed)} blocks removed  {sol.predicted_ms:.4f}/{args.ratio * dense:.4f} ms")
     out["proven_optimal"] = bool(optimal)
     out["brute_force_agree"] = brute_force_agree()
@@ -137,6 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"proven optimal: {out['proven_optimal']}; brute force agrees: {out['brute_force_agree']}; "
               f"{args.solver} {out['solver_version']}, cvxpy {cp.__version__}, {out['machine']}")
     return 0
+
+
+def _load() -> list[float] | None:
+    """1, 5 and 15 minute load averages, where the OS reports them (other jobs slow the solves)."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _version(solver: str) -> str:

@@ -17,10 +17,10 @@ optimum of the original problem, with the final solver's proven gap.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Iterable
 
-import cvxpy as cp
 import numpy as np
 
 from solvers import backends
@@ -39,10 +39,17 @@ PRESOLVE_ABOVE_COLUMNS = 4000
 
 def mip_solvers() -> list[str]:
     """Installed solvers that take integer variables (HiGHS through highspy, others through CVXPY)."""
-    return [s for s in MIP_SOLVERS if s in cp.installed_solvers()]
+    import cvxpy as cp
+
+    installed = set(cp.installed_solvers())
+    if importlib.util.find_spec("highspy") is not None:
+        installed.add("HIGHS")
+    return [s for s in MIP_SOLVERS if s in installed]
 
 
 def _check_solver(solver: str) -> None:
+    if solver == "HIGHS" and importlib.util.find_spec("highspy") is not None:
+        return  # the common case, without asking CVXPY to probe every solver it knows
     if solver not in mip_solvers():
         raise SolverError(f"solver {solver!r} is not an installed mixed-integer solver; "
                           f"installed: {', '.join(mip_solvers()) or 'none'}")

@@ -39,8 +39,8 @@ def _rows(m: Matrix, budget: float | None) -> tuple[sp.csr_matrix, np.ndarray, n
 
 
 def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float, verbose: bool,
-           start: np.ndarray | None = None, presolve: bool = True) -> tuple[Any, sp.csr_matrix, np.ndarray,
-                                                                          np.ndarray]:
+           start: np.ndarray | None = None, presolve: bool = True, primal: bool = False
+           ) -> tuple[Any, sp.csr_matrix, np.ndarray, np.ndarray]:
     import highspy
 
     a, lo, hi = _rows(m, budget)
@@ -66,6 +66,8 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", REL_GAP)
     h.setOptionValue("presolve", "on" if presolve else "off")
+    if primal:
+        h.setOptionValue("simplex_strategy", 4)
     h.passModel(lp)
     if start is not None:
         idx = np.flatnonzero(m.integer)
@@ -99,10 +101,12 @@ class Relaxation:
     bound_zero: np.ndarray
 
 
-def relax(m: Matrix, budget: float, time_limit_s: float) -> Relaxation:
+def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -> Relaxation:
     """LP relaxation and Lagrangian bounds from its row duals (recomputed here, so valid for
-    whatever duals the LP returns)."""
-    h, a, lo, hi = _highs(m, budget, False, time_limit_s, False, presolve=False)
+    whatever duals the LP returns). ``primal``: primal simplex, whose duals fix far more choices
+    than dual simplex's on these programs, though it is slower on a large LP (measured on
+    resnet50 at 50% of dense: 0.9k columns left instead of 5.2k after the second round)."""
+    h, a, lo, hi = _highs(m, budget, False, time_limit_s, False, presolve=False, primal=primal)
     status = _status(h)
     empty = np.zeros(0)
     if status != "optimal":

@@ -4,8 +4,9 @@ The program itself is in :mod:`solvers.matrix`. Before the final solve, exact re
 shrink it (HiGHS only; other solvers get the whole program):
 
 1. drop dominated choices (:func:`solvers.reduce.dominated`);
-2. solve the LP relaxation; a small MIP over the choices the LP uses gives a feasible
-   point, improved by local search (one or two dims moved at a time, within the budget);
+2. solve the LP relaxation (dual simplex the first time, primal simplex after: on these
+   programs its duals fix far more in step 3); a small MIP over the choices the LP uses gives
+   a feasible point, improved by local search (one or two dims moved at a time);
 3. fix by bounds: a choice (or a block's removal) whose Lagrangian bound from the LP duals is
    below the incumbent cannot be part of a better point, so it is dropped; repeat 2-3 on the
    smaller problem while it shrinks;
@@ -219,10 +220,10 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if reduce:
         chain.apply(dominated(p))
     if reduce and solver == "HIGHS":
-        for _ in range(MAX_ROUNDS):
+        for round_ in range(MAX_ROUNDS):
             q = chain.current
             m = build(q)
-            rx = backends.relax(m, budget_ms, max(deadline - time.perf_counter(), 1.0))
+            rx = backends.relax(m, budget_ms, max(deadline - time.perf_counter(), 1.0), primal=round_ > 0)
             if rx.status == "infeasible":  # no point at all, the LP relaxation proves it
                 return Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
                                 min_latency_ms=min_latency(p, solver, time_limit_s),

@@ -13,6 +13,7 @@ PRECISION ?= fp32
 BATCH     ?= 1
 RES       ?= 224
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup test test-all lint typecheck demo profile bench clean
 
@@ -39,7 +40,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
 
 demo: $(STAMP)
-	$(PY) -m mdp_trt.demo
+	$(PY) -m mdp_trt.demo $(DEMO_ARGS)
 
 profile: $(STAMP)
 	$(PY) -m mdp_trt.profile --model $(MODEL) --engine $(ENGINE) --precision $(PRECISION) \

@@ -28,11 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--target", default="2x")
     ap.add_argument("--train-limit", type=int, default=12000)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: time by the engine thread's CPU time (a machine shared with other work)")
     args = ap.parse_args(argv)
 
     from mdp_trt import prune
     from mdp_trt.api import create_model
     from mdp_trt.finetune import TrainConfig, train
+    from profilers.table import default_table_path
 
     torch.manual_seed(0)
     data = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() else "synthetic"
@@ -51,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.save(model.state_dict(), ckpt)
     return prune.main([
         "--model", MODEL, "--checkpoint", str(ckpt), "--num-classes", "10", "--in-chans", "1",
-        "--resolution", str(RESOLUTION), "--engine", "onnxruntime", "--engine-target", args.target,
+        "--resolution", str(RESOLUTION), "--engine", "onnxruntime", "--clock", args.clock,
+        "--engine-target", args.target,
         "--data", data, "--train-limit", str(args.train_limit), "--val-limit", "2000",
         "--importance-batches", "8", "--finetune-epochs", "1", "--max-choices", "8",
-        "--lut", str(args.out / f"{MODEL}-onnxruntime-fp32-bs1-r{RESOLUTION}.sqlite"),
+        "--lut", str(default_table_path(".", MODEL, "onnxruntime", "fp32", 1, RESOLUTION, root=args.out,
+                                        clock=args.clock)),
         "--out", str(args.out / "result"), "--force",
     ])
 

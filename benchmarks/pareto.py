@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=3.0, help="latency match tolerance, %% of the target")
     ap.add_argument("--search-steps", type=int, default=None, help="bisection steps of the baselines (default 8)")
     ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall (default) or cpu: onnxruntime timed by the CPU time of its one thread, "
+                         "which other processes on a shared machine do not inflate")
     ap.add_argument("--tag", default=None, help="result file stem: pareto_<tag>.* (default fashion_mnist)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoints, tables, pruned models (default runs/pareto)")
@@ -128,7 +131,7 @@ def _model_spec(text: str) -> tuple[str, int]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What must match for a finished row to be reused."""
     keys = ("data", "train_limit", "val_limit", "epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr",
-            "importance_batches", "max_choices", "tolerance", "search_steps", "engine", "seed")
+            "importance_batches", "max_choices", "tolerance", "search_steps", "engine", "clock", "seed")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -231,7 +234,8 @@ class Bench:
         self.dir = args.work / f"{name}-r{res}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.dir / f"dense-{args.data}.pt"
-        self.lut = self.dir / f"{name}-{args.engine}-fp32-bs1-r{res}.sqlite"
+        clock = "" if args.clock == "wall" else f"-{args.clock}clock"
+        self.lut = self.dir / f"{name}-{args.engine}-fp32-bs1-r{res}{clock}.sqlite"
         self.spec = DataSpec(1, res, 10)
         self.train_loader, self.val_loader = loaders(args.data, self.spec, args.batch_size, args.train_limit,
                                                      args.val_limit, seed=args.seed)
@@ -247,7 +251,8 @@ class Bench:
             log(f"{self.key}: dense model trained in {time.time() - t0:.0f} s")
         self.dense = create_model(name, num_classes=10, in_chans=1, resolution=res, checkpoint=self.ckpt).eval()
         self.dense_top1 = evaluate(self.dense, self.val_loader)
-        self.lab = Lab(args.engine, "fp32", 1, res, None, self.lut, name, progress=False, log=log)
+        self.lab = Lab(args.engine, "fp32", 1, res, None, self.lut, name, progress=False, log=log,
+                       clock=args.clock)
         self.finetune_cfg = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size,
                                         lr=args.finetune_lr, seed=args.seed, progress=False)
         self._train, self._evaluate = train, evaluate
@@ -310,7 +315,7 @@ def run_mdp(b: Bench, method: str, target: str) -> dict[str, Any]:
             "--importance-batches", str(a.importance_batches), "--max-choices", str(a.max_choices),
             "--finetune-epochs", str(a.finetune_epochs), "--train-batch-size", str(a.batch_size),
             "--lr", str(a.finetune_lr), "--tolerance", str(a.tolerance), "--seed", str(a.seed),
-            "--lut", str(b.lut), "--out", str(out), "--force", "--quiet"]
+            "--clock", a.clock, "--lut", str(b.lut), "--out", str(out), "--force", "--quiet"]
     if method == "mdp-channels":
         argv += ["--kinds", "mlp,embed" if b.is_vit() else "channels", "--no-block-removal"]
     elif method == "mdp-linear":
@@ -455,7 +460,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"top-1 {info['dense_top1']:.2f}% on the first {s['val_limit']} test images, "
                   f"{info['dense_params'] / 1e6:.2f} M params. Engine {eng.get('engine')} "
                   f"{eng.get('version', '')} {eng.get('precision', '')}, batch 1, {eng.get('threads', '')} "
-                  f"thread(s).", "",
+                  f"thread(s), {s.get('clock', 'wall')} clock.", "",
                   f"Every row: the same fine-tuning ({s['finetune_epochs']} epoch(s), batch {s['batch_size']}, "
                   f"AdamW lr {s['finetune_lr']}, cosine), then latency measured beside the dense model "
                   f"(interleaved); latency matched to the target within {s['tolerance']}%.", "",

@@ -539,11 +539,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "title": f"Fashion-MNIST ({args.data})" if args.data != "fashion-mnist" else "Fashion-MNIST"}
     log(f"start: {meta['command']} -> {results.path}")
     for name, res in specs:
+        results.check(f"{name}@{res}")
         todo = [(t, m) for t in args.targets for m in args.methods if not results.done(f"{name}@{res}", m, t)]
-        if not todo and results.doc["models"].get(f"{name}@{res}", {}).get("settings") == results.settings:
+        if not todo and f"{name}@{res}" in results.doc["models"]:
             log(f"{name}@{res}: every row done")
             continue
-        results.check(f"{name}@{res}")
         b = Bench(args, name, res, log)
         results.doc["models"][b.key] = dict(b.meta(), settings=results.settings, command=meta["command"])
         results.save(meta)

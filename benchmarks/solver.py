@@ -11,14 +11,16 @@ and random cumulative importance, at half the dense latency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cvxpy as cp
@@ -107,6 +109,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {"solver": args.solver, "solver_version": _version(args.solver),
                            "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores",
                            "load_average": _load(), "repeat": args.repeat}
+    with _stdout_to_stderr(args.json):
+        optimal = _run(args, out)
+    out["proven_optimal"] = bool(optimal)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"proven optimal: {out['proven_optimal']}; brute force agrees: {out['brute_force_agree']}; "
+              f"{args.solver} {out['solver_version']}, cvxpy {cp.__version__}, {out['machine']}")
+    return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """HiGHS prints its banner on the C-level stdout; keep stdout for the JSON document."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
     optimal = True
     modes = (True, False) if args.whole else (True,)
     for key, name in (("resnet50", "resnet50"), ("deit_base", "deit_base_patch16_224")):
@@ -135,20 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"median {statistics.median(times):6.2f} s (min {min(times):.2f}, max {max(times):.2f}, "
                       f"{len(times)} runs; CPU {statistics.median(cpu):.2f} s)  gap {sol.gap}  objective {sol.objective:.6f}  "
                       f"{len(sol.removed)} blocks removed  {sol.predicted_ms:.4f}/{args.ratio * dense:.4f} ms")
-    out["proven_optimal"] = bool(optimal)
     out["brute_force_agree"] = brute_force_agree()
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"proven optimal: {out['proven_optimal']}; brute force agrees: {out['brute_force_agree']}; "
-              f"{args.solver} {out['solver_version']}, cvxpy {cp.__version__}, {out['machine']}")
-    return 0
+    return optimal
 
 
 def _load() -> list[float] | None:
     """1, 5 and 15 minute load averages, where the OS reports them (other jobs slow the solves)."""
-    import os
-
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -167,8 +190,6 @@ def _version(solver: str) -> str:
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 

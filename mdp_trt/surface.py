@@ -6,11 +6,11 @@ measurement at the exact widths; only widths that were never measured are interp
 and the surface counts them. Nothing is smoothed: the steps that real engines show at
 alignment boundaries stay in the array.
 
-Model latency = scale * (sum of kept terms' latency) + beta * (sum of kept terms' parameters)
-+ offset, fitted on whole-model measurements. The affine part absorbs what terms leave out
-(pooling, adds, launch gaps, fusion across term borders). The parameter part is weight
-traffic: a term timed alone keeps its weights in cache, while inside a whole model whose
-weights exceed the cache they stream from memory on every inference. Both parts are sums
+Model latency = scale * (sum of kept terms' latency) + offset, fitted on whole-model
+measurements by relative error (it absorbs what terms leave out: pooling, adds, launch
+gaps, fusion across term borders). Optionally (``traffic=True``) a third part charges the
+kept terms' parameters: weight traffic, for engines where a term timed alone keeps its
+weights in cache while inside the whole model they stream from memory. Every part is a sum
 over terms, so the calibrated model stays additive: :meth:`LatencySurface.calibrated_arrays`
 gives per-term arrays that sum, plus the offset, to :meth:`LatencySurface.predict`; the
 solver takes exactly those.
@@ -335,17 +335,23 @@ def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
     return plans
 
 
-def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[[Plan], float]
-              ) -> tuple[Calibration, list[float]]:
+def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[[Plan], float],
+              traffic: bool = False) -> tuple[Calibration, list[float]]:
     """Fit the surface's calibration to whole-model measurements of ``plans``; returns it and them."""
     measured = [measure(p) for p in plans]
-    cal = fit_calibration(surface, plans, measured)
+    cal = fit_calibration(surface, plans, measured, traffic=traffic)
     surface.calibration = cal
     return cal, measured
 
 
 def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Sequence[float],
-                    weights: Sequence[float] | None = None) -> Calibration:
-    """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``."""
-    mparams = [surface.plan_mparams(p) for p in plans] if surface.mparams is not None else None
+                    weights: Sequence[float] | None = None, traffic: bool = False) -> Calibration:
+    """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``.
+
+    ``traffic`` adds the weight-traffic term. It is off by default: on ONNX Runtime CPU
+    (resnet50, deit_small at 224, 8 calibration plans) it did not lower held-out error once
+    whole models were timed without interference from other processes (README, "Latency
+    model accuracy").
+    """
+    mparams = [surface.plan_mparams(p) for p in plans] if traffic and surface.mparams is not None else None
     return Calibration.fit([surface.raw(p) for p in plans], measured, weights, mparams)

@@ -121,7 +121,8 @@ def test_weight_traffic_calibration_recovers_known_beta() -> None:
     surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
     truth = lambda p: 1.2 * surf.raw(p) + 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
     fit_plans, held_out = sample_plans(space, 8, seed=1), sample_plans(space, 12, seed=2)
-    cal = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans])
+    assert fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans]).ms_per_mparam == 0.0  # opt-in
+    cal = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans], traffic=True)
     assert cal.scale == pytest.approx(1.2) and cal.ms_per_mparam == pytest.approx(4.0)
     assert cal.offset == pytest.approx(0.03)
     surf.calibration = cal
@@ -132,11 +133,11 @@ def test_weight_traffic_calibration_recovers_known_beta() -> None:
     assert np.median(pct_err([affine(surf.raw(p)) for p in held_out], measured)) > 0.1
     assert Calibration.from_dict(cal.to_dict()) == cal
     # Too few plans to trust three parameters: the affine fit, no traffic term.
-    few = fit_calibration(surf, fit_plans[:4], [truth(p) for p in fit_plans[:4]])
+    few = fit_calibration(surf, fit_plans[:4], [truth(p) for p in fit_plans[:4]], traffic=True)
     assert few.ms_per_mparam == 0.0
     # Latency that falls as weights grow is noise, not traffic: never a negative charge.
     anti = lambda p: 1.2 * surf.raw(p) - 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
-    neg = fit_calibration(surf, fit_plans, [anti(p) for p in fit_plans])
+    neg = fit_calibration(surf, fit_plans, [anti(p) for p in fit_plans], traffic=True)
     assert neg.ms_per_mparam == 0.0 and neg.scale > 0
 
 

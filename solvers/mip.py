@@ -179,6 +179,8 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
 
 def _solution(p: Problem, widths: dict[str, int], removed: tuple[str, ...], budget_ms: float,
               gap: float | None, solver: str, t0: float, message: str = "") -> Solution:
+    """The plan as a result; the dims of a removed block report their widest choice."""
+    widths = {d.name: d.choices[-1] if d.block in removed else widths[d.name] for d in p.dims}
     pred = p.latency(widths, removed)
     sol = Solution("optimal", widths, removed, pred, p.objective(widths, removed), gap,
                    time.perf_counter() - t0, solver, message=message)

@@ -11,7 +11,6 @@ and random cumulative importance, at half the dense latency.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cvxpy as cp
@@ -109,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {"solver": args.solver, "solver_version": _version(args.solver),
                            "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores",
                            "load_average": _load(), "repeat": args.repeat}
-    with _stdout_to_stderr(args.json):
-        optimal = _run(args, out)
+    optimal = _run(args, out)
     out["proven_optimal"] = bool(optimal)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -118,23 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"proven optimal: {out['proven_optimal']}; brute force agrees: {out['brute_force_agree']}; "
               f"{args.solver} {out['solver_version']}, cvxpy {cp.__version__}, {out['machine']}")
     return 0
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr(active: bool) -> Iterator[None]:
-    """HiGHS prints its banner on the C-level stdout; keep stdout for the JSON document."""
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:

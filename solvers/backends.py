@@ -3,6 +3,9 @@ start point), any other mixed-integer solver through CVXPY."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,25 @@ def _rows(m: Matrix, budget: float | None) -> tuple[sp.csr_matrix, np.ndarray, n
     return sp.vstack(blocks).tocsr(), np.concatenate(lo), np.concatenate(hi)
 
 
+@functools.cache
+def _banner_swallowed() -> bool:
+    """HiGHS prints a banner on the C-level stdout when its first instance in a process is made,
+    before any option can turn output off; make that first instance with stdout on /dev/null,
+    so the output of the programs that solve stays theirs."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    return True
+
+
 def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float, verbose: bool,
            start: np.ndarray | None = None, presolve: bool = True, primal: bool = False
            ) -> tuple[Any, sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -61,6 +83,7 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
     if integral:
         lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
                            for i in m.integer]
+    _banner_swallowed()
     h = highspy.Highs()
     h.setOptionValue("output_flag", bool(verbose))
     h.setOptionValue("time_limit", float(time_limit_s))

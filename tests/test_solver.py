@@ -192,3 +192,16 @@ def test_malformed_problem_is_refused() -> None:
         Problem([d], [], [SolverTerm("t", ("a",), np.zeros(3))])
     with pytest.raises(SolverError, match="named twice"):
         Problem([d], [], [SolverTerm("t", ("a", "a"), np.zeros((2, 2)))])
+
+
+def test_solving_prints_nothing_on_stdout() -> None:
+    """HiGHS's start-up banner does not reach the solving program's stdout (a CLI's JSON, say)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_solver import random_problem; "
+            "from solvers import solve; s = solve(random_problem(0), 1e9); assert s.status == 'optimal'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""

@@ -320,18 +320,26 @@ def linear_surface(surface: LatencySurface) -> LatencySurface:
 
 def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
     """``n`` plans spread over the latency range: a global keep ratio per plan, jittered per dim,
-    and some removed blocks. Different seeds give disjoint plans for calibration and evaluation."""
+    and some removed blocks. Different seeds give disjoint plans for calibration and evaluation.
+
+    The first plan sits at the bottom of the range (the lowest ratio, the most removed blocks),
+    so that even a small calibration set reaches the smallest models instead of extrapolating
+    to them."""
     rng = random.Random(seed)
     removable = [b.name for b in space.blocks if b.removable]
     plans: list[Plan] = []
     for i in range(n):
-        ratio = 0.25 + 0.75 * (i + rng.random()) / n
+        u = rng.random()
+        ratio = 0.25 + 0.75 * (i + (u if i else 0.0)) / n
         widths = {}
         for d in space.dims:
             target = ratio * (0.75 + 0.5 * rng.random()) * d.size
             widths[d.name] = min(d.choices, key=lambda c, t=target: abs(c - t))
-        k = rng.randint(0, max(0, int(len(removable) * (1 - ratio) * 0.6)))
-        plans.append(space.plan(widths, rng.sample(removable, k)))
+        most = max(0, int(len(removable) * (1 - ratio) * 0.6))
+        removed = rng.sample(removable, rng.randint(0, most))
+        if i == 0:  # fill up to the most removed blocks without drawing: later plans stay the same
+            removed += [b for b in removable if b not in removed][:most - len(removed)]
+        plans.append(space.plan(widths, removed))
     return plans
 
 

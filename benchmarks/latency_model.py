@@ -5,12 +5,14 @@
 Measures N random pruned models end to end and reports the absolute percentage error of
 three predictors, each fitted on the same calibration plans (never among the evaluated ones):
 - ``surface``: our latency surface (measured per-term tables over the widths), calibrated
-  with the weight-traffic term (``surface_affine`` in the JSON: the same surface with the
-  affine calibration alone);
+  (``surface_traffic`` in the JSON: the same surface with the weight-traffic term added to
+  the calibration, an ablation);
 - ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style,
   :func:`mdp_trt.surface.linear_surface`), fitted to the same term measurements and
   calibrated on the same plans;
 - ``flops``: latency proportional to FLOPs, the constant fitted on the calibration plans.
+
+All three are fitted by least relative error on the calibration plans.
 
 ``--clock cpu`` times every inference (term tables and whole models alike) by the CPU time of
 the calling thread instead of the wall clock. ONNX Runtime with one thread runs the whole
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Refit from the (cached) calibration measurements, so the figures follow the current fit
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)
-    affine = Calibration.fit([surface.raw(p) for p in cal_plans], cal_ms)
+    traffic = fit_calibration(surface, cal_plans, cal_ms, traffic=True)
     measured = []
     for i, p in enumerate(eval_plans, 1):
         measured.append(lab.measure_plan(model, space, p))
@@ -131,7 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     linear = linear_surface(surface)
     linear.calibration = Calibration.fit([linear.raw(p) for p in cal_plans], cal_ms)
     cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
-    k = float(np.dot(cal_flops, cal_ms) / np.dot(cal_flops, cal_flops))
+    rel = cal_flops / np.asarray(cal_ms)  # least relative error, the criterion every predictor is fitted by
+    k = float(rel.sum() / np.dot(rel, rel))
 
     flops = [plan_flops(model, space, p) for p in eval_plans]
     preds = {
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     errs = {name: pct_err(v, measured) for name, v in preds.items()}
     raw = [surface.raw(p) for p in eval_plans]
     mparams = [surface.plan_mparams(p) for p in eval_plans]
-    affine_err = pct_err([float(affine(r)) for r in raw], measured)
+    traffic_err = pct_err([float(traffic(r, mp)) for r, mp in zip(raw, mparams, strict=True)], measured)
     result: dict[str, Any] = {
         "model": args.model,
         "plans": len(eval_plans),
@@ -153,11 +156,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "linear_p95_abs_pct_err": float(np.percentile(errs["linear"], 95)),
         "flops_median_abs_pct_err": float(np.median(errs["flops"])),
         "flops_p95_abs_pct_err": float(np.percentile(errs["flops"], 95)),
-        "surface_affine_median_abs_pct_err": float(np.median(affine_err)),
-        "surface_affine_p95_abs_pct_err": float(np.percentile(affine_err, 95)),
+        "surface_traffic_median_abs_pct_err": float(np.median(traffic_err)),
+        "surface_traffic_p95_abs_pct_err": float(np.percentile(traffic_err, 95)),
         "raw_surface_median_abs_pct_err": float(np.median(pct_err(raw, measured))),
         "calibration": surface.calibration.to_dict(),
-        "affine_calibration": affine.to_dict(),
+        "traffic_calibration": traffic.to_dict(),
         "interpolated_points": surface.interpolated_points,
         "measured_ms": {"min": float(min(measured)), "max": float(max(measured))},
         "engine": lab.identity,
@@ -192,7 +195,9 @@ def _plot(path: Path, model: str, measured: list[float], preds: dict[str, list[f
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
     eng = r["engine"]
-    ax.set_title(f"{model}, {eng['engine']} {eng['precision']} bs{eng['batch_size']}, {r['plans']} plans", fontsize=9)
+    clock = ", thread CPU time" if r.get("clock") == "cpu" else ""
+    ax.set_title(f"{model}, {eng['engine']} {eng['precision']} bs{eng['batch_size']}{clock}, {r['plans']} plans",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['measured_ms']['min']:.2f}-{r['measured_ms']['max']:.2f} ms")
         print(f"{'predictor':<28}{'median |err| %':>16}{'p95 |err| %':>14}")
         for name, a, b in (("latency surface", "median_abs_pct_err", "p95_abs_pct_err"),
-                           ("  affine calibration only", "surface_affine_median_abs_pct_err",
-                            "surface_affine_p95_abs_pct_err"),
+                           ("  + weight-traffic term", "surface_traffic_median_abs_pct_err",
+                            "surface_traffic_p95_abs_pct_err"),
                            ("linear (HALP-style)", "linear_median_abs_pct_err", "linear_p95_abs_pct_err"),
                            ("proportional to FLOPs", "flops_median_abs_pct_err", "flops_p95_abs_pct_err")):
             print(f"{name:<28}{r[a]:>16.2f}{r[b]:>14.2f}")

@@ -14,12 +14,11 @@ three predictors, each fitted on the same calibration plans (never among the eva
 
 All three are fitted by least relative error on the calibration plans.
 
-``--clock cpu`` times every inference (term tables and whole models alike) by the CPU time of
-the calling thread instead of the wall clock. ONNX Runtime with one thread runs the whole
-graph on that thread, so this is the latency of an idle machine, and it is immune to other
-processes taking the core on a shared box (measured there: wall-clock medians 2-3x inflated
-with a CV of 0.3, CPU time reproducible within 1%). Such a table is marked as CPU-timed and
-refused under the wall clock, and the other way round.
+``--clock cpu`` (the onnxruntime engine's clock option) times every inference, term tables and
+whole models alike, by the CPU time of the calling thread: on a shared box it is immune to
+other processes taking the core (measured there: wall-clock medians 2-3x inflated with a CV
+of 0.3, CPU time reproducible within 2%). The clock is part of the engine identity, so a
+table measured under one clock is refused under the other.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,64 +35,6 @@ import numpy as np
 from mdp_trt.cli import run_cli
 from mdp_trt.space import Plan, PruningSpace
 from mdp_trt.surface import Calibration, fit_calibration, linear_surface, pct_err, sample_plans
-
-CLOCK_KEY = "benchmarks.latency_model/clock"
-
-
-class _CpuTimedRunner:
-    """A host runner timed by the CPU time of the calling thread (the protocol's engine clock)."""
-
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-
-    def __call__(self) -> None:
-        self.runner()
-
-    def timed(self, iters: int) -> list[float]:
-        out = []
-        for _ in range(iters):
-            t0 = time.thread_time()
-            self.runner()
-            out.append((time.thread_time() - t0) * 1e3)
-        return out
-
-    def close(self) -> None:
-        self.runner.close()
-
-
-class _CpuTimedEngine:
-    """An engine whose runners are timed by thread CPU time; everything else is the engine's."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def prepare(self, module: Any, input_shape: Any) -> _CpuTimedRunner:
-        return _CpuTimedRunner(self._engine.prepare(module, input_shape))
-
-
-def _use_clock(lab: Any, clock: str) -> None:
-    """Switch ``lab`` to ``clock`` and pin its table to it: one table, one clock."""
-    from mdp_trt.errors import EngineError, TableError
-
-    if clock == "cpu":
-        threads = lab.engine.identity().threads
-        if lab.engine.device != "cpu" or threads != 1:
-            raise EngineError("--clock cpu needs the engine on the CPU with one thread (--threads 1); "
-                              f"this one runs on {lab.engine.device} with {threads} thread(s)")
-        lab.engine = _CpuTimedEngine(lab.engine)
-    stored = lab.table.kv_get(CLOCK_KEY)
-    if stored is None:
-        if clock == "cpu" and lab.table.keys():
-            raise TableError(f"latency table {lab.table_path} was measured with the wall clock; "
-                             "give --clock cpu a table of its own")
-        if clock == "cpu":
-            lab.table.kv_set(CLOCK_KEY, clock)
-    elif stored != clock:
-        raise TableError(f"latency table {lab.table_path} was measured with the {stored} clock, "
-                         f"not {clock}; give each clock a table of its own")
 
 
 def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
@@ -113,8 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     space = adapter_for(model).space(model, SpaceConfig(max_choices=args.max_choices, resolution=args.resolution))
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
     lab = Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads, args.lut,
-              args.model, progress=not args.json, log=log)
-    _use_clock(lab, args.clock)
+              args.model, progress=not args.json, log=log, clock=args.clock)
     surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
 
     cal_plans = Lab.calibration_plans(space, args.calibration_plans, args.seed)

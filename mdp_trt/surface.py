@@ -344,7 +344,7 @@ def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
 
 
 def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[[Plan], float],
-              traffic: bool = False) -> tuple[Calibration, list[float]]:
+              traffic: bool | None = None) -> tuple[Calibration, list[float]]:
     """Fit the surface's calibration to whole-model measurements of ``plans``; returns it and them."""
     measured = [measure(p) for p in plans]
     cal = fit_calibration(surface, plans, measured, traffic=traffic)
@@ -353,13 +353,36 @@ def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[
 
 
 def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Sequence[float],
-                    weights: Sequence[float] | None = None, traffic: bool = False) -> Calibration:
+                    weights: Sequence[float] | None = None, traffic: bool | None = None) -> Calibration:
     """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``.
 
-    ``traffic`` adds the weight-traffic term. It is off by default: on ONNX Runtime CPU
-    (resnet50, deit_small at 224, 8 calibration plans) it did not lower held-out error once
-    whole models were timed without interference from other processes (README, "Latency
-    model accuracy").
+    ``traffic``: ``True`` adds the weight-traffic term, ``False`` leaves it out, ``None`` (the
+    default) keeps it only when it lowers the leave-one-out error over ``plans``. Where it
+    matters depends on the model and input size: on ONNX Runtime CPU it did not help resnet50
+    or deit_small at 224 px (compute dominates), and cut the error of resnet18 at 64 px, whose
+    weights outweigh its compute, several-fold (README, "Latency model accuracy").
     """
-    mparams = [surface.plan_mparams(p) for p in plans] if traffic and surface.mparams is not None else None
-    return Calibration.fit([surface.raw(p) for p in plans], measured, weights, mparams)
+    raw = [surface.raw(p) for p in plans]
+    if traffic is False or surface.mparams is None:
+        return Calibration.fit(raw, measured, weights)
+    mparams = [surface.plan_mparams(p) for p in plans]
+    if traffic is None and _loo_err(raw, measured, weights, mparams) >= _loo_err(raw, measured, weights, None):
+        return Calibration.fit(raw, measured, weights)
+    return Calibration.fit(raw, measured, weights, mparams)
+
+
+def _loo_err(raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None,
+             mparams: Sequence[float] | None) -> float:
+    """Median leave-one-out absolute percentage error of a calibration fit (inf: too few points)."""
+    n = len(raw)
+    if n <= MIN_TRAFFIC_POINTS:
+        return float("inf")
+    errs = []
+    for i in range(n):
+        rest = [j for j in range(n) if j != i]
+        cal = Calibration.fit([raw[j] for j in rest], [measured[j] for j in rest],
+                              None if weights is None else [weights[j] for j in rest],
+                              None if mparams is None else [mparams[j] for j in rest])
+        pred = cal(raw[i], 0.0 if mparams is None else mparams[i])
+        errs.append(abs(float(pred) - measured[i]) / measured[i])
+    return float(np.median(errs))

@@ -121,7 +121,10 @@ def test_weight_traffic_calibration_recovers_known_beta() -> None:
     surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
     truth = lambda p: 1.2 * surf.raw(p) + 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
     fit_plans, held_out = sample_plans(space, 8, seed=1), sample_plans(space, 12, seed=2)
-    assert fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans]).ms_per_mparam == 0.0  # opt-in
+    assert fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans], traffic=False).ms_per_mparam == 0.0
+    # Chosen by leave-one-out error when not asked for either way: here the term is real.
+    auto = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans])
+    assert auto.ms_per_mparam == pytest.approx(4.0)
     cal = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans], traffic=True)
     assert cal.scale == pytest.approx(1.2) and cal.ms_per_mparam == pytest.approx(4.0)
     assert cal.offset == pytest.approx(0.03)
@@ -139,6 +142,19 @@ def test_weight_traffic_calibration_recovers_known_beta() -> None:
     anti = lambda p: 1.2 * surf.raw(p) - 4.0 * surf.plan_mparams(p) + 0.03  # noqa: E731
     neg = fit_calibration(surf, fit_plans, [anti(p) for p in fit_plans], traffic=True)
     assert neg.ms_per_mparam == 0.0 and neg.scale > 0
+
+
+def test_traffic_term_left_out_when_it_does_not_predict_better() -> None:
+    """Latency affine in the term sum, with a few percent of noise: the three-parameter fit
+    only chases the noise, its leave-one-out error is higher, and the default leaves it out."""
+    space = toy_space()
+    base = LatencySurface.from_points(space, full_points(space))
+    surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
+    plans = sample_plans(space, 10, seed=3)
+    noise = [1.0, 0.97, 1.02, 0.99, 1.03, 0.98, 1.01, 0.96, 1.04, 1.0]
+    measured = [(1.2 * surf.raw(p) + 0.03) * e for p, e in zip(plans, noise, strict=True)]
+    assert fit_calibration(surf, plans, measured).ms_per_mparam == 0.0
+    assert fit_calibration(surf, plans, measured, traffic=True).ms_per_mparam > 0.0
 
 
 def test_old_calibration_records_still_read() -> None:

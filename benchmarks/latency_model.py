@@ -4,9 +4,11 @@
 
 Measures N random pruned models end to end and reports the absolute percentage error of
 three predictors, each fitted on the same calibration plans (never among the evaluated ones):
-- ``surface``: our latency surface (measured per-term tables over the widths), calibrated
-  (``surface_traffic`` in the JSON: the same surface with the weight-traffic term added to
-  the calibration, an ablation);
+- ``surface``: our latency surface (measured per-term tables over the widths), calibrated as
+  the prune command does it (the weight-traffic term kept when it lowers the leave-one-out
+  error on the calibration plans; ``calibration.ms_per_mparam`` in the JSON says whether it
+  was). ``surface_traffic`` and ``surface_affine`` in the JSON: the same surface with the
+  term always and never;
 - ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style,
   :func:`mdp_trt.surface.linear_surface`), fitted to the same term measurements and
   calibrated on the same plans;
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)
     traffic = fit_calibration(surface, cal_plans, cal_ms, traffic=True)
+    affine = fit_calibration(surface, cal_plans, cal_ms, traffic=False)
     measured = []
     for i, p in enumerate(eval_plans, 1):
         measured.append(lab.measure_plan(model, space, p))
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw = [surface.raw(p) for p in eval_plans]
     mparams = [surface.plan_mparams(p) for p in eval_plans]
     traffic_err = pct_err([float(traffic(r, mp)) for r, mp in zip(raw, mparams, strict=True)], measured)
+    affine_err = pct_err([float(affine(r)) for r in raw], measured)
     result: dict[str, Any] = {
         "model": args.model,
         "plans": len(eval_plans),
@@ -97,6 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops_p95_abs_pct_err": float(np.percentile(errs["flops"], 95)),
         "surface_traffic_median_abs_pct_err": float(np.median(traffic_err)),
         "surface_traffic_p95_abs_pct_err": float(np.percentile(traffic_err, 95)),
+        "surface_affine_median_abs_pct_err": float(np.median(affine_err)),
+        "surface_affine_p95_abs_pct_err": float(np.percentile(affine_err, 95)),
         "raw_surface_median_abs_pct_err": float(np.median(pct_err(raw, measured))),
         "calibration": surface.calibration.to_dict(),
         "traffic_calibration": traffic.to_dict(),
@@ -172,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['measured_ms']['min']:.2f}-{r['measured_ms']['max']:.2f} ms")
         print(f"{'predictor':<28}{'median |err| %':>16}{'p95 |err| %':>14}")
         for name, a, b in (("latency surface", "median_abs_pct_err", "p95_abs_pct_err"),
-                           ("  + weight-traffic term", "surface_traffic_median_abs_pct_err",
+                           ("  traffic term always", "surface_traffic_median_abs_pct_err",
                             "surface_traffic_p95_abs_pct_err"),
+                           ("  traffic term never", "surface_affine_median_abs_pct_err",
+                            "surface_affine_p95_abs_pct_err"),
                            ("linear (HALP-style)", "linear_median_abs_pct_err", "linear_p95_abs_pct_err"),
                            ("proportional to FLOPs", "flops_median_abs_pct_err", "flops_p95_abs_pct_err")):
             print(f"{name:<28}{r[a]:>16.2f}{r[b]:>14.2f}")

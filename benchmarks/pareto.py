@@ -189,7 +189,8 @@ class Results:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        lock = os.open(self.path.parent, os.O_RDONLY)  # the folder itself: no lock file left behind
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 disk = _upgrade(json.loads(self.path.read_text()))
@@ -206,6 +207,8 @@ class Results:
             self.path.with_suffix(".md").write_text(markdown(self.doc))
             if self.doc["rows"]:
                 plot(self.doc, self.path.with_suffix(".png"))
+        finally:
+            os.close(lock)
 
 
 def _row_key(r: dict[str, Any]) -> tuple[str, str, str]:
@@ -478,8 +481,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {LABELS[r['method']]} | {r['target']} | — | — | — | — | — | — | "
                              f"failed: {r['error'][:80]} |")
                 continue
-            matched = r["search"].get("pipeline_speedup", r["search"].get("search_speedup"))
-            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {matched:.2f}x | {r['latency_ms']:.3f} | "
+            m = r["search"].get("pipeline_speedup", r["search"].get("search_speedup"))
+            matched = "—" if m is None else f"{m:.2f}x"
+            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {matched} | {r['latency_ms']:.3f} | "
                          f"{r['dense_ms']:.3f} | {r['speedup']:.2f}x | {r['params'] / 1e6:.2f} | "
                          f"{r['top1_before_ft']:.2f} | {r['top1']:.2f} |")
         lines.append("")

@@ -27,7 +27,7 @@ from mdp_trt.importance import estimate
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.optimize import solve_plan
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, LatencySurface, fit_calibration, linear_surface
+from mdp_trt.surface import LatencySurface, fit_calibration, linear_surface
 from mdp_trt.target import Target
 
 Log = Callable[[str], None]
@@ -107,7 +107,8 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
             cfg = TrainConfig(epochs=epochs, batch_size=args.train_batch_size, lr=args.lr, seed=args.seed,
                               progress=progress)
             desc = f"fine-tune step {step}/{args.steps}"
-            share(("train", copy.deepcopy(current).cpu(), spec, cfg, desc))  # the other torchrun processes
+            if world()[0] > 1:  # the other torchrun processes train it too
+                share(("train", copy.deepcopy(current).cpu(), spec, cfg, desc))
             train(current, train_loader.dataset, cfg, desc=desc)
     chosen = next(r for r in reversed(rounds) if r.get("chosen"))
     pruned, pruned_ms = current, chosen["measured_ms"]
@@ -223,10 +224,9 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
         if dense is not None:
             points.append((space.full_plan(), ms[0], 4.0))
         plans, ms_all, weights = zip(*points, strict=True)
-        if args.latency_model == "linear":  # the ablation keeps its affine calibration
-            surface.calibration = Calibration.fit([surface.raw(p) for p in plans], ms_all, weights)
-        else:
-            surface.calibration = fit_calibration(surface, plans, ms_all, weights)
+        # The linear ablation keeps its affine calibration.
+        surface.calibration = fit_calibration(surface, plans, ms_all, weights,
+                                              traffic=False if args.latency_model == "linear" else None)
         solve_budget = budget
     ok = [i for i, t in enumerate(tried) if t[2] <= t[3] * (1 + tol)]
     pick = max(ok, key=lambda i: tried[i][2]) if ok else min(range(len(tried)), key=lambda i: tried[i][2])

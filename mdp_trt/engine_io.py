@@ -14,7 +14,14 @@ from torch import nn
 from mdp_trt.errors import PlanError
 from mdp_trt.models import adapter_for
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, LatencySurface, calibrate, linear_surface, sample_plans
+from mdp_trt.surface import (
+    Calibration,
+    LatencySurface,
+    calibrate,
+    fit_calibration,
+    linear_surface,
+    sample_plans,
+)
 
 
 def plan_key(plan: Plan) -> str:
@@ -73,8 +80,8 @@ class Lab:
         """The linear latency model on the same measurements, calibrated on the same plans."""
         lin = linear_surface(surface)
         plans = self.calibration_plans(space, calibration_plans, seed)
-        lin.calibration = Calibration.fit([lin.raw(p) for p in plans],
-                                          [self.measure_plan(model, space, p) for p in plans])
+        lin.calibration = fit_calibration(lin, plans, [self.measure_plan(model, space, p) for p in plans],
+                                          traffic=False)
         return lin
 
     @staticmethod

@@ -8,9 +8,10 @@ alignment boundaries stay in the array.
 
 Model latency = scale * (sum of kept terms' latency) + offset, fitted on whole-model
 measurements by relative error (it absorbs what terms leave out: pooling, adds, launch
-gaps, fusion across term borders). Optionally (``traffic=True``) a third part charges the
-kept terms' parameters: weight traffic, for engines where a term timed alone keeps its
-weights in cache while inside the whole model they stream from memory. Every part is a sum
+gaps, fusion across term borders). A third part may charge the kept terms' parameters:
+weight traffic, for engines where a term timed alone keeps its weights in cache while inside
+the whole model they stream from memory; it is kept when it lowers the leave-one-out error
+(:func:`fit_calibration`). Every part is a sum
 over terms, so the calibrated model stays additive: :meth:`LatencySurface.calibrated_arrays`
 gives per-term arrays that sum, plus the offset, to :meth:`LatencySurface.predict`; the
 solver takes exactly those.

@@ -22,7 +22,7 @@ inference and not the allocation or copy of its buffers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +190,9 @@ class ThreadTimedRunner(HostRunner):
 
     clock_name = "thread-cpu"
 
-    def __init__(self, fn: Callable[[], Any], close: Callable[[], None] | None = None) -> None:
-        super().__init__(fn, close)
-        self._run = fn
-
     def timed(self, iters: int) -> list[float]:
         out = []
-        run, clock = self._run, time.thread_time_ns
+        run, clock = self._fn, time.thread_time_ns
         for _ in range(iters):
             t0 = clock()
             run()

@@ -185,6 +185,13 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
     budget by more than the tolerance, refit the calibration with the fresh measurements
     (weighted above older ones) and solve again, a bounded number of times.
 
+    After :data:`REFITS` refits the calibration stays as it is and the budget handed to the
+    solver moves instead, by the secant through the rounds solved under that calibration (or
+    in proportion, with one such round). Refits alone may keep jumping from one side of the
+    budget to the other where whole-model latency is not the calibrated sum of its terms (a
+    ViT at 16 tokens, say); the secant converges whenever a lower solve budget gives a faster
+    model, which holds on average.
+
     ``budget_of(dense_ms)`` gives the budget for the dense latency measured beside the
     pruned model (``None``: before any measurement), so drift of a shared machine moves both.
     Returns the slowest plan within the tolerance (least over-pruned), else the fastest.
@@ -194,17 +201,25 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
     rounds: list[dict[str, Any]] = []
     tried: list[tuple[Plan, nn.Module, float, float]] = []
     budget = solve_budget = budget_of(None)
+    frozen: list[tuple[float, float]] = []  # (solve budget, measured ms) under the final calibration
     for _ in range(args.max_rounds):
         plan, sol = solve_plan(space, surface, imp, solve_budget, solver=args.solver)
+        if plan is None and tried:  # a moved solve budget out of reach: keep what was measured
+            log(f"no plan under the solve budget {solve_budget:.4g} ms ({sol.status}); stopping the loop")
+            break
         if plan is None:
             if sol.status == "infeasible" and sol.min_latency_ms is not None:
                 raise BudgetError(
-                    f"no plan reaches {solve_budget:.3f} ms on this engine; the fastest this space allows "
-                    f"is about {sol.min_latency_ms:.3f} ms (predicted)")
+                    f"no plan reaches {solve_budget:.4g} ms on this engine; the fastest this space allows "
+                    f"is about {sol.min_latency_ms:.4g} ms (predicted)")
             raise BudgetError(f"the solver found no plan: {sol.status} ({sol.message})")
         seen = next((t for t in tried if plan.widths == t[0].widths and plan.removed == t[0].removed), None)
-        if seen is not None:  # the refit did not move the optimum: move the budget instead
-            solve_budget *= budget / seen[2]
+        if seen is not None:  # the optimum did not move: move the budget instead
+            if len(rounds) > REFITS:
+                frozen.append((solve_budget, seen[2]))
+                solve_budget = _secant(frozen, budget)
+            else:
+                solve_budget *= budget / seen[2]
             continue
         pruned = apply_plan(model, plan, imp, space=space)
         ms = lab.measure([dense, pruned] if dense is not None else [pruned], input_shape)
@@ -220,6 +235,10 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
         log(f"round {len(rounds)}: budget {budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
         if abs(measured - budget) <= tol * budget:
             break
+        if len(rounds) > REFITS:
+            frozen.append((solve_budget, measured))
+            solve_budget = _secant(frozen, budget)
+            continue
         points.append((plan, measured, 4.0))
         if dense is not None:
             points.append((space.full_plan(), ms[0], 4.0))
@@ -237,6 +256,26 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
         note = (f"The closed loop ended {100 * (measured / budget - 1):+.1f}% from the budget after "
                 f"{len(rounds)} rounds; kept round {pick + 1}.")
     return plan, pruned, measured, rounds, note
+
+
+REFITS = 2
+"""Calibration refits in a closed loop before the solve budget is moved instead."""
+
+
+def _secant(rounds: list[tuple[float, float]], budget: float) -> float:
+    """The next solve budget from (solve budget, measured ms) rounds under one calibration.
+
+    Between the closest rounds on either side of ``budget``: linear interpolation; with all on
+    one side: the nearest round scaled by budget / measured. Kept within 1/4 to 4 times the budget.
+    """
+    below = [r for r in rounds if r[1] < budget]
+    above = [r for r in rounds if r[1] > budget]
+    if below and above:
+        (s0, m0), (s1, m1) = max(below, key=lambda r: r[1]), min(above, key=lambda r: r[1])
+        if m1 > m0 and s1 > s0:
+            return s0 + (budget - m0) * (s1 - s0) / (m1 - m0)
+    s, m = min(rounds, key=lambda r: abs(r[1] - budget))
+    return min(max(s * budget / m, budget / 4), budget * 4)
 
 
 def _num_classes(model: nn.Module) -> int:

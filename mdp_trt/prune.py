@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-choices", type=int, default=16, help="at most this many widths per dim")
     e.add_argument("--calibration-plans", type=int, default=8)
     e.add_argument("--tolerance", type=float, default=3.0, help="closed-loop tolerance in %% of the target")
-    e.add_argument("--max-rounds", type=int, default=4, help="closed-loop solves at most")
+    e.add_argument("--max-rounds", type=int, default=6, help="closed-loop solves at most")
     e.add_argument("--solver", default="HIGHS")
     e.add_argument("--latency-model", default="surface", choices=("surface", "linear"),
                    help="surface (default) or the linear-in-output-channels model, for ablations")

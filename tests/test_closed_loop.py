@@ -1,0 +1,71 @@
+"""The prune command's closed loop: solve, cut, measure, correct, on an engine the surface misjudges."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mdp_trt.api import create_model
+from mdp_trt.importance import random_importance, with_floor
+from mdp_trt.models import SpaceConfig, adapter_for
+from mdp_trt.pipeline import REFITS, _closed_loop, _secant
+from mdp_trt.surface import LatencySurface, grid
+
+
+def test_secant_interpolates_between_rounds_on_either_side() -> None:
+    # Solve budgets 1.0 -> 0.8 ms measured, 1.2 -> 1.2 ms measured: 1.0 ms needs 1.1.
+    assert _secant([(1.0, 0.8), (1.2, 1.2)], 1.0) == pytest.approx(1.1)
+    # The closest pair around the budget is used, not the first rounds.
+    assert _secant([(0.5, 0.4), (1.0, 0.8), (1.2, 1.2), (2.0, 3.0)], 1.0) == pytest.approx(1.1)
+
+
+def test_secant_scales_in_proportion_from_one_side() -> None:
+    assert _secant([(1.0, 1.25)], 1.0) == pytest.approx(0.8)
+    assert _secant([(1.0, 1.25), (0.8, 1.1)], 1.0) == pytest.approx(0.8 / 1.1)
+    assert _secant([(1.0, 100.0)], 1.0) == pytest.approx(0.25)  # kept within 1/4..4 of the budget
+    # Bracketed but not monotone (a lower solve budget measured slower): proportional, nearest.
+    assert _secant([(1.0, 0.95), (0.9, 1.1)], 1.0) == pytest.approx(1.0 / 0.95)
+
+
+class CurvedEngine:
+    """Latency grows as params ** 1.6: no affine calibration of a sum of terms fits it.
+
+    With refits only (no secant), the 0.45 case ends 2x off its budget.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def measured_points(self, space: object) -> list:
+        return []
+
+    def measure(self, modules: list[torch.nn.Module], input_shape: tuple[int, ...]) -> list[float]:
+        self.calls += 1
+        return [0.05 + 2e-9 * sum(p.numel() for p in m.parameters()) ** 1.6 for m in modules]
+
+
+@pytest.mark.parametrize("share", [0.45, 0.6, 0.75])
+def test_closed_loop_lands_the_budget_on_a_curved_engine(share: float) -> None:
+    model = create_model("test_resnet").eval()
+    space = adapter_for(model).space(model, SpaceConfig(max_choices=16, resolution=32))
+    points = {t.signature: {w: 1e-5 * math.prod(w) + 0.002 for w in grid(space, t)} for t in space.terms}
+    surface = LatencySurface.from_points(space, points)
+    imp = with_floor(random_importance(space, seed=0))
+    lab = CurvedEngine()
+    dense_ms = lab.measure([model], (1, 3, 32, 32))[0]
+    budget = share * dense_ms
+    args = argparse.Namespace(tolerance=3.0, max_rounds=8, solver="HIGHS", latency_model="mdp")
+    plan, pruned, measured, rounds, note = _closed_loop(
+        args, lab, model, space, surface, imp, model, lambda d: budget, (1, 3, 32, 32), lambda s: None)
+    assert abs(measured / budget - 1) <= 0.03, (rounds, note)
+    assert note == ""
+    assert measured == pytest.approx(lab.measure([pruned], (1, 3, 32, 32))[0])
+    chosen = [r for r in rounds if r.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["measured_ms"] == measured
+    assert len(rounds) <= args.max_rounds and np.isfinite([r["solve_budget_ms"] for r in rounds]).all()
+    if len(rounds) > REFITS + 1:  # past the refits, the solve budget moved off the budget
+        assert rounds[-1]["solve_budget_ms"] != pytest.approx(budget)

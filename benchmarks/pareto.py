@@ -19,9 +19,18 @@ the same test images. Methods:
   widths; the head count is kept), Taylor importance for which units stay; the factor
   bisected the same way.
 
+Equal latency: before any row, the dense model is measured ``3 x --repeats`` times (a new
+engine session each time) and the median is the model's dense reference, stored with the
+results and reused on a rerun. Each target speedup becomes one latency in milliseconds
+(reference / speedup) that every method is given: ``--engine-target <ms>ms`` for mdp_trt,
+the bisection goal for the baselines. So the methods meet the same absolute latency, and a
+drift of the dense model's own timing (a memory-bound dense model on a shared host moves
+by 10-20% from one session to the next) cannot give one method an easier target than another.
+
 All mdp variants share one latency table per model (``--lut``). After fine-tuning, every
-pruned model is measured once more beside the dense one (interleaved, same engine setting);
-that measurement is the row's latency and speedup. Finished rows are kept in
+pruned model is measured ``--repeats`` more times, each beside the dense one (interleaved,
+same engine setting): the median is the row's latency, its speedup is the reference over it.
+Finished rows are kept in
 ``<out>/pareto_<tag>.json``: a rerun skips them. The table (``.md``) and the plot (``.png``)
 are rewritten after every row.
 """
@@ -30,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +70,8 @@ DEFAULT_MODELS = ("resnet18@32", "vit_tiny_patch16_224@64")
 DEFAULT_TARGETS = ("1.5x", "2x", "3x", "4x")
 QUICK_MODELS = ("test_resnet@32",)
 QUICK_TARGETS = ("2x",)
+PROTOCOL = "dense-reference-ms"
+"""Every method gets the same target in ms, from a dense reference measured before any row."""
 Log = Callable[[str], None]
 
 
@@ -74,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or synthetic")
     ap.add_argument("--train-limit", type=int, default=None, help="training images (default 12000)")
-    ap.add_argument("--val-limit", type=int, default=None, help="test images evaluated (default 2000)")
+    ap.add_argument("--val-limit", type=int, default=None,
+                    help="test images evaluated (default 10000, the whole Fashion-MNIST test set)")
     ap.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 4)")
     ap.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs per row (default 1)")
     ap.add_argument("--batch-size", type=int, default=128, help="training and fine-tuning batch size")
@@ -84,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-choices", type=int, default=None, help="widths per dim for mdp (default 8)")
     ap.add_argument("--tolerance", type=float, default=3.0, help="latency match tolerance, %% of the target")
     ap.add_argument("--search-steps", type=int, default=None, help="bisection steps of the baselines (default 8)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="measurements of each finished row (median), and 3x as many of the dense reference "
+                         "(default 3)")
     ap.add_argument("--engine", default="onnxruntime")
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                     help="wall (default) or cpu: onnxruntime timed by the CPU time of its one thread, "
@@ -95,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="smoke run: test_resnet@32, 2x, 600 images, short training (set sizes still apply)")
     ap.add_argument("--fresh", action="store_true", help="drop finished rows of other settings instead of refusing")
     ap.add_argument("--render", action="store_true", help="only rewrite the table and the plot from the JSON")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the dense model's training")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds of the rows: importance batches, fine-tuning order (default 0 1 2); the "
+                         "table gives the mean and spread over them")
     return ap
 
 
@@ -106,12 +126,14 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         "models": list(QUICK_MODELS if q else DEFAULT_MODELS),
         "targets": list(QUICK_TARGETS if q else DEFAULT_TARGETS),
         "train_limit": 600 if q else 12000,
-        "val_limit": 300 if q else 2000,
+        "val_limit": 300 if q else 10000,
         "epochs": 3.0 if q else 4.0,
         "finetune_epochs": 0.5 if q else 1.0,
         "importance_batches": 2 if q else 8,
         "max_choices": 4 if q else 8,
         "search_steps": 6 if q else 8,
+        "repeats": 1 if q else 3,
+        "seeds": [0] if q else [0, 1, 2],
         "tag": "quick" if q else "fashion_mnist",
         "out": Path("runs/pareto-quick") if q else Path("benchmarks/results"),
         "work": Path("runs/pareto-quick/work") if q else Path("runs/pareto"),
@@ -132,8 +154,9 @@ def _model_spec(text: str) -> tuple[str, int]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What must match for a finished row to be reused."""
     keys = ("data", "train_limit", "val_limit", "epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr",
-            "importance_batches", "max_choices", "tolerance", "search_steps", "engine", "clock", "seed")
-    return {k: getattr(args, k) for k in keys}
+            "importance_batches", "max_choices", "tolerance", "search_steps", "engine", "clock", "seed",
+            "repeats")
+    return dict({k: getattr(args, k) for k in keys}, protocol=PROTOCOL)
 
 
 def machine() -> dict[str, Any]:
@@ -182,8 +205,8 @@ class Results:
         self.doc["rows"] = [r for r in self.doc["rows"] if r["model"] != key]
         self.dropped.add(key)
 
-    def done(self, model: str, method: str, target: str) -> bool:
-        return any(_row_key(r) == (model, method, target) for r in self.doc["rows"])
+    def done(self, model: str, method: str, target: str, seed: int = 0) -> bool:
+        return any(_row_key(r) == (model, method, target, seed) for r in self.doc["rows"])
 
     def save(self, meta: dict[str, Any]) -> None:
         import fcntl
@@ -211,8 +234,8 @@ class Results:
             os.close(lock)
 
 
-def _row_key(r: dict[str, Any]) -> tuple[str, str, str]:
-    return r["model"], r["method"], r["target"]
+def _row_key(r: dict[str, Any]) -> tuple[str, str, str, int]:
+    return r["model"], r["method"], r["target"], r.get("seed", 0)
 
 
 def _upgrade(doc: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +280,7 @@ class Bench:
         self.dense_top1 = evaluate(self.dense, self.val_loader)
         self.lab = Lab(args.engine, "fp32", 1, res, None, self.lut, name, progress=False, log=log,
                        clock=args.clock)
+        self.seed = args.seed
         self.finetune_cfg = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size,
                                         lr=args.finetune_lr, seed=args.seed, progress=False)
         self._train, self._evaluate = train, evaluate
@@ -272,10 +296,29 @@ class Bench:
                 "checkpoint": str(self.ckpt), "lut": str(self.lut), "engine": self.lab.identity,
                 "train_images": len(self.train_loader.dataset), "test_images": len(self.val_loader.dataset)}
 
-    def measure(self, pruned: nn.Module) -> tuple[float, float]:
-        """(dense ms, pruned ms), measured interleaved."""
-        d, p = self.lab.measure([self.dense, pruned], self.input_shape)
-        return d, p
+    def reference(self, stored: dict[str, Any] | None) -> dict[str, Any]:
+        """The dense reference latency: ``stored`` (a rerun), else the median of fresh measurements."""
+        if stored is None:
+            samples = [self.lab.measure([self.dense], self.input_shape)[0] for _ in range(3 * self.args.repeats)]
+            stored = {"dense_ref_ms": statistics.median(samples), "dense_ref_samples": samples}
+            self.log(f"{self.key}: dense reference {stored['dense_ref_ms']:.3f} ms "
+                     f"(median of {len(samples)}: {min(samples):.3f}-{max(samples):.3f} ms)")
+        self.ref_ms = float(stored["dense_ref_ms"])
+        return stored
+
+    def target_ms(self, target: str) -> float:
+        """The latency every method is given for ``target``: the dense reference over the speedup."""
+        return self.ref_ms / _speedup(target)
+
+    def measure(self, pruned: nn.Module) -> float:
+        """Latency of a candidate (ms), one measurement."""
+        return self.lab.measure([pruned], self.input_shape)[0]
+
+    def measure_final(self, pruned: nn.Module) -> tuple[float, float, list[list[float]]]:
+        """(dense ms, pruned ms, samples): medians of ``--repeats`` interleaved measurements."""
+        pairs = [self.lab.measure([self.dense, pruned], self.input_shape) for _ in range(self.args.repeats)]
+        return (statistics.median(d for d, _ in pairs), statistics.median(p for _, p in pairs),
+                [list(x) for x in pairs])
 
     def finish(self, method: str, target: str, pruned: nn.Module, top1_before: float | None,
                search: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -284,11 +327,16 @@ class Bench:
 
         if top1_before is None:
             top1_before = self._evaluate(pruned, self.val_loader)
-            self._train(pruned, self.train_loader.dataset, self.finetune_cfg, desc="fine-tune")
+            cfg = dataclasses.replace(self.finetune_cfg, seed=self.seed)
+            self._train(pruned, self.train_loader.dataset, cfg, desc="fine-tune")
         top1 = self._evaluate(pruned, self.val_loader)
-        dense_ms, ms = self.measure(pruned)
-        return {"model": self.key, "method": method, "target": target, "target_speedup": _speedup(target),
-                "dense_ms": dense_ms, "latency_ms": ms, "speedup": dense_ms / ms,
+        dense_ms, ms, samples = self.measure_final(pruned)
+        search["matched_speedup"] = self.ref_ms / search["matched_ms"]
+        return {"model": self.key, "method": method, "target": target, "seed": self.seed,
+                "target_speedup": _speedup(target),
+                "target_ms": self.target_ms(target), "dense_ref_ms": self.ref_ms, "dense_ms": dense_ms,
+                "latency_ms": ms, "speedup": self.ref_ms / ms, "speedup_beside": dense_ms / ms,
+                "samples": samples,
                 "params": count_params(pruned), "dense_params": count_params(self.dense),
                 "top1_before_ft": top1_before, "top1": top1, "dense_top1": self.dense_top1,
                 "search": search, "wall_s": time.time() - t0}
@@ -312,13 +360,13 @@ def run_mdp(b: Bench, method: str, target: str) -> dict[str, Any]:
 
     t0 = time.time()
     a = b.args
-    out = b.dir / f"{method}-{target}"
+    out = b.dir / f"{method}-{target}-s{b.seed}"
     argv = ["--model", b.name, "--checkpoint", str(b.ckpt), "--num-classes", "10", "--in-chans", "1",
-            "--resolution", str(b.res), "--engine", a.engine, "--engine-target", target,
+            "--resolution", str(b.res), "--engine", a.engine, "--engine-target", f"{b.target_ms(target):.5f}ms",
             "--data", a.data, "--train-limit", str(a.train_limit), "--val-limit", str(a.val_limit),
             "--importance-batches", str(a.importance_batches), "--max-choices", str(a.max_choices),
             "--finetune-epochs", str(a.finetune_epochs), "--train-batch-size", str(a.batch_size),
-            "--lr", str(a.finetune_lr), "--tolerance", str(a.tolerance), "--seed", str(a.seed),
+            "--lr", str(a.finetune_lr), "--tolerance", str(a.tolerance), "--seed", str(b.seed),
             "--clock", a.clock, "--lut", str(b.lut), "--out", str(out), "--force", "--quiet"]
     if method == "mdp-channels":
         argv += ["--kinds", "mlp,embed" if b.is_vit() else "channels", "--no-block-removal"]
@@ -328,7 +376,7 @@ def run_mdp(b: Bench, method: str, target: str) -> dict[str, Any]:
     report = json.loads((out / "report.json").read_text())
     pruned = load_pruned(out / "pruned.pt")
     acc = report["accuracy"]
-    search = {"pipeline_dense_ms": report["dense_ms"], "pipeline_pruned_ms": report["pruned_ms"],
+    search = {"matched_ms": report["pruned_ms"], "pipeline_dense_ms": report["dense_ms"],
               "pipeline_speedup": report["speedup"], "target_met": report["target_met"],
               "rounds": len(report["rounds"]), "predicted_ms": report["predicted_ms"],
               "removed_blocks": len(json.loads((out / "plan.json").read_text())["removed"]),
@@ -344,41 +392,45 @@ def run_mdp(b: Bench, method: str, target: str) -> dict[str, Any]:
 
 def _bisect(b: Bench, target: str, build: Callable[[float], nn.Module], lo: float, hi: float,
             start: float, increasing: bool) -> tuple[nn.Module, dict[str, Any]]:
-    """Search a scalar knob until the measured speedup meets the target within the tolerance.
+    """Search a scalar knob until the measured latency meets the target's within the tolerance.
 
-    ``increasing``: the speedup grows with the knob. Keeps the least-pruned candidate within
+    ``increasing``: pruning (speed) grows with the knob. Keeps the least-pruned candidate within
     the tolerance (as the prune command does), else the one closest to the target.
     """
-    goal = _speedup(target)
+    goal = b.target_ms(target)
     tol = b.args.tolerance / 100
     tried: list[tuple[float, float, nn.Module]] = []
     x = start
     for _ in range(b.args.search_steps):
         model = build(x)
-        d, p = b.measure(model)
-        s = d / p
-        tried.append((x, s, model))
-        b.log(f"  knob {x:.4f}: {p:.3f} ms vs dense {d:.3f} ms, {s:.2f}x")
-        if abs(s / goal - 1) <= tol:
+        ms = b.measure(model)
+        tried.append((x, ms, model))
+        b.log(f"  knob {x:.4f}: {ms:.3f} ms (target {goal:.3f} ms)")
+        if abs(ms / goal - 1) <= tol:
             break
-        if (s < goal) == increasing:
+        if (ms > goal) == increasing:
             lo = x
         else:
             hi = x
         x = (lo + hi) / 2
-    ok = [t for t in tried if t[1] >= goal / (1 + tol)]
+    ok = [t for t in tried if t[1] <= goal * (1 + tol)]
     if ok:
-        pick = min(ok, key=lambda t: t[1])
+        pick = max(ok, key=lambda t: t[1])
     else:
         pick = min(tried, key=lambda t: abs(math.log(t[1] / goal)))
-    search = {"knob": pick[0], "search_speedup": pick[1], "steps": len(tried),
+    search = {"knob": pick[0], "matched_ms": pick[1], "steps": len(tried),
               "tried": [[t[0], t[1]] for t in tried]}
     return pick[2], search
 
 
 def _grad_batches(b: Bench) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    it = iter(b.train_loader)
-    return [next(it) for _ in range(min(b.args.importance_batches, len(b.train_loader)))]
+    """The row seed's first batches: the same for every target and method, whatever ran before."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(b.train_loader.dataset, batch_size=b.args.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(b.seed))
+    it = iter(loader)
+    return [next(it) for _ in range(min(b.args.importance_batches, len(loader)))]
 
 
 def run_torch_pruning(b: Bench, target: str) -> dict[str, Any]:
@@ -425,7 +477,7 @@ def run_uniform(b: Bench, target: str) -> dict[str, Any]:
 
     t0 = time.time()
     space = space_of(b.dense, SpaceConfig(max_choices=4096, resolution=b.res))
-    imp = estimate("taylor", b.dense, space, _grad_batches(b), b.args.importance_batches, seed=b.args.seed)
+    imp = estimate("taylor", b.dense, space, _grad_batches(b), b.args.importance_batches, seed=b.seed)
 
     def build(f: float) -> nn.Module:
         widths = {}
@@ -451,6 +503,9 @@ def run_row(b: Bench, method: str, target: str) -> dict[str, Any]:
 # -- outputs ---------------------------------------------------------------------------------
 
 
+BASELINES = ("torch-pruning", "uniform")
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Accuracy against measured latency: {doc.get('title', 'Fashion-MNIST')}", ""]
     if "machine" in doc:
@@ -459,35 +514,104 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"GPU: {'yes' if m['gpu'] else 'no'}.", ""]
     for key, info in doc["models"].items():
         eng, s = info.get("engine", {}), info["settings"]
+        tol = s["tolerance"]
         lines += [f"## {key}", "", f"Command: `{info.get('command', doc.get('command', ''))}`", "",
                   f"Dense: trained {s['epochs']} epoch(s) on the first {s['train_limit']} training images, "
                   f"top-1 {info['dense_top1']:.2f}% on the first {s['val_limit']} test images, "
                   f"{info['dense_params'] / 1e6:.2f} M params. Engine {eng.get('engine')} "
                   f"{eng.get('version', '')} {eng.get('precision', '')}, batch 1, {eng.get('threads', '')} "
-                  f"thread(s), {s.get('clock', 'wall')} clock.", "",
-                  f"Each method matches the target (within {s['tolerance']}%) on its own measurements "
-                  f"(the closed loop of mdp_trt, a bisection for the baselines): 'speedup when matched'. "
-                  f"Every pruned model then gets the same fine-tuning ({s['finetune_epochs']} epoch(s), batch "
-                  f"{s['batch_size']}, AdamW lr {s['finetune_lr']}, cosine) and is measured once more beside "
-                  f"the dense model, interleaved: 'latency', 'dense' and 'speedup', the same protocol for "
-                  f"every method.", "",
-                  "| method | target | speedup when matched | latency (ms) | dense (ms) | speedup | params (M) | "
-                  "top-1 before FT | top-1 after FT |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        rows = [r for r in doc["rows"] if r["model"] == key]
-        rows.sort(key=lambda r: (r["target_speedup"], METHODS.index(r["method"])))
+                  f"thread(s), {s.get('clock', 'wall')} clock.", ""]
+        if "dense_ref_ms" in info:
+            smp = info.get("dense_ref_samples", [])
+            spread = f", range {min(smp):.3f}-{max(smp):.3f} ms" if smp else ""
+            lines += [f"Dense reference: {info['dense_ref_ms']:.3f} ms (median of {len(smp)} measurements"
+                      f"{spread}). Each target speedup is turned into one latency, reference / speedup, "
+                      f"given to every method ('target ms'). Each method meets it within {tol}% on its own "
+                      f"measurements (the closed loop of mdp_trt, a bisection for the baselines): 'matched "
+                      f"ms'. Every pruned model then gets the same fine-tuning ({s['finetune_epochs']} "
+                      f"epoch(s), batch {s['batch_size']}, AdamW lr {s['finetune_lr']}, cosine) and is "
+                      f"measured {s.get('repeats', 1)} more time(s), each beside the dense model: 'latency' "
+                      f"is the median, 'speedup' is the reference over it, 'dense beside' the dense median "
+                      f"of those same measurements. With several seeds (importance batches and fine-tuning "
+                      f"order; one dense model), each row is one method at one target: latencies are "
+                      f"medians over the seeds, params and top-1 means, '± sd' the standard deviation of "
+                      f"top-1 over the seeds, 'n' how many. A latency more than {tol}% above the target is "
+                      f"marked †.", ""]
+        lines += ["| method | target | n | target ms | matched ms | latency (ms) | speedup | dense beside (ms) | "
+                  "params (M) | top-1 before FT | top-1 after FT | ± sd |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = aggregate([r for r in doc["rows"] if r["model"] == key])
         for r in rows:
             if "error" in r:
-                lines.append(f"| {LABELS[r['method']]} | {r['target']} | — | — | — | — | — | — | "
-                             f"failed: {r['error'][:80]} |")
+                lines.append(f"| {LABELS[r['method']]} | {r['target']} | 0 | — | — | — | — | — | — | — | "
+                             f"failed: {r['error'][:80]} | — |")
                 continue
-            m = r["search"].get("pipeline_speedup", r["search"].get("search_speedup"))
-            matched = "—" if m is None else f"{m:.2f}x"
-            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {matched} | {r['latency_ms']:.3f} | "
-                         f"{r['dense_ms']:.3f} | {r['speedup']:.2f}x | {r['params'] / 1e6:.2f} | "
-                         f"{r['top1_before_ft']:.2f} | {r['top1']:.2f} |")
-        lines.append("")
+            tms, mms = r["target_ms"], r["matched_ms"]
+            late = tms is not None and r["latency_ms"] > tms * (1 + tol / 100)
+            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {r['n']} | {_fmt(tms)} | {_fmt(mms)} | "
+                         f"{r['latency_ms']:.3f}{' †' if late else ''} | {r['speedup']:.2f}x | "
+                         f"{r['dense_ms']:.3f} | {r['params'] / 1e6:.2f} | {r['top1_before_ft']:.2f} | "
+                         f"{r['top1']:.2f} | {r['top1_sd']:.2f} |")
+        lines += ["", "mdp_trt (full) against the others, top-1 after fine-tuning (means over the seeds), "
+                  "in points:", "", *reading(rows), ""]
     return "\n".join(lines)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, target): medians of latencies, means of params and top-1, top-1 sd."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"]), []).append(r)
+    out = []
+    for (method, target), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        head = {"model": rs[0]["model"], "method": method, "target": target,
+                "target_speedup": rs[0]["target_speedup"]}
+        if not ok:
+            out.append(dict(head, error=rs[0]["error"]))
+            continue
+        med = statistics.median
+        top1 = [r["top1"] for r in ok]
+        lat = med(r["latency_ms"] for r in ok)
+        ref = ok[0].get("dense_ref_ms")
+        matched = [r["search"]["matched_ms"] for r in ok if "matched_ms" in r["search"]]
+        out.append(dict(head, n=len(ok), seeds=[r.get("seed", 0) for r in ok], failed=len(rs) - len(ok),
+                        target_ms=ok[0].get("target_ms"), matched_ms=med(matched) if matched else None,
+                        latency_ms=lat, speedup=(ref / lat) if ref else med(r["speedup"] for r in ok),
+                        dense_ms=med(r["dense_ms"] for r in ok), params=statistics.fmean(r["params"] for r in ok),
+                        top1_before_ft=statistics.fmean(r["top1_before_ft"] for r in ok),
+                        top1=statistics.fmean(top1), top1_sd=statistics.stdev(top1) if len(top1) > 1 else 0.0))
+    out.sort(key=lambda r: (r["target_speedup"], METHODS.index(r["method"])))
+    return out
+
+
+def _fmt(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms:.3f}"
+
+
+def reading(rows: list[dict[str, Any]]) -> list[str]:
+    """Per target: mdp_trt's top-1 after fine-tuning against the best baseline and Torch-Pruning.
+
+    ``rows``: one per (method, target), as :func:`aggregate` gives them.
+    """
+    out = ["| target | mdp_trt (full) | best baseline | mdp_trt minus best baseline | mdp_trt minus "
+           "Torch-Pruning | mdp_trt minus best ablation |", "|---|---:|---|---:|---:|---:|"]
+    ok = [r for r in rows if "error" not in r]
+    for target in sorted({r["target"] for r in ok}, key=_speedup):
+        at = {r["method"]: r for r in ok if r["target"] == target}
+        if "mdp" not in at:
+            continue
+        mine = at["mdp"]["top1"]
+        base = [at[m] for m in BASELINES if m in at]
+        best = max(base, key=lambda r: r["top1"]) if base else None
+        abl = [at[m]["top1"] for m in ("mdp-channels", "mdp-linear") if m in at]
+        tp = at.get("torch-pruning")
+        best_txt = "—" if best is None else f"{LABELS[best['method']]} {best['top1']:.2f}"
+        cells = [None if best is None else mine - best["top1"], None if tp is None else mine - tp["top1"],
+                 None if not abl else mine - max(abl)]
+        diffs = " | ".join("—" if c is None else f"{c:+.2f}" for c in cells)
+        out.append(f"| {target} | {mine:.2f} | {best_txt} | {diffs} |")
+    return out
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -501,10 +625,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for ax, key in zip(axes[0], keys, strict=True):
         info = doc["models"][key]
         for method, marker in zip(METHODS, "os^Dv", strict=True):
-            rows = sorted((r for r in doc["rows"] if r["model"] == key and r["method"] == method and "error" not in r),
-                          key=lambda r: r["target_speedup"])
+            rows = [r for r in aggregate([r for r in doc["rows"] if r["model"] == key and r["method"] == method])
+                    if "error" not in r]
             if rows:
-                ax.plot([r["speedup"] for r in rows], [r["top1"] for r in rows], marker=marker, label=LABELS[method])
+                ax.errorbar([r["speedup"] for r in rows], [r["top1"] for r in rows],
+                            yerr=[r["top1_sd"] for r in rows], marker=marker, capsize=3, label=LABELS[method])
         ax.scatter([1.0], [info["dense_top1"]], marker="*", s=120, c="k", label="dense", zorder=5)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("measured speedup on the engine (x)")
@@ -552,24 +677,29 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     log(f"start: {meta['command']} -> {results.path}")
     for name, res in specs:
         results.check(f"{name}@{res}")
-        todo = [(t, m) for t in args.targets for m in args.methods if not results.done(f"{name}@{res}", m, t)]
+        todo = [(t, seed, m) for t in args.targets for seed in args.seeds for m in args.methods
+                if not results.done(f"{name}@{res}", m, t, seed)]
         if not todo and f"{name}@{res}" in results.doc["models"]:
             log(f"{name}@{res}: every row done")
             continue
         b = Bench(args, name, res, log)
-        results.doc["models"][b.key] = dict(b.meta(), settings=results.settings, command=meta["command"])
+        old = results.doc["models"].get(b.key, {})
+        ref = b.reference({k: old[k] for k in ("dense_ref_ms", "dense_ref_samples")} if "dense_ref_ms" in old else None)
+        results.doc["models"][b.key] = dict(b.meta(), **ref, settings=results.settings, command=meta["command"])
         results.save(meta)
-        for target, method in todo:
-            log(f"{b.key} {method} {target}: start")
-            torch.manual_seed(args.seed)
+        for target, seed, method in todo:
+            what = f"{b.key} {method} {target} seed {seed}"
+            log(f"{what}: start")
+            b.seed = seed
+            torch.manual_seed(seed)
             try:
                 row = run_row(b, method, target)
             except MdpError as exc:  # an unreachable target is a result, not a crash
-                row = {"model": b.key, "method": method, "target": target, "target_speedup": _speedup(target),
-                       "error": str(exc)}
-                log(f"{b.key} {method} {target}: failed: {exc}")
+                row = {"model": b.key, "method": method, "target": target, "seed": seed,
+                       "target_speedup": _speedup(target), "error": str(exc)}
+                log(f"{what}: failed: {exc}")
             else:
-                log(f"{b.key} {method} {target}: {row['speedup']:.2f}x ({row['latency_ms']:.3f} ms), "
+                log(f"{what}: {row['speedup']:.2f}x ({row['latency_ms']:.3f} ms), "
                     f"top-1 {row['top1_before_ft']:.2f} -> {row['top1']:.2f}%, {row['wall_s']:.0f} s")
             results.doc["rows"].append(row)
             results.doc["wall_s"] = results.doc.get("wall_s", 0.0) + row.get("wall_s", 0.0)

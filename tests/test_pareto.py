@@ -13,8 +13,9 @@ from benchmarks import pareto  # noqa: E402
 from mdp_trt.data import FASHION_MNIST_DIR  # noqa: E402
 from mdp_trt.errors import MdpError  # noqa: E402
 
-ROW_KEYS = {"model", "method", "target", "target_speedup", "dense_ms", "latency_ms", "speedup", "params",
-            "dense_params", "top1_before_ft", "top1", "dense_top1", "search", "wall_s"}
+ROW_KEYS = {"model", "method", "target", "target_speedup", "target_ms", "dense_ref_ms", "dense_ms", "latency_ms",
+            "speedup", "speedup_beside", "samples", "seed", "params", "dense_params", "top1_before_ft", "top1",
+            "dense_top1", "search", "wall_s"}
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:
@@ -26,7 +27,8 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_quick_run_every_method(tmp_path: Path) -> None:
     # CPU-time clock: the latencies of a shared test machine are not inflated by other processes.
-    argv = _args(tmp_path, "--models", "test_resnet@32", "--targets", "2x", "--train-limit", "384",
+    # 1.6x: this tiny model's space, channels only, reaches little more than 2x.
+    argv = _args(tmp_path, "--models", "test_resnet@32", "--targets", "1.6x", "--train-limit", "384",
                  "--val-limit", "256", "--clock", "cpu")
     assert pareto.main(argv) == 0
     doc = json.loads((tmp_path / "results" / "pareto_t.json").read_text())
@@ -35,17 +37,24 @@ def test_quick_run_every_method(tmp_path: Path) -> None:
     for r in rows:
         assert "error" not in r, r
         assert set(r) >= ROW_KEYS, sorted(ROW_KEYS - set(r))
-        assert r["model"] == "test_resnet@32" and r["target"] == "2x"
+        assert r["model"] == "test_resnet@32" and r["target"] == "1.6x"
         assert 0.0 <= r["top1_before_ft"] <= 100.0 and 0.0 <= r["top1"] <= 100.0
         assert 0 < r["params"] < r["dense_params"]
         assert r["latency_ms"] < r["dense_ms"]
+        # One latency target for every method: the stored dense reference over the speedup.
+        assert r["dense_ref_ms"] == doc["models"]["test_resnet@32"]["dense_ref_ms"]
+        assert r["target_ms"] == pytest.approx(r["dense_ref_ms"] / 1.6)
+        assert r["speedup"] == pytest.approx(r["dense_ref_ms"] / r["latency_ms"])
+        assert r["search"]["matched_ms"] > 0 and len(r["samples"]) == 1
         # Matched on a shared, noisy machine at sub-millisecond latencies: a sane band, not 3%.
         assert 1.3 <= r["speedup"] <= 3.0, (r["method"], r["speedup"])
     info = doc["models"]["test_resnet@32"]
+    assert len(info["dense_ref_samples"]) == 3
+    assert min(info["dense_ref_samples"]) <= info["dense_ref_ms"] <= max(info["dense_ref_samples"])
     assert info["settings"]["finetune_epochs"] == 0.5 and "command" in info
     assert "cpu" in doc["machine"]
     md = (tmp_path / "results" / "pareto_t.md").read_text()
-    assert "| mdp_trt (full) | 2x |" in md and "Torch-Pruning" in md
+    assert "| mdp_trt (full) | 1.6x |" in md and "Torch-Pruning" in md and "Dense reference:" in md
     assert (tmp_path / "results" / "pareto_t.png").stat().st_size > 1000
 
     # A rerun finds every row finished and measures nothing.
@@ -91,3 +100,33 @@ def test_results_merge_and_refuse_other_settings(tmp_path: Path) -> None:
     d.save(meta)
     left = json.loads((tmp_path / "results" / "pareto_t.json").read_text())
     assert [r["model"] for r in left["rows"]] == ["v@64"]
+
+
+def test_reading_compares_mdp_with_baselines_at_each_target() -> None:
+    rows = [dict(_row("m@32", m, t), top1=top1) for m, t, top1 in [
+        ("mdp", "2x", 85.0), ("torch-pruning", "2x", 83.5), ("uniform", "2x", 84.0), ("mdp-linear", "2x", 85.5),
+        ("mdp", "3x", 80.0), ("uniform", "3x", 81.0), ("torch-pruning", "4x", 70.0)]]
+    lines = pareto.reading(rows)
+    assert lines[2] == "| 2x | 85.00 | uniform width scaling 84.00 | +1.00 | +1.50 | -0.50 |"
+    assert lines[3] == "| 3x | 80.00 | uniform width scaling 81.00 | -1.00 | — | — |"
+    assert len(lines) == 4  # no mdp_trt row at 4x: nothing to compare
+
+
+def test_aggregate_over_seeds() -> None:
+    rows = [dict(_row("m@32", "mdp", "2x"), seed=0, top1=80.0, latency_ms=1.0, dense_ref_ms=2.2, target_ms=1.1,
+                 search={"matched_ms": 1.05}),
+            dict(_row("m@32", "mdp", "2x"), seed=1, top1=82.0, latency_ms=1.2, dense_ref_ms=2.2, target_ms=1.1,
+                 search={"matched_ms": 1.07}),
+            dict(_row("m@32", "mdp", "2x"), seed=2, top1=84.0, latency_ms=1.1, dense_ref_ms=2.2, target_ms=1.1,
+                 search={"matched_ms": 1.09}),
+            {"model": "m@32", "method": "uniform", "target": "2x", "target_speedup": 2.0, "seed": 0, "error": "x"},
+            dict(_row("m@32", "uniform", "3x"), seed=0, top1=70.0)]
+    agg = pareto.aggregate(rows)
+    assert [(r["method"], r["target"]) for r in agg] == [("mdp", "2x"), ("uniform", "2x"), ("uniform", "3x")]
+    mdp = agg[0]
+    assert mdp["n"] == 3 and mdp["seeds"] == [0, 1, 2]
+    assert mdp["top1"] == pytest.approx(82.0) and mdp["top1_sd"] == pytest.approx(2.0)
+    assert mdp["latency_ms"] == pytest.approx(1.1) and mdp["speedup"] == pytest.approx(2.0)
+    assert mdp["matched_ms"] == pytest.approx(1.07)
+    assert agg[1]["error"] == "x" and agg[2]["top1_sd"] == 0.0
+    assert pareto.reading(agg)[2].startswith("| 2x | 82.00 | — |")

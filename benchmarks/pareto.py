@@ -28,9 +28,10 @@ drift of the dense model's own timing (a memory-bound dense model on a shared ho
 by 10-20% from one session to the next) cannot give one method an easier target than another.
 
 All mdp variants share one latency table per model (``--lut``). After fine-tuning, every
-pruned model is measured ``--repeats`` more times, each beside the dense one (interleaved,
-same engine setting): the median is the row's latency, its speedup is the reference over it.
-Finished rows are kept in
+pruned model is kept (``<work>/<model>/final/``); once every row of a target is done, all of
+its models, every method and seed, are measured together with the dense one, interleaved, in
+``--repeats`` rounds: the medians are the rows' latencies, and their speedups are the dense
+median over them. Finished rows are kept in
 ``<out>/pareto_<tag>.json``: a rerun skips them. The table (``.md``) and the plot (``.png``)
 are rewritten after every row.
 """
@@ -314,15 +315,22 @@ class Bench:
         """Latency of a candidate (ms), one measurement."""
         return self.lab.measure([pruned], self.input_shape)[0]
 
-    def measure_final(self, pruned: nn.Module) -> tuple[float, float, list[list[float]]]:
-        """(dense ms, pruned ms, samples): medians of ``--repeats`` interleaved measurements."""
-        pairs = [self.lab.measure([self.dense, pruned], self.input_shape) for _ in range(self.args.repeats)]
-        return (statistics.median(d for d, _ in pairs), statistics.median(p for _, p in pairs),
-                [list(x) for x in pairs])
+    def measure_together(self, modules: Sequence[nn.Module]) -> list[list[float]]:
+        """``--repeats`` rounds, each timing the dense model and ``modules`` interleaved (one
+        engine session per model for all rounds): per round, dense ms then each module's ms."""
+        from profilers.timing import WHOLE_MODEL, measure_interleaved
+
+        runners = [self.lab.engine.prepare(m.eval(), self.input_shape) for m in [self.dense, *modules]]
+        try:
+            return [[t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)]
+                    for _ in range(self.args.repeats)]
+        finally:
+            for r in runners:
+                r.close()
 
     def finish(self, method: str, target: str, pruned: nn.Module, top1_before: float | None,
                search: dict[str, Any], t0: float) -> dict[str, Any]:
-        """Fine-tune (unless the pipeline did), evaluate, measure beside the dense model; the row."""
+        """Fine-tune (unless the pipeline did), evaluate, keep the model for :func:`measure_target`."""
         from mdp_trt.flops import count_params
 
         if top1_before is None:
@@ -330,13 +338,13 @@ class Bench:
             cfg = dataclasses.replace(self.finetune_cfg, seed=self.seed)
             self._train(pruned, self.train_loader.dataset, cfg, desc="fine-tune")
         top1 = self._evaluate(pruned, self.val_loader)
-        dense_ms, ms, samples = self.measure_final(pruned)
+        path = self.dir / "final" / f"{method}-{target}-s{self.seed}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned.eval(), path)
         search["matched_speedup"] = self.ref_ms / search["matched_ms"]
         return {"model": self.key, "method": method, "target": target, "seed": self.seed,
-                "target_speedup": _speedup(target),
-                "target_ms": self.target_ms(target), "dense_ref_ms": self.ref_ms, "dense_ms": dense_ms,
-                "latency_ms": ms, "speedup": self.ref_ms / ms, "speedup_beside": dense_ms / ms,
-                "samples": samples,
+                "target_speedup": _speedup(target), "target_ms": self.target_ms(target),
+                "dense_ref_ms": self.ref_ms, "model_file": str(path),
                 "params": count_params(pruned), "dense_params": count_params(self.dense),
                 "top1_before_ft": top1_before, "top1": top1, "dense_top1": self.dense_top1,
                 "search": search, "wall_s": time.time() - t0}
@@ -492,6 +500,39 @@ def run_uniform(b: Bench, target: str) -> dict[str, Any]:
     return b.finish("uniform", target, pruned, None, search, t0)
 
 
+def _measurable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    ok = sorted((r for r in rows if "error" not in r and Path(r.get("model_file", "")).is_file()), key=_row_key)
+    return ok, ["/".join(map(str, _row_key(r))) for r in ok]
+
+
+def _stale(rows: list[dict[str, Any]]) -> bool:
+    """Whether the models of these rows (one target) lack a measurement made all together."""
+    ok, group = _measurable(rows)
+    return bool(ok) and any(r.get("measured_with") != group for r in ok)
+
+
+def measure_target(b: Bench, rows: list[dict[str, Any]]) -> bool:
+    """Measure every finished model of one target together, interleaved with the dense model.
+
+    Fills each row's ``latency_ms``, ``dense_ms`` and ``speedup`` (dense over pruned, from the
+    same rounds): a drift of the machine during the run moves every method alike. Redone when
+    the set of rows changes (``measured_with``); returns whether it measured.
+    """
+    ok, group = _measurable(rows)
+    if not _stale(rows):
+        return False
+    models = [torch.load(r["model_file"], weights_only=False) for r in ok]
+    b.log(f"{b.key} {ok[0]['target']}: measuring {len(models)} pruned models with the dense one, "
+          f"{b.args.repeats} round(s)")
+    rounds = b.measure_together(models)
+    dense = statistics.median(rd[0] for rd in rounds)
+    for i, r in enumerate(ok, start=1):
+        ms = statistics.median(rd[i] for rd in rounds)
+        r.update(dense_ms=dense, latency_ms=ms, speedup=dense / ms, samples=[rd[i] for rd in rounds],
+                 dense_samples=[rd[0] for rd in rounds], measured_with=group)
+    return True
+
+
 def run_row(b: Bench, method: str, target: str) -> dict[str, Any]:
     if method.startswith("mdp"):
         return run_mdp(b, method, target)
@@ -529,15 +570,15 @@ def markdown(doc: dict[str, Any]) -> str:
                       f"given to every method ('target ms'). Each method meets it within {tol}% on its own "
                       f"measurements (the closed loop of mdp_trt, a bisection for the baselines): 'matched "
                       f"ms'. Every pruned model then gets the same fine-tuning ({s['finetune_epochs']} "
-                      f"epoch(s), batch {s['batch_size']}, AdamW lr {s['finetune_lr']}, cosine) and is "
-                      f"measured {s.get('repeats', 1)} more time(s), each beside the dense model: 'latency' "
-                      f"is the median, 'speedup' is the reference over it, 'dense beside' the dense median "
-                      f"of those same measurements. With several seeds (importance batches and fine-tuning "
-                      f"order; one dense model), each row is one method at one target: latencies are "
-                      f"medians over the seeds, params and top-1 means, '± sd' the standard deviation of "
-                      f"top-1 over the seeds, 'n' how many. A latency more than {tol}% above the target is "
-                      f"marked †.", ""]
-        lines += ["| method | target | n | target ms | matched ms | latency (ms) | speedup | dense beside (ms) | "
+                      f"epoch(s), batch {s['batch_size']}, AdamW lr {s['finetune_lr']}, cosine). Then all "
+                      f"models of one target, every method and seed, are measured together with the dense "
+                      f"model, interleaved, in {s.get('repeats', 1)} round(s): 'latency' and 'dense' are "
+                      f"medians over the rounds and 'speedup' is dense / latency, so a drift of the machine "
+                      f"moves every method alike. Seeds (importance batches, fine-tuning order; one dense "
+                      f"model): latency and speedup are medians over them, params and top-1 means, '± sd' "
+                      f"the standard deviation of top-1, 'n' how many seeds. A speedup more than {tol}% "
+                      f"short of the target is marked †.", ""]
+        lines += ["| method | target | n | target ms | matched ms | latency (ms) | dense (ms) | speedup | "
                   "params (M) | top-1 before FT | top-1 after FT | ± sd |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = aggregate([r for r in doc["rows"] if r["model"] == key])
@@ -546,12 +587,13 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {LABELS[r['method']]} | {r['target']} | 0 | — | — | — | — | — | — | — | "
                              f"failed: {r['error'][:80]} | — |")
                 continue
-            tms, mms = r["target_ms"], r["matched_ms"]
-            late = tms is not None and r["latency_ms"] > tms * (1 + tol / 100)
-            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {r['n']} | {_fmt(tms)} | {_fmt(mms)} | "
-                         f"{r['latency_ms']:.3f}{' †' if late else ''} | {r['speedup']:.2f}x | "
-                         f"{r['dense_ms']:.3f} | {r['params'] / 1e6:.2f} | {r['top1_before_ft']:.2f} | "
-                         f"{r['top1']:.2f} | {r['top1_sd']:.2f} |")
+            sp = r["speedup"]
+            late = sp is not None and sp < r["target_speedup"] / (1 + tol / 100)
+            speed = "—" if sp is None else f"{sp:.2f}x{' †' if late else ''}"
+            lines.append(f"| {LABELS[r['method']]} | {r['target']} | {r['n']} | {_fmt(r['target_ms'])} | "
+                         f"{_fmt(r['matched_ms'])} | {_fmt(r['latency_ms'])} | {_fmt(r['dense_ms'])} | {speed} | "
+                         f"{r['params'] / 1e6:.2f} | {r['top1_before_ft']:.2f} | {r['top1']:.2f} | "
+                         f"{r['top1_sd']:.2f} |")
         lines += ["", "mdp_trt (full) against the others, top-1 after fine-tuning (means over the seeds), "
                   "in points:", "", *reading(rows), ""]
     return "\n".join(lines)
@@ -570,15 +612,17 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not ok:
             out.append(dict(head, error=rs[0]["error"]))
             continue
-        med = statistics.median
         top1 = [r["top1"] for r in ok]
-        lat = med(r["latency_ms"] for r in ok)
-        ref = ok[0].get("dense_ref_ms")
         matched = [r["search"]["matched_ms"] for r in ok if "matched_ms" in r["search"]]
+        measured = [r for r in ok if "latency_ms" in r]
+
+        def med(key: str, rs: list[dict[str, Any]] = measured) -> float | None:
+            return statistics.median(r[key] for r in rs) if rs else None
+
         out.append(dict(head, n=len(ok), seeds=[r.get("seed", 0) for r in ok], failed=len(rs) - len(ok),
-                        target_ms=ok[0].get("target_ms"), matched_ms=med(matched) if matched else None,
-                        latency_ms=lat, speedup=(ref / lat) if ref else med(r["speedup"] for r in ok),
-                        dense_ms=med(r["dense_ms"] for r in ok), params=statistics.fmean(r["params"] for r in ok),
+                        target_ms=ok[0].get("target_ms"), matched_ms=statistics.median(matched) if matched else None,
+                        latency_ms=med("latency_ms"), speedup=med("speedup"), dense_ms=med("dense_ms"),
+                        params=statistics.fmean(r["params"] for r in ok),
                         top1_before_ft=statistics.fmean(r["top1_before_ft"] for r in ok),
                         top1=statistics.fmean(top1), top1_sd=statistics.stdev(top1) if len(top1) > 1 else 0.0))
     out.sort(key=lambda r: (r["target_speedup"], METHODS.index(r["method"])))
@@ -626,7 +670,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         info = doc["models"][key]
         for method, marker in zip(METHODS, "os^Dv", strict=True):
             rows = [r for r in aggregate([r for r in doc["rows"] if r["model"] == key and r["method"] == method])
-                    if "error" not in r]
+                    if "error" not in r and r["speedup"] is not None]
             if rows:
                 ax.errorbar([r["speedup"] for r in rows], [r["top1"] for r in rows],
                             yerr=[r["top1_sd"] for r in rows], marker=marker, capsize=3, label=LABELS[method])
@@ -679,7 +723,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         results.check(f"{name}@{res}")
         todo = [(t, seed, m) for t in args.targets for seed in args.seeds for m in args.methods
                 if not results.done(f"{name}@{res}", m, t, seed)]
-        if not todo and f"{name}@{res}" in results.doc["models"]:
+        def rows_at(target: str, key: str = f"{name}@{res}") -> list[dict[str, Any]]:
+            return [r for r in results.doc["rows"] if r["model"] == key and r["target"] == target]
+
+        if not todo and f"{name}@{res}" in results.doc["models"] and not any(_stale(rows_at(t)) for t in args.targets):
             log(f"{name}@{res}: every row done")
             continue
         b = Bench(args, name, res, log)
@@ -687,23 +734,27 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         ref = b.reference({k: old[k] for k in ("dense_ref_ms", "dense_ref_samples")} if "dense_ref_ms" in old else None)
         results.doc["models"][b.key] = dict(b.meta(), **ref, settings=results.settings, command=meta["command"])
         results.save(meta)
-        for target, seed, method in todo:
-            what = f"{b.key} {method} {target} seed {seed}"
-            log(f"{what}: start")
-            b.seed = seed
-            torch.manual_seed(seed)
-            try:
-                row = run_row(b, method, target)
-            except MdpError as exc:  # an unreachable target is a result, not a crash
-                row = {"model": b.key, "method": method, "target": target, "seed": seed,
-                       "target_speedup": _speedup(target), "error": str(exc)}
-                log(f"{what}: failed: {exc}")
-            else:
-                log(f"{what}: {row['speedup']:.2f}x ({row['latency_ms']:.3f} ms), "
-                    f"top-1 {row['top1_before_ft']:.2f} -> {row['top1']:.2f}%, {row['wall_s']:.0f} s")
-            results.doc["rows"].append(row)
-            results.doc["wall_s"] = results.doc.get("wall_s", 0.0) + row.get("wall_s", 0.0)
-            results.save(meta)
+        for target in args.targets:
+            for seed, method in [(s, m) for t, s, m in todo if t == target]:
+                what = f"{b.key} {method} {target} seed {seed}"
+                log(f"{what}: start")
+                b.seed = seed
+                torch.manual_seed(seed)
+                try:
+                    row = run_row(b, method, target)
+                except MdpError as exc:  # an unreachable target is a result, not a crash
+                    row = {"model": b.key, "method": method, "target": target, "seed": seed,
+                           "target_speedup": _speedup(target), "error": str(exc)}
+                    log(f"{what}: failed: {exc}")
+                else:
+                    matched = row["search"]["matched_ms"]
+                    log(f"{what}: matched {matched:.3f} ms ({b.ref_ms / matched:.2f}x of the reference), "
+                        f"top-1 {row['top1_before_ft']:.2f} -> {row['top1']:.2f}%, {row['wall_s']:.0f} s")
+                results.doc["rows"].append(row)
+                results.doc["wall_s"] = results.doc.get("wall_s", 0.0) + row.get("wall_s", 0.0)
+                results.save(meta)
+            if measure_target(b, rows_at(target)):
+                results.save(meta)
     log(f"done in {time.time() - t_start:.0f} s: {results.path}")
     return results.doc
 

@@ -14,7 +14,7 @@ from mdp_trt.data import FASHION_MNIST_DIR  # noqa: E402
 from mdp_trt.errors import MdpError  # noqa: E402
 
 ROW_KEYS = {"model", "method", "target", "target_speedup", "target_ms", "dense_ref_ms", "dense_ms", "latency_ms",
-            "speedup", "speedup_beside", "samples", "seed", "params", "dense_params", "top1_before_ft", "top1",
+            "speedup", "samples", "dense_samples", "measured_with", "model_file", "seed", "params", "dense_params", "top1_before_ft", "top1",
             "dense_top1", "search", "wall_s"}
 
 
@@ -44,8 +44,11 @@ def test_quick_run_every_method(tmp_path: Path) -> None:
         # One latency target for every method: the stored dense reference over the speedup.
         assert r["dense_ref_ms"] == doc["models"]["test_resnet@32"]["dense_ref_ms"]
         assert r["target_ms"] == pytest.approx(r["dense_ref_ms"] / 1.6)
-        assert r["speedup"] == pytest.approx(r["dense_ref_ms"] / r["latency_ms"])
+        # Every model of the target measured together with the dense model: one dense figure.
+        assert r["dense_ms"] == rows[0]["dense_ms"] and len(r["measured_with"]) == len(pareto.METHODS)
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["latency_ms"])
         assert r["search"]["matched_ms"] > 0 and len(r["samples"]) == 1
+        assert Path(r["model_file"]).is_file()
         # Matched on a shared, noisy machine at sub-millisecond latencies: a sane band, not 3%.
         assert 1.3 <= r["speedup"] <= 3.0, (r["method"], r["speedup"])
     info = doc["models"]["test_resnet@32"]
@@ -130,3 +133,21 @@ def test_aggregate_over_seeds() -> None:
     assert mdp["matched_ms"] == pytest.approx(1.07)
     assert agg[1]["error"] == "x" and agg[2]["top1_sd"] == 0.0
     assert pareto.reading(agg)[2].startswith("| 2x | 82.00 | — |")
+
+
+def test_a_target_is_measured_again_when_its_rows_change(tmp_path: Path) -> None:
+    def row(method: str) -> dict:
+        f = tmp_path / f"{method}.pt"
+        f.write_bytes(b"x")
+        return dict(_row("m@32", method, "2x"), seed=0, model_file=str(f))
+
+    rows = [row("mdp"), row("uniform")]
+    assert pareto._stale(rows)
+    _, group = pareto._measurable(rows)
+    for r in rows:
+        r["measured_with"] = group
+    assert not pareto._stale(rows)
+    rows.append(row("torch-pruning"))  # one more method (or seed) at this target
+    assert pareto._stale(rows)
+    failed = {"model": "m@32", "method": "mdp-linear", "target": "2x", "seed": 0, "error": "no plan"}
+    assert pareto._measurable(rows + [failed])[1] == pareto._measurable(rows)[1]

@@ -403,7 +403,8 @@ def _bisect(b: Bench, target: str, build: Callable[[float], nn.Module], lo: floa
     """Search a scalar knob until the measured latency meets the target's within the tolerance.
 
     ``increasing``: pruning (speed) grows with the knob. Keeps the least-pruned candidate within
-    the tolerance (as the prune command does), else the one closest to the target.
+    the tolerance either side, else the one closest to the target (a knob whose latency jumps
+    past the target, as a global ratio may, gets its nearest side, not the far faster one).
     """
     goal = b.target_ms(target)
     tol = b.args.tolerance / 100
@@ -421,7 +422,7 @@ def _bisect(b: Bench, target: str, build: Callable[[float], nn.Module], lo: floa
         else:
             hi = x
         x = (lo + hi) / 2
-    ok = [t for t in tried if t[1] <= goal * (1 + tol)]
+    ok = [t for t in tried if abs(t[1] / goal - 1) <= tol]
     if ok:
         pick = max(ok, key=lambda t: t[1])
     else:

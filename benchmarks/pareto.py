@@ -577,22 +577,26 @@ def markdown(doc: dict[str, Any]) -> str:
                       f"medians over the rounds and 'speedup' is dense / latency, so a drift of the machine "
                       f"moves every method alike. Seeds (importance batches, fine-tuning order; one dense "
                       f"model): latency and speedup are medians over them, params and top-1 means, '± sd' "
-                      f"the standard deviation of top-1, 'n' how many seeds. A speedup more than {tol}% "
-                      f"short of the target is marked †.", ""]
+                      f"the standard deviation of top-1, 'n' how many seeds. 'vs mdp_trt': latency over "
+                      f"mdp_trt (full)'s at the same target, from the same rounds (below 1: a faster model "
+                      f"than mdp_trt's). A speedup more than {tol}% short of the target is marked †.", ""]
         lines += ["| method | target | n | target ms | matched ms | latency (ms) | dense (ms) | speedup | "
-                  "params (M) | top-1 before FT | top-1 after FT | ± sd |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "vs mdp_trt | params (M) | top-1 before FT | top-1 after FT | ± sd |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = aggregate([r for r in doc["rows"] if r["model"] == key])
+        ours = {r["target"]: r.get("latency_ms") for r in rows if r["method"] == "mdp"}
         for r in rows:
             if "error" in r:
-                lines.append(f"| {LABELS[r['method']]} | {r['target']} | 0 | — | — | — | — | — | — | — | "
+                lines.append(f"| {LABELS[r['method']]} | {r['target']} | 0 | — | — | — | — | — | — | — | — | "
                              f"failed: {r['error'][:80]} | — |")
                 continue
             sp = r["speedup"]
             late = sp is not None and sp < r["target_speedup"] / (1 + tol / 100)
             speed = "—" if sp is None else f"{sp:.2f}x{' †' if late else ''}"
+            base = ours.get(r["target"])
+            rel = "—" if base is None or r["latency_ms"] is None else f"{r['latency_ms'] / base:.2f}"
             lines.append(f"| {LABELS[r['method']]} | {r['target']} | {r['n']} | {_fmt(r['target_ms'])} | "
-                         f"{_fmt(r['matched_ms'])} | {_fmt(r['latency_ms'])} | {_fmt(r['dense_ms'])} | {speed} | "
+                         f"{_fmt(r['matched_ms'])} | {_fmt(r['latency_ms'])} | {_fmt(r['dense_ms'])} | {speed} | {rel} | "
                          f"{r['params'] / 1e6:.2f} | {r['top1_before_ft']:.2f} | {r['top1']:.2f} | "
                          f"{r['top1_sd']:.2f} |")
         lines += ["", "mdp_trt (full) against the others, top-1 after fine-tuning (means over the seeds), "

@@ -36,7 +36,7 @@ import numpy as np
 
 from mdp_trt.cli import run_cli
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import Calibration, fit_calibration, linear_surface, pct_err, sample_plans
+from mdp_trt.surface import fit_calibration, pct_err, sample_plans
 
 
 def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
@@ -72,8 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measured.append(lab.measure_plan(model, space, p))
         log(f"plan {i}/{len(eval_plans)}: {measured[-1]:.3f} ms")
 
-    linear = linear_surface(surface)
-    linear.calibration = Calibration.fit([linear.raw(p) for p in cal_plans], cal_ms)
+    linear = lab.linear(model, space, surface, args.calibration_plans, args.seed)  # on the same plans
     cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
     rel = cal_flops / np.asarray(cal_ms)  # least relative error, the criterion every predictor is fitted by
     k = float(rel.sum() / np.dot(rel, rel))

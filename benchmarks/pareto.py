@@ -256,14 +256,14 @@ class Bench:
         from mdp_trt.data import DataSpec, evaluate, loaders
         from mdp_trt.engine_io import Lab
         from mdp_trt.finetune import TrainConfig, train
+        from profilers.table import default_table_path
 
         self.args, self.name, self.res, self.log = args, name, res, log
         self.key = f"{name}@{res}"
         self.dir = args.work / f"{name}-r{res}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.dir / f"dense-{args.data}.pt"
-        clock = "" if args.clock == "wall" else f"-{args.clock}clock"
-        self.lut = self.dir / f"{name}-{args.engine}-fp32-bs1-r{res}{clock}.sqlite"
+        self.lut = default_table_path(".", name, args.engine, "fp32", 1, res, root=self.dir, clock=args.clock)
         self.spec = DataSpec(1, res, 10)
         self.train_loader, self.val_loader = loaders(args.data, self.spec, args.batch_size, args.train_limit,
                                                      args.val_limit, seed=args.seed)
@@ -318,15 +318,7 @@ class Bench:
     def measure_together(self, modules: Sequence[nn.Module]) -> list[list[float]]:
         """``--repeats`` rounds, each timing the dense model and ``modules`` interleaved (one
         engine session per model for all rounds): per round, dense ms then each module's ms."""
-        from profilers.timing import WHOLE_MODEL, measure_interleaved
-
-        runners = [self.lab.engine.prepare(m.eval(), self.input_shape) for m in [self.dense, *modules]]
-        try:
-            return [[t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)]
-                    for _ in range(self.args.repeats)]
-        finally:
-            for r in runners:
-                r.close()
+        return self.lab.measure_rounds([self.dense, *modules], self.input_shape, self.args.repeats)
 
     def finish(self, method: str, target: str, pruned: nn.Module, top1_before: float | None,
                search: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -508,7 +500,10 @@ def _measurable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
 
 def _stale(rows: list[dict[str, Any]]) -> bool:
     """Whether the models of these rows (one target) lack a measurement made all together."""
-    ok, group = _measurable(rows)
+    return _is_stale(*_measurable(rows))
+
+
+def _is_stale(ok: list[dict[str, Any]], group: list[str]) -> bool:
     return bool(ok) and any(r.get("measured_with") != group for r in ok)
 
 
@@ -520,7 +515,7 @@ def measure_target(b: Bench, rows: list[dict[str, Any]]) -> bool:
     the set of rows changes (``measured_with``); returns whether it measured.
     """
     ok, group = _measurable(rows)
-    if not _stale(rows):
+    if not _is_stale(ok, group):
         return False
     models = [torch.load(r["model_file"], weights_only=False) for r in ok]
     b.log(f"{b.key} {ok[0]['target']}: measuring {len(models)} pruned models with the dense one, "
@@ -620,18 +615,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         top1 = [r["top1"] for r in ok]
         matched = [r["search"]["matched_ms"] for r in ok if "matched_ms" in r["search"]]
         measured = [r for r in ok if "latency_ms" in r]
-
-        def med(key: str, rs: list[dict[str, Any]] = measured) -> float | None:
-            return statistics.median(r[key] for r in rs) if rs else None
-
         out.append(dict(head, n=len(ok), seeds=[r.get("seed", 0) for r in ok], failed=len(rs) - len(ok),
                         target_ms=ok[0].get("target_ms"), matched_ms=statistics.median(matched) if matched else None,
-                        latency_ms=med("latency_ms"), speedup=med("speedup"), dense_ms=med("dense_ms"),
+                        latency_ms=_median(measured, "latency_ms"), speedup=_median(measured, "speedup"),
+                        dense_ms=_median(measured, "dense_ms"),
                         params=statistics.fmean(r["params"] for r in ok),
                         top1_before_ft=statistics.fmean(r["top1_before_ft"] for r in ok),
                         top1=statistics.fmean(top1), top1_sd=statistics.stdev(top1) if len(top1) > 1 else 0.0))
     out.sort(key=lambda r: (r["target_speedup"], METHODS.index(r["method"])))
     return out
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    return statistics.median(r[key] for r in rows) if rows else None
 
 
 def _fmt(ms: float | None) -> str:

@@ -116,11 +116,17 @@ class Lab:
 
     def measure(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
         """Median latency in ms of each module on the engine, measured interleaved."""
+        return self.measure_rounds(modules, input_shape, 1)[0]
+
+    def measure_rounds(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...],
+                       rounds: int) -> list[list[float]]:
+        """:meth:`measure` ``rounds`` times over the same engine sessions: per round, each
+        module's median ms."""
         from profilers.timing import WHOLE_MODEL, measure_interleaved
 
         runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
         try:
-            return [t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)]
+            return [[t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)] for _ in range(rounds)]
         finally:
             for r in runners:
                 r.close()

@@ -59,13 +59,13 @@ class Lab:
     def surface(self, model: nn.Module, space: PruningSpace, calibration: Calibration | None = None,
                 calibration_plans: int = 8, seed: int = 0) -> LatencySurface:
         """Profile what the table lacks for ``space``, build the surface, calibrate it (once per space)."""
-        from profilers.profile import profile_space
+        from profilers.profile import profile_space, term_points
 
         adapter = adapter_for(model)
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
                               progress=self.progress)
         self.log(f"latency table {self.table_path}: {stats}")
-        points = {sig: self.table.points(sig) for sig in {t.signature for t in space.terms}}
+        points = {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
         surf = LatencySurface.from_points(space, points)
         if calibration is not None:
             surf.calibration = calibration

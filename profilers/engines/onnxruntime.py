@@ -44,6 +44,7 @@ from profilers.engines.base import (
 from profilers.export import export_onnx
 
 PRECISIONS = ("fp32", "fp16")
+NCHWC = "com.microsoft.nchwc"
 CLOCKS = ("auto", "wall", "cpu")
 INSTALL_GPU = "pip install 'mdp-trt[ort-gpu]'"
 
@@ -183,9 +184,50 @@ class OnnxRuntimeEngine:
         def run() -> None:
             state[0].run_with_iobinding(state[1])
 
-        if self.clock == "cpu":
-            return ThreadTimedRunner(run, state.clear)
-        return HostRunner(run, state.clear)
+        runner = ThreadTimedRunner(run, state.clear) if self.clock == "cpu" else HostRunner(run, state.clear)
+        runner.output_shapes = [tuple(int(d) for d in o.shape) for o in outs]  # type: ignore[attr-defined]
+        return runner
+
+    # -- boundary costs of a standalone subgraph ------------------------------------------
+
+    def boundary_sides(self, model: bytes) -> tuple[bool, list[bool]]:
+        """Whether ONNX Runtime converts this graph's input, and each output, between NCHW and
+        its blocked NCHWc layout (``ReorderInput`` / ``ReorderOutput`` at the graph's edge).
+
+        A convolution timed alone pays those conversions once per run; inside a whole model the
+        blocked layout runs from the first convolution to the head, so they are not paid there.
+        Read off the optimized graph ONNX Runtime writes for this session settings.
+        """
+        if self.device != "cpu":
+            return False, []
+        import tempfile
+
+        import onnx
+
+        ort = _ort()
+        with tempfile.TemporaryDirectory() as tmp:
+            so = self._session_options()
+            so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            ort.InferenceSession(model, so, providers=self._providers())
+            graph = onnx.load(so.optimized_model_filepath).graph
+        inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+        reordered_in = any(n.op_type == "ReorderInput" and n.domain == NCHWC and n.input[0] in inputs
+                           for n in graph.node)
+        produced = {o for n in graph.node if n.op_type == "ReorderOutput" and n.domain == NCHWC for o in n.output}
+        return reordered_in, [o.name in produced for o in graph.output]
+
+    def boundary_probe(self, shape: Sequence[int]) -> bytes:
+        """An ONNX graph that converts an NCHW tensor of ``shape`` to NCHWc and back: what a
+        standalone subgraph pays at one edge, twice (both directions, once each)."""
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))
+        y = helper.make_tensor_value_info("output", TensorProto.FLOAT, list(shape))
+        nodes = [helper.make_node("ReorderInput", ["input"], ["blocked"], domain=NCHWC),
+                 helper.make_node("ReorderOutput", ["blocked"], ["output"], domain=NCHWC, channels=int(shape[1]))]
+        graph = helper.make_graph(nodes, "boundary", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(NCHWC, 1)])
+        return model.SerializeToString()
 
 
 class ThreadTimedRunner(HostRunner):

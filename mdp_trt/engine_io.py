@@ -77,7 +77,8 @@ class Lab:
         surf.calibration = cal
         self.table.kv_set(f"calibration/{space.space_id}", cal.to_dict())  # for inspection
         traffic = f" {cal.ms_per_mparam:+.3f} ms per M weights" if cal.ms_per_mparam else ""
-        self.log(f"calibration on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
+        traffic += f" {cal.ms_per_gflop:+.3f} ms per GFLOP" if cal.ms_per_gflop else ""
+        self.log(f"calibration ({cal.form}) on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
                  f"median error {cal.raw_median_abs_pct_err:.1f}% raw -> {cal.fit_median_abs_pct_err:.1f}% fitted")
         return surf
 
@@ -86,7 +87,8 @@ class Lab:
         """The linear latency model on the same measurements, calibrated on the same plans."""
         lin = linear_surface(surface)
         plans = self.calibration_plans(space, calibration_plans, seed)
-        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False)
+        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False,
+                                          flops=False)
         return lin
 
     @staticmethod

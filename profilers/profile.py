@@ -119,28 +119,32 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         seconds=0.0,
     )
     batch = identity.batch_size
-    sides_of: dict[str, tuple[bool, list[bool]]] = {}
+    sides_of: dict[str, tuple[int, int]] = {}
     has_boundaries = callable(getattr(engine, "boundary_sides", None))
 
     def boundary(sig: str, module: nn.Module, shape: tuple[int, ...], runner: Any) -> float:
-        """The cost of the conversions the engine adds at this standalone subgraph's edges: half
-        of each edge tensor's probe (a probe converts both ways). 0 where there are none."""
+        """The cost of the layout conversions the engine adds to this subgraph timed alone:
+        half of a probe (which converts both ways) per conversion, of the input's shape for
+        those into the engine's layout and of the output's for those out of it. 0 where
+        there are none."""
         if sig not in sides_of:
             rec = table.kv_get(SIDES + sig)
             if rec is None:
                 if any(k[0] == sig for k in have):  # measured before boundaries were: leave as it was
-                    rec = {"input": False, "outputs": []}
+                    rec = {"into": 0, "out_of": 0}
                 else:
                     from profilers.export import export_onnx
 
-                    reordered_in, outs = engine.boundary_sides(export_onnx(module, shape))  # type: ignore[attr-defined]
-                    rec = {"input": reordered_in, "outputs": outs}
+                    into, out_of = engine.boundary_sides(export_onnx(module, shape))  # type: ignore[attr-defined]
+                    rec = {"into": into, "out_of": out_of}
                 table.kv_set(SIDES + sig, rec)
-            sides_of[sig] = (bool(rec["input"]), [bool(o) for o in rec["outputs"]])
-        reordered_in, outs = sides_of[sig]
+            sides_of[sig] = (int(rec["into"]), int(rec["out_of"]))
+        into, out_of = sides_of[sig]
         out_shapes = getattr(runner, "output_shapes", None) or []
-        edges = ([shape] if reordered_in else []) + [o for o, f in zip(out_shapes, outs, strict=False) if f]
-        return sum(probe(tuple(e)) for e in edges) / 2
+        if not out_shapes:
+            out_of = 0
+        total = into * probe(shape) + (out_of * probe(tuple(out_shapes[0])) if out_of else 0.0)
+        return total / 2
 
     def probe(shape: tuple[int, ...]) -> float:
         key = PROBE + widths_key(shape[1:])

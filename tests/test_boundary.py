@@ -56,9 +56,9 @@ class BoundaryEngine:
         assert input_shape is not None and model == b"probe"
         return FakeRunner(2 * PER_ELEMENT_MS * math.prod(input_shape))  # both ways
 
-    def boundary_sides(self, model: bytes) -> tuple[bool, list[bool]]:
+    def boundary_sides(self, model: bytes) -> tuple[int, int]:
         self.sides_asked += 1
-        return True, [True]
+        return 1, 1
 
     def boundary_probe(self, shape: Sequence[int]) -> bytes:
         return b"probe"
@@ -87,7 +87,7 @@ def test_known_boundary_cost_is_recovered(tmp_path: Path) -> None:
             for (a, b), ms in raw.items():
                 assert ms > core[(a, b)]
                 assert core[(a, b)] == pytest.approx(CORE_MS * a * b, rel=1e-9)
-            assert table.kv_get(SIDES + sig) == {"input": True, "outputs": [True]}
+            assert table.kv_get(SIDES + sig) == {"into": 1, "out_of": 1}
         # A second run measures nothing and keeps the costs.
         again = profile_space(space(), term_module, engine, table, progress=False, budget=FAST)  # type: ignore[arg-type]
         assert again.measured == 0 and again.probes == 0
@@ -102,7 +102,7 @@ def test_terms_measured_before_boundaries_keep_their_values(tmp_path: Path) -> N
 
         table.put(sig, (8, 8), summarize([[1.0]]))  # an older table's point
         profile_space(space(), term_module, engine, table, progress=False, budget=FAST)  # type: ignore[arg-type]
-        assert table.kv_get(SIDES + sig) == {"input": False, "outputs": []}
+        assert table.kv_get(SIDES + sig) == {"into": 0, "out_of": 0}
         assert term_points(table, sig) == table.points(sig)  # nothing taken off: one rule per signature
 
 
@@ -111,10 +111,19 @@ def test_onnxruntime_finds_its_layout_conversions_and_probes_them() -> None:
 
     engine = get_engine("onnxruntime", resolution=16, device="cpu")
     conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
-    reordered_in, outs = engine.boundary_sides(export_onnx(conv, (1, 16, 16, 16)))
-    assert reordered_in and outs == [True]  # a conv alone: NCHW -> NCHWc -> NCHW
+    assert engine.boundary_sides(export_onnx(conv, (1, 16, 16, 16))) == (1, 1)  # NCHW -> NCHWc -> NCHW
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):  # the add runs in NCHW after the conversion back
+            return self.conv(x) + x
+
+    assert engine.boundary_sides(export_onnx(Residual().eval(), (1, 16, 16, 16))) == (1, 1)
     mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).eval()
-    assert engine.boundary_sides(export_onnx(mlp, (1, 4, 16))) == (False, [False])
+    assert engine.boundary_sides(export_onnx(mlp, (1, 4, 16))) == (0, 0)
     runner = engine.prepare_onnx(engine.boundary_probe((1, 16, 8, 8)), (1, 16, 8, 8))
     try:
         runner()

@@ -151,7 +151,11 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         known = table.kv_get(key)
         if known is not None:
             return float(known)
-        runner = engine.prepare_onnx(engine.boundary_probe(shape), shape)  # type: ignore[attr-defined]
+        graph = engine.boundary_probe(shape)  # type: ignore[attr-defined]
+        if graph is None:
+            table.kv_set(key, 0.0)
+            return 0.0
+        runner = engine.prepare_onnx(graph, shape)
         try:
             timing = measure(runner, budget)
         finally:

@@ -124,6 +124,7 @@ def test_onnxruntime_finds_its_layout_conversions_and_probes_them() -> None:
     assert engine.boundary_sides(export_onnx(Residual().eval(), (1, 16, 16, 16))) == (1, 1)
     mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).eval()
     assert engine.boundary_sides(export_onnx(mlp, (1, 4, 16))) == (0, 0)
+    assert engine.boundary_probe((1, 1000)) is None  # a pooled head: nothing to convert
     runner = engine.prepare_onnx(engine.boundary_probe((1, 16, 8, 8)), (1, 16, 8, 8))
     try:
         runner()

@@ -214,9 +214,13 @@ class OnnxRuntimeEngine:
         ops = [n.op_type for n in graph.node if n.domain == NCHWC]
         return ops.count("ReorderInput"), ops.count("ReorderOutput")
 
-    def boundary_probe(self, shape: Sequence[int]) -> bytes:
+    def boundary_probe(self, shape: Sequence[int]) -> bytes | None:
         """An ONNX graph that converts an NCHW tensor of ``shape`` to NCHWc and back: what a
-        standalone subgraph pays at one edge, twice (both directions, once each)."""
+        standalone subgraph pays at one edge, twice (both directions, once each). None for a
+        tensor that is not 4-D (a pooled head's output): the conversion it stands for happened
+        on the 4-D tensor before, of negligible size."""
+        if len(shape) != 4:
+            return None
         from onnx import TensorProto, helper
 
         x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))

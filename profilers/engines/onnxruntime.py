@@ -217,9 +217,9 @@ class OnnxRuntimeEngine:
     def boundary_probe(self, shape: Sequence[int]) -> bytes | None:
         """An ONNX graph that converts an NCHW tensor of ``shape`` to NCHWc and back: what a
         standalone subgraph pays at one edge, twice (both directions, once each). None for a
-        tensor that is not 4-D (a pooled head's output): the conversion it stands for happened
-        on the 4-D tensor before, of negligible size."""
-        if len(shape) != 4:
+        tensor that is not 4-D (a pooled head's output) or whose channels ONNX Runtime does not
+        block (not a multiple of 4): the conversion it stands for is of negligible size."""
+        if len(shape) != 4 or shape[1] % 4:
             return None
         from onnx import TensorProto, helper
 

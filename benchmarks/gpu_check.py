@@ -185,7 +185,9 @@ def build_steps(s: Settings, work: Path, wheels: Path, site: Path) -> list[Step]
                           [py, "-m", "mdp_trt.prune", *_common(s, prune_model, batch), "--engine-target",
                            s.target, "--lut", str(work / _table(prune_model, batch)), "--calibration-plans",
                            str(s.calibration_plans), "--importance-batches", str(s.importance_batches),
-                           "--train-batch-size", str(s.train_batch_size), "--max-rounds", str(s.max_rounds),
+                           "--train-batch-size", str(s.train_batch_size),
+                           "--train-limit", str(s.importance_batches * s.train_batch_size),
+                           "--max-rounds", str(s.max_rounds),
                            "--out", str(work / f"prune/{ptag}"), "--quiet"],
                           f"logs/prune_{ptag}.out", read=_read_prune(work / f"prune/{ptag}"),
                           label=f"{prune_model}@bs{batch}"))

@@ -161,11 +161,12 @@ def test_deadline_skips_what_cannot_finish(tmp_path: Path) -> None:
 
 def test_step_minimum_decides_what_is_skipped(tmp_path: Path) -> None:
     limits = dict(DRY_RUN.limits, profile=(90.0, 1e6))
-    opts = Run(out=tmp_path / "out", dry_run=True, wheels=tmp_path / "none", settings=dataclasses.replace(
-        DRY_RUN, limits=limits), only=("device", f"profile_{DRY_RUN.cnn}_bs1"))
+    probe_wheel(tmp_path / "wheels")
+    opts = Run(out=tmp_path / "out", dry_run=True, wheels=tmp_path / "wheels", site=tmp_path / "site",
+               settings=dataclasses.replace(DRY_RUN, limits=limits), only=("install", f"profile_{DRY_RUN.cnn}_bs1"))
     assert check(opts) == 0
     steps = by_name(summary_of(tmp_path / "out"))
-    assert steps["device"]["status"] == "ok"
+    assert steps["install"]["status"] == "ok" and steps["install"]["seconds"] > 0
     assert steps[f"profile_{DRY_RUN.cnn}_bs1"]["status"] == "skipped"
     assert "needs at least 1000000 s" in steps[f"profile_{DRY_RUN.cnn}_bs1"]["reason"]
 
@@ -212,6 +213,27 @@ def test_archive_leaves_tables_out_when_too_large(tmp_path: Path, monkeypatch: p
     assert info["members"] == ["report.json"] and "left out" in info["note"]
     monkeypatch.setattr(gpu_check, "ARCHIVE_BYTES", 10**6)
     assert gpu_check._archive(work, tmp_path / ARCHIVE)["members"] == ["luts/t.sqlite", "report.json"]
+
+
+def test_gpu_command_lines_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every GPU-run command parses, and gets as far as asking for the CUDA device (none here)."""
+    import torch
+
+    from benchmarks.latency_model import main as latency_main
+    from mdp_trt.profile import main as profile_main
+    from mdp_trt.prune import main as prune_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mains = {"mdp_trt.profile": profile_main, "benchmarks.latency_model": latency_main,
+             "mdp_trt.prune": prune_main, "benchmarks.gpu_check": main}
+    steps = build_steps(gpu_check.GPU, tmp_path, tmp_path / "none", tmp_path / "site")
+    ran = []
+    for st in steps:
+        if st.argv and st.argv[2] in mains:
+            with pytest.raises(MdpError, match="fp16 and bf16 need a CUDA GPU|sees no CUDA device"):
+                mains[st.argv[2]](st.argv[3:])
+            ran.append(st.kind)
+    assert sorted(ran) == sorted(["device", *["profile", "latency", "prune"] * 2])
 
 
 def test_unknown_step_is_one_clear_error(tmp_path: Path) -> None:

@@ -236,6 +236,15 @@ def test_gpu_command_lines_are_accepted(tmp_path: Path, monkeypatch: pytest.Monk
     assert sorted(ran) == sorted(["device", *["profile", "latency", "prune"] * 2])
 
 
+def test_cuda_tests_collect_only_files_with_cuda_marks(tmp_path: Path) -> None:
+    assert "tests/test_profilers.py" in gpu_check.cuda_test_files()
+    assert "tests/test_solver.py" not in gpu_check.cuda_test_files()  # imports CVXPY while collected
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests/test_a.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_x(): ...\n")
+    (tmp_path / "tests/test_b.py").write_text("def test_y(): ...\n")
+    assert gpu_check.cuda_test_files(tmp_path) == ["tests/test_a.py"]
+
+
 def test_unknown_step_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MdpError, match="unknown step 'nope'; the steps are: install, device"):
         main(["--dry-run", "--out", str(tmp_path), "--only", "nope"])

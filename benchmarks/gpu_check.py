@@ -43,6 +43,7 @@ run goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -264,25 +265,37 @@ def _child_env(site: Path | None, dry_run: bool) -> dict[str, str]:
 
 
 def _run_child(argv: list[str], stdout: Path, stderr: Path, env: dict[str, str], timeout: float) -> int | None:
-    """Run ``argv`` in its own process group; ``None`` when stopped at ``timeout`` seconds."""
+    """Run ``argv`` in a process group of its own; ``None`` when stopped at ``timeout`` seconds.
+
+    The group stays in this session, so whatever ends the session ends the step too; an
+    interrupt of this process stops the step before it goes on."""
     stdout.parent.mkdir(parents=True, exist_ok=True)
+    group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env, **group)
         try:
             return proc.wait(timeout=max(timeout, 0.0))
         except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _stop(proc)
             return None
+        except BaseException:
+            _stop(proc)
+            raise
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the child's process group, then SIGKILL to whatever of it is left after 5 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5.0)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_step(step: Step, work: Path, env: dict[str, str], limit_s: float, fail: bool = False) -> dict[str, Any]:
@@ -331,26 +344,42 @@ def check(opts: Run) -> int:
     t_start = time.monotonic()
     deadline = t_start + opts.budget_s - min(10.0, 0.05 * opts.budget_s)  # the rest is for packing
     s = opts.settings or (DRY_RUN if opts.dry_run else GPU)
+    names = [st.name for st in build_steps(s, Path("work"), opts.wheels, opts.site)]
+    for asked in (*opts.only, *opts.fail):
+        if asked not in names:
+            raise MdpError(f"unknown step {asked!r}; the steps are: {', '.join(names)}")
     opts.out.mkdir(parents=True, exist_ok=True)
     work = opts.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     for sub in ("logs", "luts", "latency", "profile", "prune"):
         (work / sub).mkdir(exist_ok=True)
     steps = build_steps(s, work, opts.wheels, opts.site)
-    names = [st.name for st in steps]
-    for asked in (*opts.only, *opts.fail):
-        if asked not in names:
-            raise MdpError(f"unknown step {asked!r}; the steps are: {', '.join(names)}")
     summary: dict[str, Any] = {
         "mode": "dry-run" if opts.dry_run else "gpu",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "budget_s": opts.budget_s,
         "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "limits"},
+        "complete": False,
+        "ok": None,
         "steps": [],
     }
     installed = bool(steps[0].argv)
     env = _child_env(opts.site if installed else None, opts.dry_run)
+    try:
+        _run_steps(steps, s, opts, work, env, summary, t_start, deadline)
+        summary["complete"] = True
+    finally:  # interrupted too: what finished is kept
+        summary["ok"] = summary["complete"] and all(r["status"] in ("ok", "skipped") for r in summary["steps"])
+        _finish(summary, work, opts.out, time.monotonic() - t_start)
+        if opts.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if summary["ok"] else 1
+
+
+def _run_steps(steps: list[Step], s: Settings, opts: Run, work: Path, env: dict[str, str],
+               summary: dict[str, Any], t_start: float, deadline: float) -> None:
+    """Each step in turn (or skipped), the summary rewritten after each."""
     for st in steps:
         if opts.only and st.name not in opts.only:
             continue
@@ -361,7 +390,12 @@ def check(opts: Run) -> int:
                    "reason": f"{max(left, 0):.0f} s left before the deadline, the step needs at least {least:.0f} s"}
         else:
             print(f"[{time.monotonic() - t_start:6.1f} s] {st.name} ...", file=sys.stderr, flush=True)
-            rec = run_step(st, work, env, min(most, left), fail=st.name in opts.fail)
+            try:
+                rec = run_step(st, work, env, min(most, left), fail=st.name in opts.fail)
+            except BaseException:  # interrupted: the step was stopped, the summary says so
+                summary["steps"].append({"name": st.name, "kind": st.kind, "status": "interrupted",
+                                         "seconds": round(time.monotonic() - t_start, 1)})
+                raise
         if st.label:
             rec.setdefault("label", st.label)
         summary["steps"].append(rec)
@@ -369,11 +403,6 @@ def check(opts: Run) -> int:
         print(f"[{time.monotonic() - t_start:6.1f} s] {st.name} {rec['status']} ({rec['seconds']:.1f} s){extra}",
               file=sys.stderr, flush=True)
         _finish(summary, work, opts.out, time.monotonic() - t_start)
-    summary["ok"] = all(r["status"] in ("ok", "skipped") for r in summary["steps"])
-    _finish(summary, work, opts.out, time.monotonic() - t_start)
-    if opts.work is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if summary["ok"] else 1
 
 
 # -- the summary -----------------------------------------------------------------------------------
@@ -605,7 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = dataclasses.replace(s, plans=args.plans)
     opts = Run(out=args.out or _default_out(), budget_s=args.budget_s, dry_run=args.dry_run, wheels=args.wheels,
                site=args.site, work=args.work, only=tuple(args.only), fail=tuple(args.fail), settings=s)
-    rc = check(opts)
+    previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still writes the summary
+    try:
+        rc = check(opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     problems = returnable(opts.out)
     print(f"{opts.out}: results.json, results.md, {ARCHIVE}" + (f"; not returnable: {problems}" if problems else ""),
           file=sys.stderr)

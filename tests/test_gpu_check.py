@@ -192,6 +192,26 @@ def test_step_past_its_limit_is_stopped_with_its_children(tmp_path: Path) -> Non
         pytest.fail(f"process {pid} of the stopped step still runs")
 
 
+def test_sigterm_stops_the_step_and_keeps_the_summary(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--only", "device",
+                             "--work", str(work), "--out", str(out), "--wheels", str(tmp_path / "none")],
+                            cwd=gpu_check.REPO, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # until the device step has started
+        if (work / "logs/device.err").exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    s = summary_of(out)
+    assert s["complete"] is False and s["ok"] is False
+    assert [(r["name"], r["status"]) for r in s["steps"]] == [("device", "interrupted")]
+
+
 def test_output_check_catches_what_would_not_come_back(tmp_path: Path) -> None:
     for i in range(gpu_check.MAX_OUT_FILES + 1):
         (tmp_path / f"f{i}.txt").write_text("x")

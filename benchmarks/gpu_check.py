@@ -80,6 +80,12 @@ INJECTED = "--injected-failure"
 TAIL_LINES = 15
 
 
+GPU_LIMITS = {"install": (60.0, 5.0), "device": (45.0, 5.0), "cuda_tests": (90.0, 15.0),
+              "profile": (120.0, 30.0), "latency": (90.0, 30.0), "prune": (120.0, 45.0)}
+DRY_LIMITS = {"install": (60.0, 1.0), "device": (60.0, 1.0), "cuda_tests": (90.0, 1.0),
+              "profile": (90.0, 1.0), "latency": (90.0, 1.0), "prune": (120.0, 1.0)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What the steps run: models, engine setting, grid and sizes."""
@@ -101,11 +107,6 @@ class Settings:
     limits: dict[str, tuple[float, float]] = dataclasses.field(default_factory=lambda: dict(GPU_LIMITS))
     """Per step kind: (most seconds it may run, fewest seconds worth starting it with)."""
 
-
-GPU_LIMITS = {"install": (60.0, 5.0), "device": (45.0, 5.0), "cuda_tests": (90.0, 15.0),
-              "profile": (120.0, 30.0), "latency": (90.0, 30.0), "prune": (120.0, 45.0)}
-DRY_LIMITS = {"install": (60.0, 1.0), "device": (60.0, 1.0), "cuda_tests": (90.0, 1.0),
-              "profile": (90.0, 1.0), "latency": (90.0, 1.0), "prune": (120.0, 1.0)}
 
 GPU = Settings()
 DRY_RUN = Settings(cnn="resnet18", vit="test_vit", precision="fp32", resolution=32, batch_sizes=(1, 2),
@@ -223,11 +224,10 @@ def _read_junit(need_pass: bool) -> Callable[[Step, Path], dict[str, Any]]:
         suite = suite if suite.tag == "testsuite" else suite[0]
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-        counts["skip_reasons"] = sorted({s.get("message", "") for s in suite.iter("skipped")})
+        reasons = sorted({s.get("message", "") for s in suite.iter("skipped")})
         if need_pass and counts["passed"] < 1:
-            raise StepCheckError(f"no CUDA test passed ({counts['skipped']} skipped: "
-                                 f"{'; '.join(counts['skip_reasons'])})")
-        return counts
+            raise StepCheckError(f"no CUDA test passed ({counts['skipped']} skipped: {'; '.join(reasons)})")
+        return {**counts, "skip_reasons": reasons}
 
     return read
 
@@ -559,7 +559,7 @@ def device_facts(engine: str, precision: str, require_cuda: bool) -> dict[str, A
                   multiprocessors=p.multi_processor_count, cudnn=torch.backends.cudnn.version(),
                   device_count=torch.cuda.device_count())
     facts["torch"] = tv
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("timm", "numpy", "scipy", "onnx", "onnxruntime", "highspy", "cvxpy", "rich", "matplotlib",
                  "pytest"):
         try:

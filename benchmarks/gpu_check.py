@@ -65,6 +65,7 @@ from typing import Any
 
 from mdp_trt.cli import run_cli
 from mdp_trt.errors import MdpError
+from mdp_trt.report import EXIT_CODES, outcome
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = "gpu-check.tar.gz"
@@ -129,6 +130,9 @@ class Step:
     """``model@bsN`` for the figures' tables."""
     note: str = ""
     """Said in the summary when the step has nothing to do (``argv`` empty)."""
+    ok_codes: tuple[int, ...] = (0,)
+    """Exit statuses that are results, not failures (a prune that missed its target still
+    reports what it measured: :data:`mdp_trt.report.EXIT_CODES`)."""
 
 
 class StepCheckError(Exception):
@@ -192,7 +196,7 @@ def build_steps(s: Settings, work: Path, wheels: Path, site: Path) -> list[Step]
                            "--max-rounds", str(s.max_rounds),
                            "--out", str(work / f"prune/{ptag}"), "--quiet"],
                           f"logs/prune_{ptag}.out", read=_read_prune(work / f"prune/{ptag}"),
-                          label=f"{prune_model}@bs{batch}"))
+                          label=f"{prune_model}@bs{batch}", ok_codes=tuple(EXIT_CODES.values())))
     return steps
 
 
@@ -239,7 +243,8 @@ def _read_prune(out: Path) -> Callable[[Step, Path], dict[str, Any]]:
                 "wall_s", "params_before", "params_after", "flops_before", "flops_after")
         doc = {k: r[k] for k in keys}
         doc.update(budget_ms=r["target"]["budget_ms"], target=r["target"]["text"], rounds=len(r["rounds"]),
-                   engine=r["engine"], note=r.get("note", ""))
+                   engine=r["engine"], note=r.get("note", ""), outcome=outcome(r),
+                   measurement=r.get("measurement"))
         return doc
 
     return read
@@ -314,7 +319,7 @@ def run_step(step: Step, work: Path, env: dict[str, str], limit_s: float, fail: 
     rec["rc"] = rc
     if rc is None:
         return dict(rec, status="timeout", reason=f"stopped after {limit_s:.0f} s", stderr_tail=_tail(err))
-    if rc != 0:
+    if rc not in step.ok_codes:
         return dict(rec, status="failed", reason=f"exit status {rc}", stderr_tail=_tail(err))
     if step.read is not None:
         try:

@@ -20,7 +20,7 @@ DEMO_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,openvino]'
 	# Type stubs only: their dependency on the tensorrt runtime is not wanted for type-checking.
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10'
 	touch $(STAMP)

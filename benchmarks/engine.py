@@ -3,6 +3,7 @@
     python -m benchmarks.engine model.onnx --engine onnxruntime [--batch-size 1]
         [--warmup-ms 200] [--duration-s 3] [--json]
     python -m benchmarks.engine model.engine --engine tensorrt
+    python -m benchmarks.engine model.xml --engine openvino
 
 Warms up for ``--warmup-ms``, then runs back to back for about ``--duration-s`` seconds and
 reports throughput (inferences per second, and images per second at the batch size) and
@@ -24,7 +25,8 @@ from typing import Any
 
 from mdp_trt.errors import MdpError
 
-SUFFIXES = {"onnxruntime": (".onnx",), "tensorrt": (".onnx", ".engine", ".plan")}
+SUFFIXES = {"onnxruntime": (".onnx",), "openvino": (".onnx", ".xml"),
+            "tensorrt": (".onnx", ".engine", ".plan")}
 
 
 def _stats(t: Any, batch: int) -> dict[str, float]:
@@ -104,7 +106,8 @@ def benchmark(path: Path, engine_name: str, batch_size: int = 1, warmup_ms: floa
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", type=Path, help=".onnx (onnxruntime, tensorrt) or .engine (tensorrt)")
+    p.add_argument("path", type=Path,
+                   help=".onnx (onnxruntime, openvino, tensorrt), .xml IR (openvino) or .engine (tensorrt)")
     p.add_argument("--engine", default="onnxruntime", help=f"one of {', '.join(SUFFIXES)}")
     p.add_argument("--batch-size", type=int, default=1,
                    help="batch of symbolic batch axes (a fixed batch in the file wins)")

@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None,
                     help="measurements of each finished row (median), and 3x as many of the dense reference "
                          "(default 3)")
-    ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--engine", default="onnxruntime", help="onnxruntime (default), openvino, tensorrt or torch")
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                    help="wall (default) or cpu: onnxruntime timed by the CPU time of its one thread, "
+                    help="wall (default) or cpu: onnxruntime or openvino timed by the CPU time of its one thread, "
                          "which other processes on a shared machine do not inflate")
     ap.add_argument("--tag", default=None, help="result file stem: pareto_<tag>.* (default fashion_mnist)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")

@@ -1,7 +1,7 @@
 """Inference engines behind one protocol, chosen by name.
 
-``onnxruntime`` (the embedded default), ``tensorrt`` (TensorRT 10+, NVIDIA GPUs) and
-``torch`` (CUDA graphs on a GPU, eager on CPU). Each declares the precisions and options it
+``onnxruntime`` (the embedded default), ``openvino`` (the compiling CPU runtime),
+``tensorrt`` (TensorRT 10+, NVIDIA GPUs) and ``torch`` (CUDA graphs on a GPU, eager on CPU). Each declares the precisions and options it
 accepts; anything else is refused with the list of what is accepted.
 """
 
@@ -18,10 +18,10 @@ from profilers.engines.base import Engine, EngineIdentity, HostRunner, Runner
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EngineIdentity", "HostRunner", "Runner",
            "clock_options", "engine_class", "get_engine", "precisions_of"]
 
-ENGINES = ("onnxruntime", "tensorrt", "torch")
+ENGINES = ("onnxruntime", "openvino", "tensorrt", "torch")
 DEFAULT_ENGINE = "onnxruntime"
-_CLASSES = MappingProxyType({"onnxruntime": "OnnxRuntimeEngine", "tensorrt": "TensorRTEngine",
-                             "torch": "TorchEngine"})
+_CLASSES = MappingProxyType({"onnxruntime": "OnnxRuntimeEngine", "openvino": "OpenVinoEngine",
+                             "tensorrt": "TensorRTEngine", "torch": "TorchEngine"})
 
 
 def engine_class(name: str) -> Any:
@@ -34,7 +34,7 @@ def engine_class(name: str) -> Any:
 
 def clock_options(clock: str) -> dict[str, str]:
     """Engine options for a command line's ``--clock``: none for the wall clock, which every
-    engine uses by default (only onnxruntime takes ``clock``)."""
+    engine uses by default (onnxruntime and openvino take ``clock``)."""
     return {} if clock == "wall" else {"clock": clock}
 
 

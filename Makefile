@@ -30,7 +30,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
-	$(PY) -m mypy profilers/engines/tensorrt.py
+	$(PY) -m mypy profilers/engines/tensorrt.py profilers/engines/openvino.py
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)

@@ -317,3 +317,68 @@ def test_profile_text_names_compile_time(tmp_path: Path, capsys: pytest.CaptureF
                           "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert ", compile " in text and "timing" in text
+
+
+# -- the cross-engine table ----------------------------------------------------------------
+
+
+def _fake_run(root: Path, name: str, engine: str, seed: int) -> Path:
+    """A prune output folder (pruned.pt, model.onnx, report.json) of a random plan."""
+    from mdp_trt.api import apply_plan, arch_of, save_pruned, space_of
+    from mdp_trt.models import SpaceConfig
+
+    dense = make("test_resnet")
+    space = space_of(dense, SpaceConfig(resolution=32, max_choices=4))
+    plan = space.random_plan(seed)
+    pruned = apply_plan(dense, plan, space=space)
+    out = root / name
+    out.mkdir()
+    save_pruned(out / "pruned.pt", pruned, plan, arch=arch_of(dense))
+    export_onnx(pruned, (1, 3, 32, 32), out / "model.onnx")
+    (out / "report.json").write_text(json.dumps({"model": "test_resnet", "engine": {"engine": engine},
+                                                 "speedup": 1.5}))
+    return out
+
+
+def test_cross_engine_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.cross_engine import main
+
+    runs = [_fake_run(tmp_path, "ort", "onnxruntime", 0), _fake_run(tmp_path, "ov", "openvino", 1)]
+    md = tmp_path / "t.md"
+    assert run_cli(main, [*map(str, runs), "--rounds", "1", "--out", str(md), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["made_for"] for r in rows] == ["onnxruntime", "openvino"]
+    for engine in ("onnxruntime", "openvino"):
+        a, b = (r["engines"][engine] for r in rows)
+        assert a["identity"]["engine"] == engine
+        assert a["dense_ms"] == b["dense_ms"] > 0  # one dense model measured beside both plans
+        for cell in (a, b):
+            assert cell["speedup"] == pytest.approx(cell["dense_ms"] / cell["pruned_ms"])
+            assert len(cell["rounds_ms"]) == 1
+    lines = md.read_text().splitlines()
+    assert len(lines) == 4 and "speedup on openvino" in lines[0] and "| test_resnet | openvino | 1.50x |" in lines[3]
+    assert run_cli(main, [str(tmp_path)]) == 1
+    assert "no report.json" in capsys.readouterr().err
+    assert run_cli(main, [str(runs[0]), "--engines", "mxnet"]) == 1
+    assert "unknown engine(s) ['mxnet']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prune_on_openvino_writes_ir(tmp_path: Path) -> None:
+    """The whole prune job on OpenVINO: its report names the engine, and the IR it writes runs
+    and gives the pruned model's outputs."""
+    from mdp_trt import load_pruned
+    from mdp_trt.prune import main as prune_main
+
+    out = tmp_path / "out"
+    argv = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "4", "--calibration-plans", "4",
+            "--importance-batches", "2", "--train-batch-size", "8", "--train-limit", "32", "--val-limit", "16",
+            "--quiet", "--engine", "openvino", "--engine-target", "1.3x", "--lut", str(tmp_path / "t.sqlite"),
+            "--out", str(out)]
+    assert prune_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"]["engine"] == "openvino" and report["pruned_ms"] > 0
+    assert {"model.onnx", "model.xml", "model.bin"} <= set(report["files"])
+    pruned = load_pruned(out / "pruned.pt")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    _close_to_torch(_engine(resolution=32), pruned, x, source=out / "model.xml")

@@ -1,24 +1,23 @@
 """Does engine-aware pruning matter? Pruned models measured on every engine beside their dense model.
 
     python -m benchmarks.cross_engine runs/r18-ort runs/r18-ov [--engines onnxruntime openvino]
-        [--clock cpu] [--rounds 3] [--json] [--out table.md]
+        [--clock auto] [--json] [--out table.md]
 
 Each argument is the output folder of ``python -m mdp_trt.prune`` (its ``pruned.pt``,
 ``model.onnx`` and ``report.json``). For every engine named, each model architecture's dense
 model (the timm architecture of ``pruned.pt``, freshly initialised: this measures latency,
-not accuracy) and the pruned models made from it are prepared on one engine setting
-and measured together, interleaved, ``--rounds`` times (the shared timing protocol's
-whole-model budget); a row's latency is the median over the rounds, its speedup the dense
-median over it. So one table gives the dense latency on each engine and the speedup on
-each engine of the plan made for the other (for one engine, it is an interleaved A/B of
-dense against pruned, as a check of the prune command's own figure).
+not accuracy) and the pruned models made from it are prepared on one engine setting and
+measured side by side by the estimator the prune command uses (:func:`profilers.timing.compare`:
+short interleaved rounds, speedups paired round by round), with its verdict on whether the
+figures can be trusted. So one table gives the dense latency on each engine and the speedup
+on each engine of the plan made for the other (for one engine, it is an A/B of dense
+against pruned, as a check of the prune command's own figure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,13 +50,14 @@ def dense_of(arch: dict[str, Any]) -> Any:
     return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {})).eval()
 
 
-def measure_runs(runs: Sequence[dict[str, Any]], engine_names: Sequence[str], rounds: int = 3,
-                 clock: str = "wall", precision: str = "fp32", threads: int | None = None) -> list[dict[str, Any]]:
-    """Per run: on each engine, the dense and pruned median ms over ``rounds`` interleaved rounds."""
+def measure_runs(runs: Sequence[dict[str, Any]], engine_names: Sequence[str], clock: str = "auto",
+                 precision: str = "fp32", threads: int | None = None) -> list[dict[str, Any]]:
+    """Per run: on each engine, the dense and pruned ms and the paired speedup, all of one
+    architecture's models measured side by side (:func:`profilers.timing.compare`)."""
     import torch
 
     from profilers.engines import clock_options, get_engine
-    from profilers.timing import WHOLE_MODEL, measure_interleaved
+    from profilers.timing import compare
 
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
@@ -68,7 +68,7 @@ def measure_runs(runs: Sequence[dict[str, Any]], engine_names: Sequence[str], ro
     for name in engine_names:
         for members in groups.values():
             shape = tuple(runs[members[0]]["shape"])
-            kw: dict[str, Any] = dict(clock_options(clock))
+            kw: dict[str, Any] = dict(clock_options(name, clock))
             if threads is not None:
                 kw["threads"] = threads
             engine = get_engine(name, precision=precision, batch_size=shape[0], resolution=shape[-1], **kw)
@@ -76,16 +76,15 @@ def measure_runs(runs: Sequence[dict[str, Any]], engine_names: Sequence[str], ro
             with torch.no_grad():
                 runners = [engine.prepare(m, shape) for m in modules]
             try:
-                per_round = [[t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)]
-                             for _ in range(rounds)]
+                comp = compare(runners, threads=max(1, getattr(engine, "threads", None) or 1))
             finally:
                 for r in runners:
                     r.close()
-            medians = [statistics.median(col) for col in zip(*per_round, strict=True)]
             for j, i in enumerate(members, start=1):
-                rows[i]["engines"][name] = {"identity": engine.identity().to_dict(), "dense_ms": medians[0],
-                                            "pruned_ms": medians[j], "speedup": medians[0] / medians[j],
-                                            "rounds_ms": [[r[0], r[j]] for r in per_round]}
+                rows[i]["engines"][name] = {"identity": engine.identity().to_dict(), "dense_ms": comp.ms[0],
+                                            "pruned_ms": comp.ms[j], "speedup": comp.ratios[j],
+                                            "clock": comp.clock, "reliable": comp.reliable,
+                                            "reason": comp.reason}
     return rows
 
 
@@ -96,13 +95,14 @@ def table(rows: Sequence[dict[str, Any]], engine_names: Sequence[str]) -> str:
     lines = [head, "|" + "---|" * (3 + 2 * len(engine_names))]
     for r in rows:
         own = f"{r['prune_speedup']:.2f}x" if isinstance(r["prune_speedup"], (int, float)) else "?"
-        cells = [f"{r['engines'][e]['dense_ms']:.3f} | {r['engines'][e]['speedup']:.2f}x" for e in engine_names]
+        cells = [f"{c['dense_ms']:.3f} | {c['speedup']:.2f}x" + ("" if c["reliable"] else " (unreliable)")
+                 for c in (r["engines"][e] for e in engine_names)]
         lines.append(f"| {r['model']} | {r['made_for']} | {own} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from profilers.engines import ENGINES
+    from profilers.engines import CLOCKS, ENGINES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.cross_engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,20 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"engines to measure on, of {', '.join(ENGINES)} (default onnxruntime openvino)")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engines' own, 1)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall (default) or cpu: one CPU thread timed by that thread's CPU time")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median over them)")
+    p.add_argument("--clock", default="auto", choices=CLOCKS,
+                   help="auto (default: onnxruntime or openvino on one CPU thread by that thread's CPU "
+                        "time, other engines by the wall clock), wall, or cpu")
     p.add_argument("--batch-size", type=int, default=1, help="batch of symbolic batch axes")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        raise MdpError(f"--rounds must be >= 1, got {args.rounds}")
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown:
         raise MdpError(f"unknown engine(s) {unknown}; accepted: {', '.join(ENGINES)}")
     runs = [load_run(path, args.batch_size) for path in args.runs]
-    rows = measure_runs(runs, args.engines, args.rounds, args.clock, args.precision, args.threads)
+    rows = measure_runs(runs, args.engines, args.clock, args.precision, args.threads)
     text = table(rows, args.engines)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,12 @@ Compile settings, all part of the engine identity:
 Runner: one ``InferRequest`` with its input tensor bound once (seeded random data); a call
 is one synchronous ``infer`` whose outputs stay in OpenVINO's buffers (not copied to numpy).
 
-Clock: the wall clock by default. ``clock="cpu"`` (one thread) times each inference by the
-CPU time of the calling thread, as onnxruntime's: with ``INFERENCE_NUM_THREADS=1`` a
-synchronous ``infer`` runs the graph on the calling thread (checked on a conv net: the
-calling thread's CPU time matched the wall time, where an asynchronous request left it
-near zero), so this is the latency on an idle core, immune to other processes taking it.
+Clock: as onnxruntime's. ``auto`` (the default) is ``cpu`` with one thread, ``wall``
+otherwise. ``clock="cpu"`` times each inference by the CPU time of the calling thread: with
+``INFERENCE_NUM_THREADS=1`` a synchronous ``infer`` runs the graph on the calling thread
+(checked on a conv net: the calling thread's CPU time matched the wall time, where an
+asynchronous request left it near zero), so this is the latency on an idle core, immune to
+other processes taking it. The clock is part of the identity.
 
 The final model of a prune is also written as IR (``save_engine``: ``model.xml`` and
 ``model.bin``, weights kept in fp32). ``openvino`` is imported only when the engine is
@@ -52,7 +53,7 @@ from profilers.export import export_onnx
 
 PRECISIONS = ("fp32", "bf16")
 HINTS = ("LATENCY", "THROUGHPUT")
-CLOCKS = ("wall", "cpu")
+CLOCKS = ("auto", "wall", "cpu")
 INSTALL = "pip install 'mdp-trt[openvino]'"
 MIN_MAJOR = 2026
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
@@ -102,7 +103,7 @@ class OpenVinoEngine:
 
     def __init__(self, precision: str = "fp32", batch_size: int = 1, resolution: int | None = 224,
                  threads: int | None = 1, device: str | None = None, hint: str = "LATENCY",
-                 clock: str = "wall") -> None:
+                 clock: str = "auto") -> None:
         ov = require_openvino()
         if device not in (None, "cpu"):
             raise EngineError(f"the openvino engine runs on the CPU, not on {device!r}")
@@ -116,6 +117,8 @@ class OpenVinoEngine:
             raise EngineError(f"performance hint {hint!r} is not one of {HINTS}")
         if clock not in CLOCKS:
             raise EngineError(f"clock {clock!r} is not one of {CLOCKS}")
+        if clock == "auto":
+            clock = "cpu" if self.threads == 1 else "wall"
         if clock == "cpu" and self.threads != 1:
             raise EngineError("clock 'cpu' times the calling thread: it needs one thread "
                               f"(here: {self.threads} thread(s))")

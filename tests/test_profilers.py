@@ -202,7 +202,8 @@ def test_onnxruntime_engine_identity_and_runner() -> None:
     assert isinstance(ident, EngineIdentity)
     assert (ident.engine, ident.precision, ident.batch_size, ident.resolution, ident.threads) == (
         "onnxruntime", "fp32", 2, 16, 1)
-    assert ident.version.endswith("CPUExecutionProvider") and ident.device
+    # One CPU thread: the thread clock by default (clock "auto").
+    assert ident.version.endswith("CPUExecutionProvider/thread-cpu-time") and ident.device
     r = e.prepare(_convnet(), (2, 3, 16, 16))
     try:
         t = measure(r, FAST)
@@ -214,7 +215,7 @@ def test_onnxruntime_engine_identity_and_runner() -> None:
 def test_onnxruntime_thread_cpu_clock() -> None:
     """``clock="cpu"``: each inference timed by the calling thread's CPU time, named in the
     identity (a table of one clock is refused under the other), one CPU thread only."""
-    wall = get_engine("onnxruntime", resolution=16, device="cpu")
+    wall = get_engine("onnxruntime", resolution=16, device="cpu", clock="wall")
     cpu = get_engine("onnxruntime", resolution=16, device="cpu", clock="cpu")
     assert cpu.identity().version == wall.identity().version + "/thread-cpu-time"
     assert any("version" in d for d in wall.identity().differences(cpu.identity()))

@@ -26,7 +26,7 @@ GPU_WHEELS ?= highspy==1.16.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,openvino]'
 	# Type stubs only: their dependency on the tensorrt runtime is not wanted for type-checking.
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10'
 	touch $(STAMP)
@@ -36,7 +36,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
-	$(PY) -m mypy profilers/engines/tensorrt.py
+	$(PY) -m mypy profilers/engines/tensorrt.py profilers/engines/openvino.py
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)

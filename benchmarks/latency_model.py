@@ -16,8 +16,8 @@ three predictors, each fitted on the same calibration plans (never among the eva
 
 All three are fitted by least relative error on the calibration plans.
 
-``--clock cpu`` (the onnxruntime engine's clock option) times every inference, term tables and
-whole models alike, by the CPU time of the calling thread: on a shared box it is immune to
+``--clock cpu`` (the onnxruntime and openvino engines' clock option) times every inference,
+term tables and whole models alike, by the CPU time of the calling thread: on a shared box it is immune to
 other processes taking the core (measured there: wall-clock medians 2-3x inflated with a CV
 of 0.3, CPU time reproducible within 2%). The clock is part of the engine identity, so a
 table measured under one clock is refused under the other.
@@ -164,14 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.latency_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--engine", default="onnxruntime", help="onnxruntime (default), openvino, tensorrt or torch")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plans", type=int, default=30)
     ap.add_argument("--clock", choices=CLOCKS, default="auto",
-                    help="auto (default: onnxruntime on one CPU thread by that thread's CPU time, other "
+                    help="auto (default: onnxruntime or openvino on one CPU thread by that thread's CPU time, other "
                          "engines by the wall clock), wall, or cpu")
     ap.add_argument("--calibration-plans", type=int, default=8)
     ap.add_argument("--max-choices", type=int, default=16)

@@ -168,13 +168,16 @@ class Lab:
                 r.close()
 
     def export(self, model: nn.Module, input_shape: tuple[int, ...], out: Path) -> list[str]:
-        """``model.onnx``, and ``model.engine`` when the engine builds one; returns the file names."""
+        """``model.onnx``, and the engine's own form when it saves one (``save_engine``, to
+        ``model`` + its ``engine_suffix``: ``model.engine`` for TensorRT, ``model.xml`` and
+        ``model.bin`` for OpenVINO); returns the file names."""
         from profilers.export import export_onnx
 
         export_onnx(model.eval(), input_shape, out / "model.onnx")
         files = ["model.onnx"]
         save = getattr(self.engine, "save_engine", None)
         if callable(save):
-            save(out / "model.onnx", input_shape, out / "model.engine")
-            files.append("model.engine")
+            suffix = getattr(self.engine, "engine_suffix", ".engine")
+            written = save(out / "model.onnx", input_shape, out / f"model{suffix}")
+            files += [Path(p).name for p in (written if isinstance(written, list) else [written])]
         return files

@@ -65,16 +65,19 @@ class ProfileStats:
     """Boundary probes measured (tensor shapes at the edges of standalone subgraphs)."""
     build_s: float = 0.0
     prepare_s: float = 0.0
+    compile_s: float = 0.0
+    """Engine compiles (a runner's ``compile_s``, e.g. OpenVINO's), not counted in ``prepare_s``."""
     measure_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
+        compiled = f", compile {self.compile_s:.1f} s" if self.compile_s else ""
         return (f"{self.terms} terms, {self.signatures} distinct signatures, {self.grid_points} grid "
                 f"points ({self.in_shard} in this shard): {self.measured} measured, {self.reused} "
-                f"reused, {self.probes} boundary probes, in {self.seconds:.1f} s (build {self.build_s:.1f} s, export+prepare "
-                f"{self.prepare_s:.1f} s, timing {self.measure_s:.1f} s)")
+                f"reused, {self.probes} boundary probes, in {self.seconds:.1f} s (build {self.build_s:.1f} s, "
+                f"export+prepare {self.prepare_s:.1f} s{compiled}, timing {self.measure_s:.1f} s)")
 
 
 def grid_points(space: PruningSpace) -> dict[Key, Term]:
@@ -171,6 +174,7 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         t1 = time.perf_counter()
         runner = engine.prepare(module, (batch, *shape))
         t2 = time.perf_counter()
+        compile_s = float(getattr(runner, "compile_s", 0.0))
         try:
             timing = measure(runner, budget)
             cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else 0.0
@@ -182,7 +186,8 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         table.put(sig, widths, timing)
         stats.measured += 1
         stats.build_s += t1 - t0
-        stats.prepare_s += t2 - t1
+        stats.prepare_s += t2 - t1 - compile_s
+        stats.compile_s += compile_s
         stats.measure_s += t3 - t2
 
     if progress and todo:

@@ -169,15 +169,15 @@ def test_export_rejects_bad_shape() -> None:
 
 
 def test_unknown_engine_precision_and_option_list_accepted_values() -> None:
-    with pytest.raises(EngineError, match="accepted: onnxruntime, tensorrt, torch"):
-        get_engine("openvino")
+    with pytest.raises(EngineError, match="accepted: onnxruntime, openvino, tensorrt, torch"):
+        get_engine("mxnet")
     with pytest.raises(EngineError, match="accepted: fp32, fp16"):
         get_engine("onnxruntime", precision="int8")
     with pytest.raises(EngineError, match="accepted: fp32, fp16, bf16"):
         get_engine("tensorrt", precision="fp8")
     with pytest.raises(EngineError, match="trt_provider"):
         get_engine("onnxruntime", warp_speed=True)
-    assert ENGINES == ("onnxruntime", "tensorrt", "torch")
+    assert ENGINES == ("onnxruntime", "openvino", "tensorrt", "torch")
 
 
 def test_onnxruntime_fp16_on_cpu_is_refused_with_the_extra() -> None:

@@ -16,9 +16,12 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Floating-point operations of one forward pass (a multiply-add counts as two)."""
     was_training = model.training
     model.eval()
+    # On the meta device: shapes only, no arithmetic (the count depends on nothing else).
+    state = {k: torch.empty_like(v, device="meta") for k, v in
+             [*model.named_parameters(), *model.named_buffers()]}
     try:
         with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape))
+            torch.func.functional_call(model, state, (torch.zeros(input_shape, device="meta"),))
         return int(counter.get_total_flops())
     finally:
         model.train(was_training)

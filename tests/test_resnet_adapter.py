@@ -248,8 +248,10 @@ def test_public_api_path() -> None:
     direct = A.apply(m, sp, plan, A.magnitude(m, sp))
     assert state_equal(via_api, direct) and via_api.mdp_plan == plan.to_dict()
     assert mdp_trt.arch_of(m) == A.arch(m)
-    with pytest.raises(UnsupportedModelError, match="cannot be pruned: grouped convolution.*Supported:"):
-        mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16))
+    # a grouped ResNet goes on to the channel graph; what neither handles is named
+    assert mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16), CFG).family == "resnet-graph"
+    with pytest.raises(UnsupportedModelError, match="cannot be pruned: layer bn1 .GroupNorm. normalises groups.*Supported:"):
+        mdp_trt.space_of(make("resnet18", norm_layer="groupnorm"))
 
 
 def test_input_model_untouched_and_still_timm_shaped() -> None:

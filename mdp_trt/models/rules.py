@@ -19,6 +19,7 @@ from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d, SelectAdaptivePoo
 from timm.layers import activations as tacts
 from timm.layers.eca import CecaModule, EcaModule
 from timm.layers.grn import GlobalResponseNorm
+from timm.layers.norm_act import LayerNormAct2d
 from timm.layers.squeeze_excite import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
@@ -286,9 +287,9 @@ class LayerNormRule(_PerChannel):
         return "ln"
 
 
-@register(LayerNorm2d)
+@register(LayerNorm2d, LayerNormAct2d)
 class LayerNorm2dRule(LayerNormRule):
-    """timm's LayerNorm2d: LayerNorm over the channels of an NCHW tensor."""
+    """timm's LayerNorm2d (and LayerNormAct2d): LayerNorm over the channels of an NCHW tensor."""
 
     axis = 1
 
@@ -474,3 +475,13 @@ def scale_param(g: ChannelGraph, x: Val, p: ParamVal, shape: tuple[int, ...], ow
         raise Unsupported(f"parameter {p.path} has {shape[0]} values, the tensor {g.var(x.var).size} channels")
     g.add_layer(owner, SCALE, {"in": x.var, "out": x.var}, node, attr)
     return x
+
+
+@register(nn.GroupNorm)
+class GroupNormRule(Rule):
+    """GroupNorm (and timm's GroupNormAct): not handled yet; named so the refusal says where."""
+
+    def trace(self, g: ChannelGraph, name: str, module: nn.Module, args: Sequence[Any],
+              out_shape: tuple[int, ...] | None) -> Any:
+        raise Unsupported(f"layer {name} ({type(module).__name__}) normalises groups of channels, "
+                          f"which no rule prunes yet")

@@ -40,6 +40,7 @@ _PERMUTES = {"permute", torch.permute}
 _RESHAPES = {"reshape", "view", "flatten", torch.reshape, torch.flatten}
 _REDUCES = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}
 _FREE = _ALIASES | _PERMUTES | _RESHAPES  # no work of their own: never start a term
+_SPLITS = {torch.split, torch.chunk, torch.cat, torch.stack, torch.concat, "split", "chunk"}
 
 
 class _Tracer(fx.Tracer):
@@ -163,6 +164,8 @@ def _follow(t: Traced) -> None:
 
 def _function(t: Traced, node: fx.Node, args: list[Any], shape: tuple[int, ...] | None) -> Any:
     g, tgt, where = t.graph, node.target, f"{_target_name(node.target)} at {node.name}"
+    if tgt in _SPLITS:
+        raise Unsupported(f"operation {where} splits or concatenates channels (no rule for that yet)")
     if shape is None:  # sizes, getattr, tuples: nothing with channels
         if any(isinstance(a, ParamVal) for a in args):
             raise Unsupported(f"{where} uses a bare parameter in a way the graph cannot follow")
@@ -218,7 +221,7 @@ def _function(t: Traced, node: fx.Node, args: list[Any], shape: tuple[int, ...] 
         keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
         return Val(x.var, axis, len(shape))
-    raise Unsupported(f"operation {where} has no pruning rule (concatenation, split or similar)")
+    raise Unsupported(f"operation {where} has no pruning rule")
 
 
 def _param_source(t: Traced, node: fx.Node) -> str:

@@ -254,9 +254,10 @@ def test_term_modules_run_and_hold_the_parameters(name: str) -> None:
     m, sp, a = built(name)
     full = sp.full_plan()
     total = 0
-    for t in sp.terms:
-        module, shape = a.term_module(sp, t, sp.term_widths(t, full))
-        total += n_params(module)
+    with torch.device("meta"):  # as the latency surface counts term parameters
+        for t in sp.terms:
+            module, shape = a.term_module(sp, t, sp.term_widths(t, full))
+            total += n_params(module)
     assert total == n_params(m)
     seen: set[str] = set()
     for t in sp.terms:
@@ -270,6 +271,3 @@ def test_term_modules_run_and_hold_the_parameters(name: str) -> None:
             out = run(module, torch.randn(1, *shape))
             outs = out if isinstance(out, tuple) else (out,)
             assert all(torch.isfinite(o).all() for o in outs), t.name
-    with torch.device("meta"):  # as the surface counts term parameters
-        module, _ = a.term_module(sp, sp.terms[0], tuple(sp.dim(d).choices[0] for d in sp.terms[0].dims))
-    assert n_params(module) > 0

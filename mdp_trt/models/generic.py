@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch import nn
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models import rules
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.graph import Layer, Unsupported, Val
+from mdp_trt.models.graph import ChannelGraph, Layer, Unsupported, Val
 from mdp_trt.models.resnet import _arch_name, _side, _top_k
 from mdp_trt.models.trace import (
     Cut,
@@ -150,14 +151,14 @@ def _removable(p: Proto, block: str) -> tuple[bool, str]:
         return False, f"block {block} has {len(ins)} inputs"
     x, out = ins[0], nodes[-1]
     if t.shapes.get(out) != t.shapes.get(x):
-        return False, (f"it changes the shape {t.shapes.get(x)[1:]} -> {t.shapes.get(out)[1:]}: its shortcut "  # type: ignore[index]
-                       f"is a projection, so removing it would leave nothing to map its input to the next block's")
+        return False, (f"it changes the shape {t.shapes[x][1:]} -> {t.shapes[out][1:]}, so it has no identity "
+                       f"shortcut: removing it would leave nothing to map its input to the next block's")
 
     def alias_of_input(n: str) -> bool:
         node = t.nodes[n]
         if n == x:
             return True
-        rule = rules.lookup(t.gm.get_submodule(node.target)) if node.op == "call_module" else None
+        rule = rules.lookup(t.gm.get_submodule(str(node.target))) if node.op == "call_module" else None
         return n in inside and rule is not None and not rule.cost and alias_of_input(node.all_input_nodes[0].name)
 
     adds = [n for n in nodes if t.nodes[n].op in ("call_function", "call_method")
@@ -248,7 +249,7 @@ class GraphAdapter:
                 raise UnsupportedModelError(f"cannot prune {type(model).__name__}: latency term {cut.name} "
                                             f"depends on {len(roots)} widths, at most 3 are handled")
             sym = {r: f"d{i}" for i, r in enumerate(roots)}
-            desc = describe(p.t, cut, lambda v, sym=sym: sym.get(g.find(v), str(g.var(v).size)))
+            desc = describe(p.t, cut, functools.partial(_symbol, g, sym))
             hw = p.t.shapes[cut.primary][2] if len(p.t.shapes[cut.primary]) == 4 else 1
             terms.append(Term(cut.name, cut.kind, tuple(p.dim_of[r] for r in roots),
                               (("graph", desc), ("in_hw", hw)), cut.block))
@@ -376,8 +377,8 @@ class GraphAdapter:
                 continue
             cut: dict[str, torch.Tensor | None] = {}
             for role, v in layer.vars.items():
-                d = p.dim(v)
-                cut[role] = None if d is None or len(keep[d]) == space.dim(d).size else idx[d]
+                dn = p.dim(v)
+                cut[role] = None if dn is None or len(keep[dn]) == space.dim(dn).size else idx[dn]
             slice_layer(pruned.get_submodule(layer.name), layer, cut)
         for b in removed:
             parent, _, leaf = b.rpartition(".")
@@ -398,15 +399,15 @@ class GraphAdapter:
             return kept[d] if d is not None else g.var(v).size
 
         pool = next((n for n, node in t.nodes.items() if node.op == "call_module"
-                     and isinstance(t.gm.get_submodule(node.target), SelectAdaptivePool2d | nn.AdaptiveAvgPool2d)), None)
+                     and isinstance(t.gm.get_submodule(str(node.target)), SelectAdaptivePool2d | nn.AdaptiveAvgPool2d)), None)
         if pool is not None:
             src = t.vals.get(t.nodes[pool].all_input_nodes[0].name)
             if isinstance(src, Val) and getattr(pruned, "num_features", None) == g.var(src.var).size:
-                pruned.num_features = new(src.var)
+                setattr(pruned, "num_features", new(src.var))  # noqa: B010 (a timm attribute)
         head = [la for la in g.layers if la.rule.anchor and t.output is not None
                 and g.find(la.vars["out"]) == g.find(t.output.var)]
         if head and getattr(pruned, "head_hidden_size", None) == g.var(head[-1].vars["in"]).size:
-            pruned.head_hidden_size = new(head[-1].vars["in"])
+            setattr(pruned, "head_hidden_size", new(head[-1].vars["in"]))  # noqa: B010
         for info in getattr(pruned, "feature_info", []) or []:
             mod = info.get("module") if isinstance(info, dict) else None
             last = [n for n, paths in t.stack.items() if mod and any(q == mod or q.startswith(mod + ".")
@@ -434,7 +435,7 @@ class GraphAdapter:
             if node.op == "call_module":
                 layers = [la for la in t.layers_of.get(n, []) if not la.attr]
                 la = layers[0] if layers else None
-                total += slot_count(t.gm.get_submodule(node.target), la, widths(la) if la else {})
+                total += slot_count(t.gm.get_submodule(str(node.target)), la, widths(la) if la else {})
         for la in g.layers:
             if la.attr and p.layer_block(la) not in removed:
                 total += slot_count(t.gm.get_submodule(la.name), la, widths(la))
@@ -444,3 +445,8 @@ class GraphAdapter:
 def _per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
     """``t`` as (units along ``axis``, everything else)."""
     return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def _symbol(g: ChannelGraph, sym: dict[int, str], v: int) -> str:
+    """A term's name for width variable ``v``: its dim's place, or its size when fixed."""
+    return sym.get(g.find(v), str(g.var(v).size))

@@ -158,6 +158,8 @@ def _follow(t: Traced) -> None:
         else:
             raise Unsupported(f"node {node.name}: unknown op {node.op}")
         t.vals[node.name] = out
+        for layer in g.layers[before:]:
+            layer.node = node.name
         t.layers_of[node.name] = g.layers[before:]
     _check_params(t)
 
@@ -205,20 +207,20 @@ def _function(t: Traced, node: fx.Node, args: list[Any], shape: tuple[int, ...] 
         return x
     src = next(a for a in node.args if isinstance(a, fx.Node) and isinstance(t.vals.get(a.name), Val))
     if tgt in _PERMUTES:
-        dims = node.args[1:] if tgt == "permute" else node.args[1]
-        if len(dims) == 1 and isinstance(dims[0], list | tuple):
-            dims = dims[0]
-        perm = [int(d) % x.ndim for d in dims]
+        order: Any = node.args[1:] if tgt == "permute" else node.args[1]
+        if len(order) == 1 and isinstance(order[0], list | tuple):
+            order = order[0]
+        perm = [int(d) % x.ndim for d in order]
         return Val(x.var, perm.index(x.axis), x.ndim)
     if tgt in _RESHAPES:
         return Val(x.var, rules.remap_axis(t.shapes[src.name], x.axis, shape, where), len(shape))
     if tgt in _REDUCES:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        dims = [dim] if isinstance(dim, int) else list(dim or [])
-        dims = [d % x.ndim for d in dims]
+        dim: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = [int(d) % x.ndim for d in ([dim] if isinstance(dim, int) else list(dim or []))]
         if not dims or x.axis in dims:
             raise Unsupported(f"{where} reduces over the channels")
-        keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        keep_arg: Any = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        keep = bool(keep_arg)
         axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
         return Val(x.var, axis, len(shape))
     raise Unsupported(f"operation {where} has no pruning rule")
@@ -240,7 +242,7 @@ def _check_params(t: Traced) -> None:
     covered: set[str] = set()
     for node in t.gm.graph.nodes:
         if node.op == "call_module":
-            covered |= {f"{node.target}.{n}" for n, _ in t.gm.get_submodule(node.target).named_parameters()}
+            covered |= {f"{node.target}.{n}" for n, _ in t.gm.get_submodule(str(node.target)).named_parameters()}
     covered |= {layer.key for layer in t.graph.layers if layer.attr}
     extra = [n for n, _ in t.gm.named_parameters() if n not in covered]
     if extra:
@@ -296,9 +298,7 @@ class Cut:
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
-    return out
+    return list(node.all_input_nodes)
 
 
 def cut_terms(t: Traced, block_of: Callable[[str], str | None]) -> list[Cut]:
@@ -312,7 +312,7 @@ def cut_terms(t: Traced, block_of: Callable[[str], str | None]) -> list[Cut]:
         val = t.vals.get(node.name)
         if isinstance(val, ParamVal):
             continue  # pulled into the term that uses it
-        rule = rules.lookup(t.gm.get_submodule(node.target)) if node.op == "call_module" else None
+        rule = rules.lookup(t.gm.get_submodule(str(node.target))) if node.op == "call_module" else None
         free = (rule is not None and not rule.cost) or (rule is None and (node.target in _FREE or val is None))
         prev = max((term_of[a.name] for a in _inputs(node) if a.name in term_of), default=None)
         block = block_of(node.name)
@@ -324,7 +324,7 @@ def cut_terms(t: Traced, block_of: Callable[[str], str | None]) -> list[Cut]:
                 raise Unsupported(f"node {node.name} starts a term without a tensor input")
             kind = rule.kind if rule else _target_name(node.target)
             if rule is not None and rule.kind == "conv":
-                m = t.gm.get_submodule(node.target)
+                m = t.gm.get_submodule(str(node.target))
                 kind = "conv" if m.groups == 1 else "dwconv" if m.groups == m.in_channels else "gconv"
             name = str(node.target) if node.op == "call_module" else node.name
             cuts.append(Cut(name, kind, [], src.name, block))
@@ -376,7 +376,7 @@ def describe(t: Traced, cut: Cut, symbol: Callable[[int], str]) -> str:
     for n in cut.nodes:
         node = t.nodes[n]
         if node.op == "call_module":
-            mod = t.gm.get_submodule(node.target)
+            mod = t.gm.get_submodule(str(node.target))
             rule = rules.lookup(mod)
             desc = rule.describe(mod) if rule else type(mod).__name__
         else:
@@ -423,7 +423,7 @@ def term_module(t: Traced, cut: Cut, width: Callable[[int], int], seed: int = 0
                 raise Unsupported(f"term {cut.name} reads {a.name} from outside, which is not a tensor")
             buf = f"_ext{len(root)}"
             shape = t.node_shape(a.name, width)
-            root[buf] = torch.randn(shape, generator=gen).to(ref.device)
+            root[buf] = torch.randn(shape, generator=gen, device="cpu").to(ref.device)
             env[a.name] = new.get_attr(buf)
         return env[a.name]
 
@@ -431,7 +431,7 @@ def term_module(t: Traced, cut: Cut, width: Callable[[int], int], seed: int = 0
     for n in order:
         node = t.nodes[n]
         if node.op == "call_module":
-            mod = copy.deepcopy(t.gm.get_submodule(node.target))
+            mod = copy.deepcopy(t.gm.get_submodule(str(node.target)))
             for layer in t.layers_of.get(n, []):
                 slice_layer(mod, layer, keep(layer))
             root[str(node.target)] = mod

@@ -24,6 +24,7 @@ from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 from mdp_trt import apply_plan, load_pruned, save_pruned, space_of
+from mdp_trt.errors import UnsupportedModelError
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.models.base import Importance
 from mdp_trt.models.generic import GraphAdapter, Proto
@@ -271,3 +272,14 @@ def test_term_modules_run_and_hold_the_parameters(name: str) -> None:
             out = run(module, torch.randn(1, *shape))
             outs = out if isinstance(out, tuple) else (out,)
             assert all(torch.isfinite(o).all() for o in outs), t.name
+
+
+@pytest.mark.parametrize(("name", "kwargs", "why"), [
+    ("test_efficientnet_gn", {}, r"layer bn1 \(GroupNormAct\) normalises groups of channels"),
+    ("mixnet_s", {}, r"operation split at .* splits or concatenates channels"),
+    ("efficientnet_b0", {"global_pool": "catavgmax"}, r"global pool global_pool \(catavgmax\) concatenates"),
+])
+def test_unsupported_variants_name_the_layer(name: str, kwargs: dict, why: str) -> None:
+    m = timm.create_model(name, pretrained=False, **kwargs)
+    with pytest.raises(UnsupportedModelError, match=f"cannot be pruned: {why}.*Supported:"):
+        adapter_for(m)

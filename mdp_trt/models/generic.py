@@ -29,6 +29,7 @@ from mdp_trt.models.base import Importance, SpaceConfig
 from mdp_trt.models.graph import ChannelGraph, Layer, Unsupported, Val
 from mdp_trt.models.resnet import _arch_name, _side, _top_k
 from mdp_trt.models.trace import (
+    ADDS,
     Cut,
     Traced,
     cut_terms,
@@ -161,8 +162,7 @@ def _removable(p: Proto, block: str) -> tuple[bool, str]:
         rule = rules.lookup(t.gm.get_submodule(str(node.target))) if node.op == "call_module" else None
         return n in inside and rule is not None and not rule.cost and alias_of_input(node.all_input_nodes[0].name)
 
-    adds = [n for n in nodes if t.nodes[n].op in ("call_function", "call_method")
-            and t.nodes[n].target in ("add", "add_") or getattr(t.nodes[n].target, "__name__", "") in ("add", "iadd")]
+    adds = [n for n in nodes if t.nodes[n].op in ("call_function", "call_method") and t.nodes[n].target in ADDS]
     if any(alias_of_input(a.name) for n in adds for a in t.nodes[n].all_input_nodes):
         return True, ""
     if adds:

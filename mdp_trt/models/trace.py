@@ -39,6 +39,7 @@ _ALIASES = {"contiguous", "clone", "float", "to", "type_as", F.pad}
 _PERMUTES = {"permute", torch.permute}
 _RESHAPES = {"reshape", "view", "flatten", torch.reshape, torch.flatten}
 _REDUCES = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}
+ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}  # what a residual add traces to
 _FREE = _ALIASES | _PERMUTES | _RESHAPES  # no work of their own: never start a term
 _SPLITS = {torch.split, torch.chunk, torch.cat, torch.stack, torch.concat, "split", "chunk"}
 

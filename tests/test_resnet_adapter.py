@@ -254,6 +254,20 @@ def test_public_api_path() -> None:
         mdp_trt.space_of(make("resnet18", norm_layer="groupnorm"))
 
 
+@needs_api
+def test_apply_plan_result_saves_without_arch(tmp_path) -> None:
+    """apply_plan's result carries the dense model's architecture: save_pruned needs no arch=."""
+    import mdp_trt
+
+    m = make("test_resnet", num_classes=10)
+    plan = mdp_trt.space_of(m, CFG).random_plan(1)
+    pruned = mdp_trt.apply_plan(m, plan)
+    assert pruned.mdp_arch == A.arch(m)
+    mdp_trt.save_pruned(tmp_path / "p.pt", pruned, plan)
+    back = mdp_trt.load_pruned(tmp_path / "p.pt")
+    assert state_equal(back, pruned) and torch.equal(run(back, image()), run(pruned, image()))
+
+
 def test_input_model_untouched_and_still_timm_shaped() -> None:
     m = make("resnet18")
     before = copy.deepcopy(m.state_dict())

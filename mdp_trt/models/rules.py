@@ -467,8 +467,9 @@ class FlattenRule(Rule):
 def scale_param(g: ChannelGraph, x: Val, p: ParamVal, shape: tuple[int, ...], owner: str, attr: str,
                 node: str) -> Val:
     """``x * p`` with ``p`` a bare per-channel parameter: a scale layer on ``x``'s width."""
-    if p.axis is not None and (p.ndim != x.ndim or p.axis != x.axis):
-        raise Unsupported(f"parameter {p.path} scales axis {p.axis}, the channels are on axis {x.axis}")
+    axis = x.ndim - 1 if p.axis is None else p.axis + x.ndim - p.ndim  # broadcasting aligns the last axes
+    if axis != x.axis:
+        raise Unsupported(f"parameter {p.path} scales axis {axis}, the channels are on axis {x.axis}")
     if len(shape) != 1:
         raise Unsupported(f"parameter {p.path} of shape {shape} is not one value per channel")
     if g.var(x.var).size != shape[0]:

@@ -283,3 +283,25 @@ def test_unsupported_variants_name_the_layer(name: str, kwargs: dict, why: str) 
     m = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(UnsupportedModelError, match=f"cannot be pruned: {why}.*Supported:"):
         adapter_for(m)
+
+
+def test_bad_plans_and_importance_are_refused() -> None:
+    from mdp_trt.errors import PlanError
+
+    m, sp, a = built("test_convnext")
+    imp = a.magnitude(m, sp)
+    other_model = make("convnext_atto")
+    other = a.space(other_model, CFG)
+    with pytest.raises(PlanError, match="plan is for model 'convnext_atto'"):
+        a.apply(m, sp, other.full_plan(), imp)
+    with pytest.raises(PlanError, match="not built from this model"):
+        a.apply(other_model, sp, sp.full_plan(), imp)
+    d = sp.dims[0].name
+    with pytest.raises(PlanError, match="has shape"):
+        a.apply(m, sp, sp.full_plan(), Importance({**imp.units, d: np.ones(3)}, {}))
+    with pytest.raises(PlanError, match="lacks dims"):
+        a.apply(m, sp, sp.full_plan(), Importance({}, {}))
+    locked = next((b.name for b in sp.blocks if not b.removable), None)
+    if locked is not None:
+        with pytest.raises(PlanError, match="cannot be removed"):
+            sp.plan(removed=[locked])

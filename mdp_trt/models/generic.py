@@ -361,9 +361,12 @@ class GraphAdapter:
         space.validate(plan)
         g = p.t.graph
         ref = next(model.parameters())
+        missing = [d.name for d in space.dims if d.name not in importance.units]
+        if missing:
+            raise PlanError(f"importance lacks dims {missing[:5]}")
         keep: dict[str, np.ndarray] = {}
         for d in space.dims:
-            scores = np.asarray(importance.units.get(d.name, np.zeros(0)), dtype=np.float64)
+            scores = np.asarray(importance.units[d.name], dtype=np.float64)
             if scores.shape != (d.size,):
                 raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
             gran = next(g.vars[r].gran for r, n in p.dim_of.items() if n == d.name)

@@ -177,7 +177,6 @@ def _function(t: Traced, node: fx.Node, args: list[Any], shape: tuple[int, ...] 
     x = next((a for a in tensors if isinstance(a, Val)), None)
     if tgt in _BINARY:
         params = [a for a in tensors if isinstance(a, ParamVal)]
-        vals = [a for a in tensors if isinstance(a, Val)]
         if x is None:
             if params and len(tensors) == 1:
                 return params[0]
@@ -187,15 +186,16 @@ def _function(t: Traced, node: fx.Node, args: list[Any], shape: tuple[int, ...] 
             owner, _, attr = p.path.rpartition(".")
             pshape = t.shapes[_param_source(t, node)]
             return rules.scale_param(g, x, p, pshape, owner, attr, node.name)
-        out_axis = x.axis
-        for y, a in zip(vals[1:], [a for a in node.args if isinstance(a, fx.Node)][1:], strict=False):
-            ys = t.shapes.get(a.name)
+        for a in node.all_input_nodes:
+            y = t.vals.get(a.name)
+            if not isinstance(y, Val) or y is x:
+                continue
             if y.ndim != x.ndim or y.axis != x.axis:
                 raise Unsupported(f"{where} combines channels on different axes")
-            if ys is not None and ys[y.axis] == 1 and g.var(x.var).size != 1:
+            if t.shapes[a.name][y.axis] == 1 and g.var(x.var).size != 1:
                 continue  # broadcast over channels
             g.union(x.var, y.var, f"{where}")
-        return Val(x.var, out_axis, len(shape))
+        return Val(x.var, x.axis, len(shape))
     if x is None:
         if tensors and isinstance(tensors[0], ParamVal) and (tgt in _RESHAPES or tgt in _ALIASES):
             p = tensors[0]

@@ -38,16 +38,15 @@ CFG = SpaceConfig(resolution=SIDE)
 
 # name -> family; the second group is heavy and runs with -m slow
 FAST = {
-    "test_convnext": "convnext", "convnextv2_atto": "convnext", "efficientnet_b0": "efficientnet",
-    "mobilenetv3_small_100": "efficientnet", "regnetx_002": "regnet", "resnext26ts": "byobnet",
-    "seresnet18": "resnet-graph",
+    "test_convnext": "convnext", "convnext_atto": "convnext", "convnextv2_atto": "convnext",
+    "efficientnet_b0": "efficientnet", "tf_efficientnetv2_b0": "efficientnet",
+    "mobilenetv3_large_100": "efficientnet", "mobilenetv3_small_100": "efficientnet",
+    "regnetx_002": "regnet", "regnety_002": "regnet", "resnext26ts": "byobnet", "seresnet18": "resnet-graph",
 }
 SLOW = {
-    "convnext_atto": "convnext", "tf_efficientnetv2_b0": "efficientnet",
-    "mobilenetv2_100": "efficientnet", "mobilenetv3_large_100": "efficientnet", "regnety_002": "regnet",
     "convnext_tiny": "convnext", "convnext_small": "convnext", "convnext_base": "convnext",
     "convnextv2_nano": "convnext", "efficientnet_b1": "efficientnet", "efficientnet_b2": "efficientnet",
-    "efficientnet_b3": "efficientnet", "mobilenetv4_conv_small": "efficientnet",
+    "efficientnet_b3": "efficientnet", "mobilenetv2_100": "efficientnet", "mobilenetv4_conv_small": "efficientnet",
     "regnety_016": "regnet", "regnetx_016": "regnet", "resnext50_32x4d": "resnet-graph",
     "seresnet50": "resnet-graph", "ecaresnet50d": "resnet-graph", "seresnext50_32x4d": "resnet-graph",
     "ecaresnet26t": "resnet-graph", "regnetz_b16": "byobnet", "repvgg_a0": "byobnet",

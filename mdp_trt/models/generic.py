@@ -152,8 +152,7 @@ def _removable(p: Proto, block: str) -> tuple[bool, str]:
         return False, f"block {block} has {len(ins)} inputs"
     x, out = ins[0], nodes[-1]
     if t.shapes.get(out) != t.shapes.get(x):
-        return False, (f"it changes the shape {t.shapes[x][1:]} -> {t.shapes[out][1:]}, so it has no identity "
-                       f"shortcut: removing it would leave nothing to map its input to the next block's")
+        return False, f"it changes the shape {t.shapes[x][1:]} -> {t.shapes[out][1:]}: no identity shortcut to keep"
 
     def alias_of_input(n: str) -> bool:
         node = t.nodes[n]

@@ -1,9 +1,10 @@
 """Solver speed on realistic instances, and agreement with brute force on small ones.
 
-    python -m benchmarks.solver [--json] [--repeat N] [--whole]
+    python -m benchmarks.solver [--json] [--repeat N] [--whole] [--models NAME ...]
 
 The instances use the real pruning spaces of resnet50 (default steps) and
-deit_base_patch16_224 (heads, qk, v, MLP, embedding width, block removal) with engine-like
+deit_base_patch16_224 (heads, qk, v, MLP, embedding width, block removal), or of the timm
+models named by ``--models`` (e.g. efficientnet_b3 convnext_small), with engine-like
 latency tables (work over widths, a fixed cost per kernel, steps at misaligned widths)
 and random cumulative importance, at half the dense latency.
 """
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5, help="budget as a share of dense latency")
     ap.add_argument("--repeat", type=int, default=5, help="solves per instance; the median is reported")
     ap.add_argument("--whole", action="store_true", help="also time the whole program without reductions")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="timm models whose spaces to solve (default: resnet50 deit_base_patch16_224)")
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"solver": args.solver, "solver_version": _version(args.solver),
                            "cvxpy_version": cp.__version__, "machine": f"{platform.machine()}, {_cores()} cores",
@@ -121,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
     optimal = True
     modes = (True, False) if args.whole else (True,)
-    for key, name in (("resnet50", "resnet50"), ("deit_base", "deit_base_patch16_224")):
+    models = [(m, m) for m in args.models] if args.models else [("resnet50", "resnet50"),
+                                                                  ("deit_base", "deit_base_patch16_224")]
+    for key, name in models:
         p = instance(name)
         dense = p.latency({d.name: d.choices[-1] for d in p.dims})
         for reduce in modes:

@@ -58,7 +58,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
 
 
 def space_of(model: nn.Module, config: SpaceConfig | None = None) -> PruningSpace:
-    """The pruning space of a timm model (ResNet family or VisionTransformer/DeiT)."""
+    """The pruning space of a timm model (any family in ``mdp_trt.models.FAMILIES``)."""
     return adapter_for(model).space(model, config or SpaceConfig())
 
 
@@ -80,6 +80,8 @@ def apply_plan(model: nn.Module, plan: Plan, importance: Importance | None = Non
             raise PlanError(f"importance for {name} has {len(scores)} units, the dim has {space.dim(name).size}")
     pruned = adapter.apply(model, space, plan, importance)
     pruned.mdp_plan = plan.to_dict()  # type: ignore[assignment]
+    # The dense model's architecture travels with every pruned one, so save_pruned needs no arch=.
+    pruned.mdp_arch = getattr(model, "mdp_arch", None) or adapter.arch(model)  # type: ignore[assignment]
     return pruned
 
 

@@ -173,6 +173,9 @@ class PruningSpace:
     input_size: tuple[int, int, int]
     locked: list[tuple[str, str]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    # What the adapter cuts term modules from (the model read into its graph); not part of
+    # the space's data: never compared, printed or saved. None for spaces made elsewhere.
+    handle: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._dims = {d.name: d for d in self.dims}
@@ -217,7 +220,7 @@ class PruningSpace:
         blocks = self.blocks if remove_blocks else [
             Block(b.name, False, b.reason or "block removal disabled", b.dims) for b in self.blocks]
         return PruningSpace(self.model, self.family, dims, blocks, self.terms, self.input_size,
-                            list(self.locked), dict(self.config))
+                            list(self.locked), dict(self.config), self.handle)
 
     def plan(self, widths: Mapping[str, int] | None = None, removed: Iterable[str] = ()) -> Plan:
         """A plan from partial widths (unnamed dims stay full) and removed blocks, validated."""

@@ -248,8 +248,24 @@ def test_public_api_path() -> None:
     direct = A.apply(m, sp, plan, A.magnitude(m, sp))
     assert state_equal(via_api, direct) and via_api.mdp_plan == plan.to_dict()
     assert mdp_trt.arch_of(m) == A.arch(m)
-    with pytest.raises(UnsupportedModelError, match="cannot be pruned: grouped convolution.*Supported:"):
-        mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16))
+    # a grouped ResNet goes on to the channel graph; what neither handles is named
+    assert mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16), CFG).family == "resnet-graph"
+    with pytest.raises(UnsupportedModelError, match="cannot be pruned: layer bn1 .GroupNorm. normalises groups.*Supported:"):
+        mdp_trt.space_of(make("resnet18", norm_layer="groupnorm"))
+
+
+@needs_api
+def test_apply_plan_result_saves_without_arch(tmp_path) -> None:
+    """apply_plan's result carries the dense model's architecture: save_pruned needs no arch=."""
+    import mdp_trt
+
+    m = make("test_resnet", num_classes=10)
+    plan = mdp_trt.space_of(m, CFG).random_plan(1)
+    pruned = mdp_trt.apply_plan(m, plan)
+    assert pruned.mdp_arch == A.arch(m)
+    mdp_trt.save_pruned(tmp_path / "p.pt", pruned, plan)
+    back = mdp_trt.load_pruned(tmp_path / "p.pt")
+    assert state_equal(back, pruned) and torch.equal(run(back, image()), run(pruned, image()))
 
 
 def test_input_model_untouched_and_still_timm_shaped() -> None:

@@ -1,0 +1,63 @@
+"""Family plugins for the channel graph: the model classes each takes and where its blocks are.
+
+Everything else (dims, which blocks have an identity shortcut, terms, surgery, importance)
+comes from the graph and the module rules, so a family is a few lines.
+"""
+
+from __future__ import annotations
+
+from timm.models.byobnet import ByobNet
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.regnet import RegNet
+from timm.models.resnet import ResNet
+
+from mdp_trt.models.generic import Family, family
+
+
+@family
+class ConvNeXtFamily(Family):
+    """ConvNeXt v1 and v2 (GRN): depthwise conv, LayerNorm, MLP, layer scale."""
+
+    name = "convnext"
+    classes = (ConvNeXt,)
+    block_parents = ("stages.*.blocks",)
+
+
+@family
+class EfficientNetFamily(Family):
+    """EfficientNet (incl. V2 with fused MBConv), MobileNetV2 (EfficientNet class) and
+    MobileNetV3: DepthwiseSeparableConv, InvertedResidual and EdgeResidual blocks."""
+
+    name = "efficientnet"
+    classes = (EfficientNet, MobileNetV3)
+    block_parents = ("blocks.*",)
+
+
+@family
+class RegNetFamily(Family):
+    """RegNetX / RegNetY: grouped bottlenecks, SE on Y."""
+
+    name = "regnet"
+    classes = (RegNet,)
+    block_parents = ("s*",)
+
+
+@family
+class ResNetGraphFamily(Family):
+    """timm ResNets the plain ResNet adapter leaves out: ResNeXt (grouped convs), SE and
+    ECA attention (seresnet50, ecaresnet50d, seresnext50_32x4d)."""
+
+    name = "resnet-graph"
+    classes = (ResNet,)
+    block_parents = ("layer*",)
+
+
+@family
+class ByobNetFamily(Family):
+    """timm's ByobNet ('bring your own blocks'), e.g. resnext26ts."""
+
+    name = "byobnet"
+    classes = (ByobNet,)
+    block_parents = ("stages.*",)

@@ -264,12 +264,10 @@ class LatencySurface:
 
 def term_gflops(space: PruningSpace) -> dict[str, np.ndarray] | None:
     """GFLOPs of every term's subgraph over its grid (a multiply-add counts as two), counted
-    by torch's FLOP counter on the meta device at the corners of each term's grid and
+    by :func:`mdp_trt.flops.count_flops` at the corners of each term's grid and
     filled in multilinearly: convolutions, linear layers and attention products are linear
     in each width, so this is exact for them. ``None`` when no adapter builds the space."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from mdp_trt.flops import count_flops
     from mdp_trt.models import adapters
 
     adapter = next((a for a in adapters() if a.family == space.family), None)
@@ -277,12 +275,8 @@ def term_gflops(space: PruningSpace) -> dict[str, np.ndarray] | None:
         return None
 
     def count(term: Term, widths: tuple[int, ...]) -> float:
-        with torch.device("meta"):
-            module, shape = adapter.term_module(space, term, widths)
-            x = torch.empty((1, *shape))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module.eval()(x)
-        return counter.get_total_flops() / 1e9
+        module, shape = adapter.term_module(space, term, widths)
+        return count_flops(module, (1, *shape)) / 1e9
 
     out: dict[str, np.ndarray] = {}
     cache: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}

@@ -122,7 +122,10 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
         for a in range(len(ax)):
             for b in range(a + 1, len(ax)):
                 shared.setdefault((min(ax[a], ax[b]), max(ax[a], ax[b])), []).append(k)
-    values = [np.asarray(d.value, dtype=np.float64) for d in dims]
+    values = [np.asarray(d.value, dtype=np.float64).copy() for d in dims]
+    for v in p.values:  # with the blocks fixed, a value term is part of its dim's value
+        if v.block not in gone and v.dim in pos:
+            values[pos[v.dim]] += np.asarray(v.table, dtype=np.float64)
     first = np.cumsum([0] + [len(d.choices) for d in dims])
     item_dim = np.concatenate([np.full(len(d.choices), k) for k, d in enumerate(dims)])
     apart = np.ones((len(dims), len(dims)), dtype=bool)

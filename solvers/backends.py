@@ -122,6 +122,7 @@ class Relaxation:
     bound: float
     bound_one: np.ndarray
     bound_zero: np.ndarray
+    budget_dual: float = 0.0  # the multiplier of the budget row in those bounds (>= 0)
 
 
 def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -> Relaxation:
@@ -136,7 +137,7 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
         return Relaxation(status, empty, float("nan"), empty, empty)
     sol = h.getSolution()
     col = np.asarray(sol.col_value)
-    best: tuple[float, np.ndarray] | None = None
+    best: tuple[float, np.ndarray, float] | None = None
     for sign in (1.0, -1.0):
         y = sign * np.asarray(sol.row_dual)
         y = np.where((y > 0) & ~np.isfinite(hi), 0.0, y)
@@ -145,11 +146,12 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
         d = m.value - a.T @ y
         bound = float(rows.sum() + np.maximum(d, 0.0).sum())
         if best is None or bound < best[0]:
-            best = (bound, d)
+            best = (bound, d, float(y[-1]))  # the budget row is the last (see _rows)
     assert best is not None
-    bound, d = best
+    bound, d, lam = best
     bound += m.value0
-    return Relaxation("optimal", col, bound, bound - np.maximum(d, 0.0) + d, bound - np.maximum(d, 0.0))
+    return Relaxation("optimal", col, bound, bound - np.maximum(d, 0.0) + d, bound - np.maximum(d, 0.0),
+                      max(lam, 0.0))
 
 
 def mip(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbose: bool,

@@ -46,6 +46,7 @@ PRESOLVE_ABOVE_COLUMNS = 4000
 ENUMERATED = "proven optimal by enumeration of the shared widths"
 EARLY_FRONT = 20000  # the enumeration between LP rounds gives up early: the rounds may shrink it a lot
 MIN_CALL_S = 0.005  # no solver call is started with less time than this left
+FIRST_POINT_S = 0.02  # improving the point made without a solve, when the limit left no time at all
 
 
 def mip_solvers() -> list[str]:
@@ -115,9 +116,9 @@ def _size(p: Problem) -> int:
 
 
 def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], budget_ms: float,
-                 max_moves: int = 200) -> dict[str, int]:
+                 max_moves: int = 200, deadline: float = float("inf")) -> dict[str, int]:
     """Improve a feasible point by the best move that still fits the budget: one dim to another
-    choice, or two dims at once (removed blocks stay removed)."""
+    choice, or two dims at once (removed blocks stay removed); stops at ``deadline``."""
     gone = set(removed)
     dims = [d for d in p.dims if d.block not in gone]
     if not dims:
@@ -152,6 +153,8 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
         return table[tuple(slice(None) if a in keep else idx[a] for a in ax)]
 
     for _ in range(max_moves):
+        if time.perf_counter() > deadline:
+            break
         slack = budget_ms - p.latency(point(), gone)
         rows = [np.zeros(len(d.choices)) for d in dims]
         for k, (ax, _) in enumerate(live):
@@ -240,13 +243,14 @@ def _gap(value: float, bound: float) -> float | None:
     return max(0.0, bound - value) / max(abs(value), 1e-12)
 
 
-def _first_point(p: Problem, budget_ms: float) -> tuple[dict[str, int], tuple[str, ...]] | None:
+def _first_point(p: Problem, budget_ms: float, deadline: float) -> tuple[dict[str, int], tuple[str, ...]] | None:
     """A feasible point without any solve, for when the clock runs out before the first one:
-    the narrowest widths with every block kept, else with every removable block removed."""
+    the narrowest widths with every block kept, else with every removable block removed,
+    improved by local search for the time left before ``deadline``."""
     narrow = {d.name: d.choices[0] for d in p.dims}
     for removed in ((), tuple(b.name for b in p.blocks if b.removable)):
         if p.latency(narrow, removed) <= budget_ms:
-            return local_search(p, narrow, removed, budget_ms), removed
+            return local_search(p, narrow, removed, budget_ms, deadline=deadline), removed
     return None
 
 
@@ -282,7 +286,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
                          solver, t0, "time limit: best point found, not proven optimal", status="time_limit")
 
     if reduce:
-        chain.apply(dominated(p))
+        chain.apply(dominated(p, clock.deadline))
     if reduce and solver == "HIGHS":
         for round_ in range(MAX_ROUNDS):
             if clock.out():
@@ -310,7 +314,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
                 if run.col.size and run.status in ("optimal", "time_limit"):
                     w, rem = lift(q, r, *decode(small, ms, run.col))
                     if q.latency(w, rem) <= budget_ms:
-                        w = local_search(q, w, rem, budget_ms)
+                        w = local_search(q, w, rem, budget_ms, deadline=clock.deadline)
                     offer(*chain.lift(w, rem))
             if incumbent is None:
                 break
@@ -327,7 +331,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             if _size(chain.current) > 0.95 * before:
                 break
     if clock.out():
-        if incumbent is None and (first := _first_point(p, budget_ms)) is not None:
+        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
             offer(*first)
         return out_of_time()
     q = chain.current
@@ -357,7 +361,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if run.status == "time_limit":
         if np.isfinite(run.bound):
             bound = min(bound, max(run.bound, incumbent[0] if incumbent is not None else -np.inf))
-        if incumbent is None and (first := _first_point(p, budget_ms)) is not None:
+        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
             offer(*first)
         return out_of_time()
     if run.status == "infeasible":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -75,15 +76,17 @@ def lift(p: Problem, r: Restriction, widths: Mapping[str, int], removed: Iterabl
     return out, tuple(b.name for b in p.blocks if b.name in gone)
 
 
-def dominated(p: Problem) -> Restriction:
+def dominated(p: Problem, deadline: float = float("inf")) -> Restriction:
     """Drop a choice when another choice of the same dim keeps at least as much importance (its
     own value, and every value term's over it on its own, since each counts or not with its
     block) and is no slower in every term for every choice of the term's other dims. Swapping
     the dropped choice for the other never raises latency nor lowers importance, whatever the
     rest of the point, so an optimum survives. Of equal choices the widest is kept. Comparisons
-    are exact."""
+    are exact. Past ``deadline`` the dims not yet looked at keep all their choices."""
     allowed: dict[str, tuple[int, ...]] = {}
     for d in p.dims:
+        if time.perf_counter() > deadline:
+            break
         slices = [(np.moveaxis(np.asarray(t.table, dtype=np.float64), t.dims.index(d.name), 0))
                   for t in p.terms if d.name in t.dims]
         # a value term is a latency-like column with its sign flipped: more importance is better

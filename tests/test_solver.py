@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,39 @@ def random_problem(seed: int, values: bool = False) -> Problem:
                   share("v6", "s0", "b1")]
     return Problem(dims, blocks, terms, fixed_ms=0.05, scale=rng.uniform(0.8, 1.2), offset=rng.uniform(0, 0.1),
                    values=vterms)
+
+
+def big_problem(seed: int, stages: int = 4, per_stage: int = 6, k: int = 16) -> Problem:
+    """ResNet-like and too big to enumerate or to solve whole in a second: stages of blocks
+    with two private widths of ``k`` choices around a shared width, removable blocks owning a
+    share of it, noisy latency over width products."""
+    rng = np.random.default_rng(seed)
+    work = np.outer(np.arange(1, k + 1), np.arange(1, k + 1)) / k**2
+
+    def dim(name: str, block: str | None = None) -> SolverDim:
+        return SolverDim(name, tuple(range(8, 8 * k + 1, 8)), np.cumsum(rng.gamma(1.0, 1.0, k)), block)
+
+    dims: list[SolverDim] = []
+    blocks: list[SolverBlock] = []
+    terms: list[SolverTerm] = []
+    values: list[SolverValue] = []
+    prev = None
+    for s in range(stages):
+        res = f"s{s}.res"
+        dims.append(dim(res))
+        if prev is not None:
+            terms.append(SolverTerm(f"s{s}.down", (prev, res), work * (1 + 0.3 * rng.random((k, k)))))
+        for b in range(per_stage):
+            name = f"s{s}.b{b}"
+            blocks.append(SolverBlock(name, b > 0, float(rng.random())))
+            dims += [dim(name + ".a", name), dim(name + ".c", name)]
+            terms += [SolverTerm(name + t, ds, work * (1 + 0.3 * rng.random((k, k))), name)
+                      for t, ds in ((".1", (res, name + ".a")), (".2", (name + ".a", name + ".c")),
+                                    (".3", (name + ".c", res)))]
+            if b > 0:
+                values.append(SolverValue(name + ".share", res, np.cumsum(rng.gamma(1.0, 0.3, k)), name))
+        prev = res
+    return Problem(dims, blocks, terms, values=values)
 
 
 def latency_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -> float:
@@ -257,3 +291,38 @@ def test_solving_prints_nothing_on_stdout() -> None:
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(("limit", "reduce"), [(0.05, True), (0.3, True), (0.5, False), (1.5, False)])
+def test_time_limit_is_honoured(limit: float, reduce: bool) -> None:
+    """The whole call ends within 10% + 0.1 s of the limit, with a plan: the whole program at
+    60% of dense does not solve in 1.5 s here (HiGHS alone took 20 s on it), nor do the
+    reductions finish in 0.05 s."""
+    p = big_problem(0)
+    budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
+    t0 = time.perf_counter()
+    sol = solve(p, budget, time_limit_s=limit, reduce=reduce)
+    elapsed = time.perf_counter() - t0
+    assert elapsed <= 1.1 * limit + 0.1, f"{elapsed:.3f} s for a {limit} s limit"
+    assert sol.status in ("time_limit", "optimal") and sol.widths
+    assert latency_of(p, sol.widths, sol.removed) <= budget
+    assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
+
+
+def test_time_limit_returns_the_best_point_with_its_gap() -> None:
+    """On a time limit the best point found comes back, status ``time_limit``, with its proven
+    gap; with no time at all, still a feasible point (no bound, so no gap)."""
+    p = big_problem(1)
+    budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
+    exact = solve(p, budget)
+    assert exact.status == "optimal" and exact.gap is not None and exact.gap <= 1e-6
+    sol = solve(p, budget, time_limit_s=0.5, reduce=False)
+    assert sol.status == "time_limit" and sol.widths and "best point found" in sol.message
+    assert sol.gap is not None and sol.gap > 0
+    assert latency_of(p, sol.widths, sol.removed) <= budget
+    assert sol.objective <= exact.objective + 1e-9
+    assert exact.objective <= sol.objective * (1 + sol.gap) + 1e-6  # the gap is a true bound
+    none = solve(p, budget, time_limit_s=0.0)
+    assert none.status == "time_limit" and none.widths and none.gap is None
+    assert latency_of(p, none.widths, none.removed) <= budget
+    assert none.objective <= exact.objective + 1e-9

@@ -32,7 +32,9 @@ from solvers.problem import Problem
 MAX_SHARED = 2_000_000  # shared assignments
 MAX_OPTIONS = 50000  # options of one part
 MAX_FRONT = 200000  # partial points kept after one merge
+MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is the better bet
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
+MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
 
 @dataclass
@@ -50,7 +52,8 @@ class _Part:
 @dataclass
 class Result:
     """``status``: ``optimal`` (the point is the optimum, or no point beats ``best`` when
-    ``widths`` is empty), ``infeasible``, ``too_big`` or ``time_limit`` (nothing proven)."""
+    ``widths`` is empty), ``infeasible``, ``too_big`` or ``time_limit`` (nothing proven; a
+    point, when given, is the best one found)."""
 
     status: str
     widths: dict[str, int] = field(default_factory=dict)
@@ -280,10 +283,11 @@ def _beat(best: float) -> float:
 
 
 def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0.0,
-          deadline: float = float("inf"), max_front: int = MAX_FRONT) -> Result:
+          deadline: float = float("inf"), max_front: int = MAX_FRONT, max_heads: int = MAX_HEADS) -> Result:
     """The optimum of ``p`` under ``budget`` if it beats ``best``; ``lam``: a budget multiplier
     for the bound (the LP dual of the budget is a good one; any value >= 0 is valid).
-    ``max_front``: the most partial points one merge may keep before giving up (``too_big``)."""
+    ``max_front``: the most partial points one merge may keep, ``max_heads``: the most shared
+    assignments merged, before giving up (``too_big``, with the best point found so far)."""
     if not p.scale > 0:
         return Result("too_big")
     lam = max(0.0, float(lam)) * p.scale  # per unit of the unscaled sum of terms
@@ -337,19 +341,35 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     for i, n in enumerate(shared):
         val0 = val0 + spread((i,), np.asarray(dims_by[n].value, dtype=np.float64))
     fast = fast + lat0
+    # the Lagrangian bound of every assignment at a few multipliers around lam, the least kept
     bound = val0 + lag + lam * (cap - lat0)
+    for mu in (lam * MU_STEPS if lam > 0 else ()):
+        at_mu = val0 + mu * (cap - lat0)
+        for k, part in enumerate(parts):
+            g = np.full([sizes[a] for a in part.axes], -np.inf)
+            for key, (fl, fv, _, _, _) in fronts[k].items():
+                if len(fl):
+                    g[key] = float(np.max(fv - mu * fl))
+            at_mu = at_mu + spread(part.axes, g)
+        bound = np.minimum(bound, at_mu)
     feasible = fast <= cap
     if not feasible.any():
         return Result("infeasible")
     heads = np.flatnonzero(feasible.ravel() & (bound.ravel() > _beat(best)))
     heads = heads[np.argsort(-bound.ravel()[heads], kind="stable")]
     found: Result | None = None
-    for flat in heads:
+    def cut_short(status: str) -> Result:
+        """Nothing proven; the best point found so far comes along (an incumbent for the caller)."""
+        return Result(status, found.widths, found.removed, found.value) if found is not None else Result(status)
+
+    for done, flat in enumerate(heads):
         s = tuple(int(i) for i in np.unravel_index(int(flat), sizes))
         if bound[s] <= _beat(best):
             break
         if time.perf_counter() > deadline:
-            return Result("time_limit")
+            return cut_short("time_limit")
+        if done >= max_heads:
+            return cut_short("too_big")
         room = cap - float(lat0[s])
         here = [fronts[k][tuple(s[a] for a in part.axes)] for k, part in enumerate(parts)]
         mu, tight = _best_multiplier([(h[0], h[1]) for h in here], room, lam)
@@ -369,7 +389,7 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         merged = [_merge(half, pf, [k for k in order if k not in half], mu, room, thr, max_front)
                   for half in halves]
         if any(m is None for m in merged):
-            return Result("too_big")
+            return cut_short("too_big")
         (la, va, ta), (lb, vb, tb) = merged  # type: ignore[misc]
         if not len(la) or not len(lb):
             continue

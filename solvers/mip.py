@@ -45,6 +45,7 @@ SUPPORT_EPS = 1e-9
 PRESOLVE_ABOVE_COLUMNS = 4000
 ENUMERATED = "proven optimal by enumeration of the shared widths"
 EARLY_FRONT = 20000  # the enumeration between LP rounds gives up early: the rounds may shrink it a lot
+EARLY_HEADS = 60  # shared assignments merged there (a few ms each)
 MIN_CALL_S = 0.005  # no solver call is started with less time than this left
 FIRST_POINT_S = 0.02  # improving the point made without a solve, when the limit left no time at all
 
@@ -323,10 +324,11 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             if clock.out():
                 break
             # a cheap try at the enumeration before another LP (which may cost more than it)
-            found = decompose.solve(chain.current, budget_ms, incumbent[0], lam, clock.deadline, EARLY_FRONT)
+            found = decompose.solve(chain.current, budget_ms, incumbent[0], lam, clock.deadline, EARLY_FRONT,
+                                    EARLY_HEADS)
+            if found.widths:
+                offer(*chain.lift(found.widths, found.removed))
             if found.status == "optimal":
-                if found.widths:
-                    offer(*chain.lift(found.widths, found.removed))
                 return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
             if _size(chain.current) > 0.95 * before:
                 break
@@ -338,9 +340,9 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if reduce and solver == "HIGHS":
         best = incumbent[0] if incumbent is not None else -np.inf
         found = decompose.solve(q, budget_ms, best, lam, clock.deadline)
+        if found.widths:
+            offer(*chain.lift(found.widths, found.removed))
         if found.status == "optimal":
-            if found.widths:
-                offer(*chain.lift(found.widths, found.removed))
             if incumbent is None:  # nothing better than nothing: no point at all
                 return _infeasible(p, solver, t0, clock)
             return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
@@ -348,6 +350,12 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             return _infeasible(p, solver, t0, clock)
         if found.status == "time_limit" or clock.out():
             return out_of_time()
+        if incumbent is not None and incumbent[0] > best:  # a better incumbent fixes more
+            m = build(q)
+            rx = backends.relax(m, budget_ms, clock.left(), primal=True)
+            if rx.status == "optimal":
+                chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
+                q = chain.current
     m = build(q)
     start = None
     if incumbent is not None:

@@ -280,6 +280,8 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             incumbent = (v, w, rem)
 
     def out_of_time(message: str = "") -> Solution:
+        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
+            offer(*first)
         if incumbent is None:
             return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0,
                             message=message or "time limit before any feasible point was found")
@@ -333,8 +335,6 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             if _size(chain.current) > 0.95 * before:
                 break
     if clock.out():
-        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
-            offer(*first)
         return out_of_time()
     q = chain.current
     if reduce and solver == "HIGHS":
@@ -369,8 +369,6 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if run.status == "time_limit":
         if np.isfinite(run.bound):
             bound = min(bound, max(run.bound, incumbent[0] if incumbent is not None else -np.inf))
-        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
-            offer(*first)
         return out_of_time()
     if run.status == "infeasible":
         return _infeasible(p, solver, t0, clock)

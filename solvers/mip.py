@@ -45,6 +45,8 @@ SUPPORT_EPS = 1e-9
 PRESOLVE_ABOVE_COLUMNS = 4000
 ENUMERATED = "proven optimal by enumeration of the shared widths"
 EARLY_FRONT = 20000  # the enumeration between LP rounds gives up early: the rounds may shrink it a lot
+SHARED_FEW = 1000
+SUPPORT_MIP_S = 0.5  # the MIP over the LP's support only makes an incumbent: its best point by then will do
 EARLY_HEADS = 60  # shared assignments merged there (a few ms each)
 MIN_CALL_S = 0.005  # no solver call is started with less time than this left
 FIRST_POINT_S = 0.02  # improving the point made without a solve, when the limit left no time at all
@@ -110,6 +112,11 @@ def _fixing(p: Problem, m: Matrix, rx: backends.Relaxation, threshold: float) ->
     kept = {b for b, c in m.removed_col.items() if rx.bound_one[c] < threshold}
     removed = {b for b, c in m.removed_col.items() if rx.bound_zero[c] < threshold and b not in kept}
     return Restriction(allowed, kept, removed)
+
+
+def _shared_grid(p: Problem) -> int:
+    """Assignments of the dims no block owns: what the enumeration has to go through."""
+    return int(np.prod([float(len(d.choices)) for d in p.dims if d.block is None]))
 
 
 def _size(p: Problem) -> int:
@@ -312,7 +319,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             ms = build(small)
             key = (tuple(d.choices for d in small.dims), tuple(sorted(small.removable())))
             if key != tried and not clock.out():
-                run = backends.mip(ms, budget_ms, solver, clock.left(), False)
+                run = backends.mip(ms, budget_ms, solver, min(clock.left(), SUPPORT_MIP_S), False)
                 tried = key
                 if run.col.size and run.status in ("optimal", "time_limit"):
                     w, rem = lift(q, r, *decode(small, ms, run.col))
@@ -332,7 +339,9 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
                 offer(*chain.lift(found.widths, found.removed))
             if found.status == "optimal":
                 return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
-            if _size(chain.current) > 0.95 * before:
+            # stop once fixing stalls; after the first LP only when the shared widths are few (the
+            # enumeration copes): dual simplex's duals fix little, primal simplex's far more
+            if _size(chain.current) > 0.95 * before and (round_ > 0 or _shared_grid(chain.current) <= SHARED_FEW):
                 break
     if clock.out():
         return out_of_time()

@@ -300,7 +300,6 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     if int(np.prod(sizes)) > MAX_SHARED:
         return Result("too_big")
     cap = (budget - p.offset) / p.scale - p.fixed_ms  # the budget on the unscaled sum of terms
-    cap += 1e-12 * max(1.0, abs(cap))
 
     def spread(ax: tuple[int, ...], arr: np.ndarray) -> np.ndarray:
         """An array over some shared axes (ascending) as one over the whole grid."""

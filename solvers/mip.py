@@ -280,11 +280,22 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     lam = 0.0  # the LP's budget multiplier, for the enumeration's bound
     tried: tuple[object, ...] = ()  # the last LP-support problem solved: the same support need not be redone
 
-    def offer(w: dict[str, int], rem: tuple[str, ...]) -> None:
+    def offer(w: dict[str, int], rem: tuple[str, ...]) -> bool:
+        """Keep the point if it fits the budget (recomputed from the tables) and is the best so
+        far; whether it fits."""
         nonlocal incumbent
         v = p.objective(w, rem)
-        if p.latency(w, rem) <= budget_ms and (incumbent is None or v > incumbent[0]):
+        if p.latency(w, rem) > budget_ms:
+            return False
+        if incumbent is None or v > incumbent[0]:
             incumbent = (v, w, rem)
+        return True
+
+    def enumerated(found: decompose.Result) -> bool:
+        """Whether the enumeration proved the incumbent (or the point it found) optimal: a point
+        over the budget once recomputed (rounding) proves nothing."""
+        fits = offer(*chain.lift(found.widths, found.removed)) if found.widths else True
+        return found.status == "optimal" and fits
 
     def out_of_time(message: str = "") -> Solution:
         if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
@@ -335,9 +346,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             # a cheap try at the enumeration before another LP (which may cost more than it)
             found = decompose.solve(chain.current, budget_ms, incumbent[0], lam, clock.deadline, EARLY_FRONT,
                                     EARLY_HEADS)
-            if found.widths:
-                offer(*chain.lift(found.widths, found.removed))
-            if found.status == "optimal":
+            if enumerated(found):
                 return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
             # stop once fixing stalls; after the first LP only when the shared widths are few (the
             # enumeration copes): dual simplex's duals fix little, primal simplex's far more
@@ -349,9 +358,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     if reduce and solver == "HIGHS":
         best = incumbent[0] if incumbent is not None else -np.inf
         found = decompose.solve(q, budget_ms, best, lam, clock.deadline)
-        if found.widths:
-            offer(*chain.lift(found.widths, found.removed))
-        if found.status == "optimal":
+        if enumerated(found):
             if incumbent is None:  # nothing better than nothing: no point at all
                 return _infeasible(p, solver, t0, clock)
             return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)

@@ -293,10 +293,10 @@ def test_solving_prints_nothing_on_stdout() -> None:
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize(("limit", "reduce"), [(0.05, True), (0.3, True), (0.5, False), (1.5, False)])
+@pytest.mark.parametrize(("limit", "reduce"), [(0.05, True), (0.3, True), (1.0, False), (2.0, False)])
 def test_time_limit_is_honoured(limit: float, reduce: bool) -> None:
     """The whole call ends within 10% + 0.1 s of the limit, with a plan: the whole program at
-    60% of dense does not solve in 1.5 s here (HiGHS alone took 20 s on it), nor do the
+    60% of dense does not solve in 2 s here (HiGHS alone took 20 s on it), nor do the
     reductions finish in 0.05 s."""
     p = big_problem(0)
     budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
@@ -316,7 +316,7 @@ def test_time_limit_returns_the_best_point_with_its_gap() -> None:
     budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
     exact = solve(p, budget)
     assert exact.status == "optimal" and exact.gap is not None and exact.gap <= 1e-6
-    sol = solve(p, budget, time_limit_s=0.5, reduce=False)
+    sol = solve(p, budget, time_limit_s=1.0, reduce=False)
     assert sol.status == "time_limit" and sol.widths and "best point found" in sol.message
     assert sol.gap is not None and sol.gap > 0
     assert latency_of(p, sol.widths, sol.removed) <= budget

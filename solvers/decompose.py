@@ -234,8 +234,12 @@ def _best_multiplier(fronts: list[tuple[np.ndarray, np.ndarray]], room: float, l
     return best_mu, best_b
 
 
+class _OutOfTime(Exception):
+    """The deadline passed in the middle of a merge."""
+
+
 def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]], others: list[int],
-           mu: float, room: float, thr: float, max_front: int
+           mu: float, room: float, thr: float, max_front: int, deadline: float
            ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
     """The Pareto front of the parts ``half`` together (latency, importance, back pointers),
     without points that the rest (the parts still to come and ``others``) cannot lift above
@@ -252,6 +256,8 @@ def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
         fl, fv, _ = pf[k]
         if len(lat) * len(fl) > 20 * max_front:
             return None
+        if time.perf_counter() > deadline:
+            raise _OutOfTime
         cl = (lat[:, None] + fl[None, :]).ravel()
         cv = (val[:, None] + fv[None, :]).ravel()
         ok = (cl + rest_fast[step + 1] <= room) & (cv - mu * cl + rest_lag[step + 1] + mu * room > thr)
@@ -385,8 +391,11 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         order = sorted(range(len(parts)), key=lambda k: len(pf[k][0]))
         halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
         thr = _beat(best) - float(val0[s])
-        merged = [_merge(half, pf, [k for k in order if k not in half], mu, room, thr, max_front)
-                  for half in halves]
+        try:
+            merged = [_merge(half, pf, [k for k in order if k not in half], mu, room, thr, max_front, deadline)
+                      for half in halves]
+        except _OutOfTime:
+            return cut_short("time_limit")
         if any(m is None for m in merged):
             return cut_short("too_big")
         (la, va, ta), (lb, vb, tb) = merged  # type: ignore[misc]

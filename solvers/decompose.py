@@ -6,17 +6,22 @@ its removal, the latency and value terms over them). Each part is a list of opti
 combination of its blocks' fates and its dims' choices) with a latency and an importance,
 and the whole problem is to pick one option per part within the budget: a multiple-choice
 knapsack, solved exactly by merging the parts' Pareto fronts (latency up, importance up)
-one part at a time.
+one part at a time, in two halves that meet in the middle (each point of one half takes the
+best point of the other that fits).
 
 Pruning keeps it exact: an option that is slower and keeps no more importance than another of
 its part is never needed; a partial point is dropped when even the rest's fastest options
 break the budget, or when a valid upper bound on what it can reach does not beat the best
 point known. The bound is Lagrangian: for any ``lam >= 0`` the rest keeps at most
-``sum over parts of max(value - lam * latency) + lam * (budget left)``. Shared assignments
-are visited in the order of that bound and the search stops when it cannot beat the best.
+``sum over parts of max(value - lam * latency) + lam * (budget left)``; the whole grid of
+shared assignments is bounded at once at a few multipliers, and each assignment visited gets
+its own best multiplier. Assignments are visited in the order of that bound and the search
+stops when it cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an
+optimum it proves is within that of the true one.
 
-It is used where it is small (few shared assignments, small parts, fronts that stay small)
-and says so otherwise, so the caller falls back to the MIP.
+It is used where it is small (few shared assignments, small parts, fronts that stay small,
+few assignments worth merging) and says so otherwise (``too_big``, with the best point it
+found), so the caller falls back to the MIP.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Importance of every unit of every dim, and of every block.
 
 ``taylor``: first-order Taylor, |sum of w * dL/dw| over what a unit owns (on normalisation
-layers for convolution channels), accumulated over batches and averaged, as MDP does.
+layers for convolution channels), accumulated over batches and averaged, as MDP does. Where
+a block's layer writes into a shared width (a residual block's last layer), the block's share
+of each unit's score is accumulated too (split among the writers by their |term|), so that
+removing the block loses its share of the units kept.
 ``magnitude``: weight norms. ``random``: seeded noise, for ablations.
 """
 
@@ -28,10 +31,12 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.
     taken in eval mode and cleared afterwards.
     """
     adapter = adapter_for(model)
+    with_shares = getattr(adapter, "taylor_shares", None)  # adapters whose blocks own part of a shared width
     was_training = model.training
     model.eval()
     units = {d.name: np.zeros(d.size) for d in space.dims}
     blocks = {b.name: 0.0 for b in space.blocks if b.removable}
+    shares: dict[str, dict[str, np.ndarray]] = {}
     loss_fn = nn.CrossEntropyLoss()
     seen = 0
     it = iter(batches)
@@ -50,11 +55,18 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.
                 break
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
-            u, b = adapter.taylor_terms(model, space)
+            if with_shares is not None:
+                u, b, fractions = with_shares(model, space)
+            else:
+                (u, b), fractions = adapter.taylor_terms(model, space), {}
             for k, v in u.items():
                 units[k] += np.abs(v)
             for k, v in b.items():
                 blocks[k] += abs(float(v))
+            for blk, per_dim in fractions.items():  # the block's part of this batch's unit scores
+                for d, frac in per_dim.items():
+                    own = shares.setdefault(blk, {}).setdefault(d, np.zeros(len(frac)))
+                    own += frac * np.abs(u[d])
             seen += 1
             if bar is not None:
                 bar.update(task, advance=1)
@@ -65,7 +77,10 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.
         model.train(was_training)
     if seen == 0:
         raise MdpError("no data to estimate importance from")
-    return Importance({k: v / seen for k, v in units.items()}, {k: v / seen for k, v in blocks.items()})
+    block_shares = {b: {d: v / seen for d, v in per_dim.items()} for b, per_dim in shares.items()}
+    blocks = {k: v / seen for k, v in blocks.items()}
+    blocks.update({b: float(sum(v.sum() for v in per_dim.values())) for b, per_dim in block_shares.items()})
+    return Importance({k: v / seen for k, v in units.items()}, blocks, block_shares)
 
 
 def random_importance(space: PruningSpace, seed: int = 0) -> Importance:
@@ -103,4 +118,5 @@ def with_floor(imp: Importance, rel: float = 1e-3) -> Importance:
     """
     pos = np.concatenate([v[v > 0] for v in imp.units.values()] + [np.zeros(0)])
     floor = rel * (float(pos.mean()) if pos.size else 1.0)
-    return Importance({k: np.maximum(v, 0.0) + floor for k, v in imp.units.items()}, dict(imp.blocks))
+    return Importance({k: np.maximum(v, 0.0) + floor for k, v in imp.units.items()}, dict(imp.blocks),
+                      {b: dict(per_dim) for b, per_dim in imp.block_shares.items()})

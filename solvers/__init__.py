@@ -1,8 +1,16 @@
 """Exact multi-dimensional pruning solver over plain arrays (no torch)."""
 
 from solvers.mip import min_latency, mip_solvers, solve
-from solvers.problem import Problem, Solution, SolverBlock, SolverDim, SolverError, SolverTerm
+from solvers.problem import (
+           Problem,
+           Solution,
+           SolverBlock,
+           SolverDim,
+           SolverError,
+           SolverTerm,
+           SolverValue,
+)
 from solvers.sweep import plot_sweep, sweep
 
-__all__ = ["Problem", "Solution", "SolverBlock", "SolverDim", "SolverError", "SolverTerm",
+__all__ = ["Problem", "Solution", "SolverBlock", "SolverDim", "SolverError", "SolverTerm", "SolverValue",
            "min_latency", "mip_solvers", "plot_sweep", "solve", "sweep"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,14 @@ import scipy.sparse as sp
 from solvers.matrix import Matrix
 
 REL_GAP = 1e-7
+# HiGHS stops some time after its limit (presolve probing, a node's LP): it gets this share of
+# the time left, so that the caller's limit holds.
+HIGHS_SHARE = 0.8
+HIGHS_RESERVE_S = 0.05
+# HiGHS's MIP presolve probing does not look at the clock often (0.3 s over a 0.4 s limit on a
+# 20k-column program here): off when less time than this is left.
+PROBING_ABOVE_S = 5.0
+PRESOLVE_PROBING = 1 << 15  # its bit in presolve_rule_off
 
 
 @dataclass
@@ -65,6 +74,7 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
            ) -> tuple[Any, sp.csr_matrix, np.ndarray, np.ndarray]:
     import highspy
 
+    t_in = time.perf_counter()
     a, lo, hi = _rows(m, budget)
     csc = a.tocsc()
     lp = highspy.HighsLp()
@@ -86,7 +96,6 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
     _banner_swallowed()
     h = highspy.Highs()
     h.setOptionValue("output_flag", bool(verbose))
-    h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", REL_GAP)
     h.setOptionValue("presolve", "on" if presolve else "off")
     if primal:
@@ -95,6 +104,10 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
     if start is not None:
         idx = np.flatnonzero(m.integer)
         h.setSolution(len(idx), idx.astype(np.int32), np.asarray(start, dtype=np.float64)[idx])
+    left = float(time_limit_s) - (time.perf_counter() - t_in)  # building the model took some of it
+    h.setOptionValue("time_limit", max(1e-3, HIGHS_SHARE * left - HIGHS_RESERVE_S))
+    if integral and presolve and left < PROBING_ABOVE_S:
+        h.setOptionValue("presolve_rule_off", PRESOLVE_PROBING)  # probing overruns a short limit
     h.run()
     return h, a, lo, hi
 
@@ -122,6 +135,7 @@ class Relaxation:
     bound: float
     bound_one: np.ndarray
     bound_zero: np.ndarray
+    budget_dual: float = 0.0  # the multiplier of the budget row in those bounds (>= 0)
 
 
 def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -> Relaxation:
@@ -136,7 +150,7 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
         return Relaxation(status, empty, float("nan"), empty, empty)
     sol = h.getSolution()
     col = np.asarray(sol.col_value)
-    best: tuple[float, np.ndarray] | None = None
+    best: tuple[float, np.ndarray, float] | None = None
     for sign in (1.0, -1.0):
         y = sign * np.asarray(sol.row_dual)
         y = np.where((y > 0) & ~np.isfinite(hi), 0.0, y)
@@ -145,11 +159,12 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
         d = m.value - a.T @ y
         bound = float(rows.sum() + np.maximum(d, 0.0).sum())
         if best is None or bound < best[0]:
-            best = (bound, d)
+            best = (bound, d, float(y[-1]))  # the budget row is the last (see _rows)
     assert best is not None
-    bound, d = best
+    bound, d, lam = best
     bound += m.value0
-    return Relaxation("optimal", col, bound, bound - np.maximum(d, 0.0) + d, bound - np.maximum(d, 0.0))
+    return Relaxation("optimal", col, bound, bound - np.maximum(d, 0.0) + d, bound - np.maximum(d, 0.0),
+                      max(lam, 0.0))
 
 
 def mip(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbose: bool,
@@ -196,7 +211,7 @@ def _cvxpy(m: Matrix, budget: float | None, solver: str, time_limit_s: float, ve
         obj = cp.Maximize(m.value[ints] @ xb + (m.value[conts] @ xc if xc is not None else 0))
     prob = cp.Problem(obj, cons)
     try:
-        prob.solve(solver=solver, verbose=verbose)
+        prob.solve(solver=solver, verbose=verbose, **_time_limit_options(solver, time_limit_s))
     except cp.SolverError as exc:
         return Run("error", np.zeros(0), message=str(exc))
     if prob.status in ("infeasible", "infeasible_inaccurate"):
@@ -211,3 +226,17 @@ def _cvxpy(m: Matrix, budget: float | None, solver: str, time_limit_s: float, ve
     const = m.value0 if budget is not None else m.latency0
     return Run("optimal", col, float(prob.value) + const, float(prob.value) + const, None,
                "" if prob.status == "optimal" else "solver reported optimal_inaccurate")
+
+
+def _time_limit_options(solver: str, time_limit_s: float) -> dict[str, Any]:
+    """The time-limit option of a solver through CVXPY, where it has a documented one."""
+    t = max(1e-3, float(time_limit_s))
+    options: dict[str, dict[str, Any]] = {
+        "SCIPY": {"scipy_options": {"time_limit": t}},
+        "SCIP": {"scip_params": {"limits/time": t}},
+        "GUROBI": {"TimeLimit": t},
+        "CPLEX": {"cplex_params": {"timelimit": t}},
+        "MOSEK": {"mosek_params": {"MSK_DPAR_OPTIMIZER_MAX_TIME": t}},
+        "CBC": {"maximumSeconds": t},
+    }
+    return options.get(solver, {})

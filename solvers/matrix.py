@@ -19,6 +19,11 @@ keeps the padded form.
 
 Terms over the same dims and blocks are added into one table first, and a term whose dims are
 a subset of another's (same blocks) is added into that one's table.
+
+A value term (importance over one dim's choices, counted while a block is kept) is a term of
+the same kind with an importance table instead of a latency table: it shares the joint
+columns of the latency terms over the same dim and block (a block's share of a shared width
+rides on the joint columns of the block's first conv), so it adds no columns where those exist.
 """
 
 from __future__ import annotations
@@ -85,25 +90,42 @@ class _Rows:
 
 @dataclass
 class _Term:
+    """Latency ``table`` and importance ``value`` over the same cells."""
+
     dims: tuple[str, ...]
     gates: frozenset[str]
     table: np.ndarray
+    value: np.ndarray
 
 
-def _merge_terms(p: Problem) -> tuple[float, list[_Term]]:
-    """Constant latency and the terms grouped by (dims, gating blocks), subsets folded in."""
+def _merge_terms(p: Problem) -> tuple[float, float, list[_Term]]:
+    """Constant latency, constant importance and the terms (latency and value terms together)
+    grouped by (dims, gating blocks), subsets folded in."""
     removable = p.removable()
     order = {d.name: i for i, d in enumerate(p.dims)}
     owner = {d.name: d.block for d in p.dims}
-    groups: dict[tuple[tuple[str, ...], frozenset[str]], np.ndarray] = {}
-    for t in p.terms:
-        gates = frozenset({b for b in (t.block, *(owner[n] for n in t.dims)) if b in removable})
-        dims = tuple(sorted(t.dims, key=order.__getitem__))
-        table = np.transpose(np.asarray(t.table, dtype=np.float64), [t.dims.index(n) for n in dims])
+    groups: dict[tuple[tuple[str, ...], frozenset[str]], _Term] = {}
+
+    def add(dims_in: tuple[str, ...], gate_in: str | None, table_in: np.ndarray, is_value: bool) -> None:
+        gates = frozenset({b for b in (gate_in, *(owner[n] for n in dims_in)) if b in removable})
+        dims = tuple(sorted(dims_in, key=order.__getitem__))
+        table = np.transpose(np.asarray(table_in, dtype=np.float64), [dims_in.index(n) for n in dims])
         key = (dims, gates)
-        groups[key] = groups[key] + table if key in groups else table.copy()
-    const = float(p.fixed_ms) + sum(float(v) for (dims, gates), v in groups.items() if not dims and not gates)
-    terms = [_Term(d, g, v) for (d, g), v in groups.items() if d or g]
+        if key not in groups:
+            groups[key] = _Term(dims, gates, np.zeros(table.shape), np.zeros(table.shape))
+        if is_value:
+            groups[key].value = groups[key].value + table
+        else:
+            groups[key].table = groups[key].table + table
+
+    for t in p.terms:
+        add(t.dims, t.block, t.table, False)
+    for v in p.values:
+        add((v.dim,), v.block, v.table, True)
+    fixed = [t for t in groups.values() if not t.dims and not t.gates]
+    const = float(p.fixed_ms) + sum(float(t.table) for t in fixed)
+    const_value = sum(float(t.value) for t in fixed)
+    terms = [t for t in groups.values() if t.dims or t.gates]
     # Fold a term into a superset term with the same gates (no new columns for it).
     terms.sort(key=lambda t: -len(t.dims))
     kept: list[_Term] = []
@@ -114,7 +136,8 @@ def _merge_terms(p: Problem) -> tuple[float, list[_Term]]:
             continue
         shape = [k if n in term.dims else 1 for n, k in zip(host.dims, host.table.shape, strict=True)]
         host.table = host.table + term.table.reshape(shape)  # both in the dims' canonical order
-    return const, kept
+        host.value = host.value + term.value.reshape(shape)
+    return const, const_value, kept
 
 
 def _linear(t: _Term, owner: dict[str, str | None]) -> bool:
@@ -153,27 +176,40 @@ def build(p: Problem) -> Matrix:
             eq.add(cols, np.ones(len(cols)), 1.0)
     lat_cols: list[np.ndarray] = []
     lat_vals: list[np.ndarray] = []
-    const, terms = _merge_terms(p)
+    obj_cols: list[np.ndarray] = []
+    obj_vals: list[np.ndarray] = []
+    const, const_value, terms = _merge_terms(p)
+    value0 += const_value
     for t in terms:
         if _linear(t, owner):
             if t.dims:
                 lat_cols.append(dim_cols[t.dims[0]])
                 lat_vals.append(t.table)
-            else:  # a constant paid while the single gating block is kept
+                obj_cols.append(dim_cols[t.dims[0]])
+                obj_vals.append(t.value)
+            else:  # a constant paid (or kept) while the single gating block is kept
                 (b,) = t.gates
                 const += float(t.table)
+                value0 += float(t.value)
                 lat_cols.append(np.array([removed_col[b]]))
                 lat_vals.append(np.array([-float(t.table)]))
+                obj_cols.append(np.array([removed_col[b]]))
+                obj_vals.append(np.array([-float(t.value)]))
             continue
+        first = n
         if len(t.gates) <= 1:
             n = _joint_projected(t, owner, dim_cols, removed_col, n, eq, ub, lat_cols, lat_vals)
         else:
             n = _joint_padded(t, owner, dim_cols, removed_col, n, eq, lat_cols, lat_vals)
+        obj_cols.append(np.arange(first, n))
+        obj_vals.append(_joint_value(t, owner, n - first))
     latency = np.zeros(n)
     for c, v in zip(lat_cols, lat_vals, strict=True):
         np.add.at(latency, c, np.ravel(v))
     obj = np.zeros(n)
     obj[:n_int] = np.concatenate(value) if value else np.zeros(0)
+    for c, v in zip(obj_cols, obj_vals, strict=True):
+        np.add.at(obj, c, np.ravel(v))
     a_eq, b_eq = eq.matrix(n)
     a_ub, b_ub = ub.matrix(n)
     integer = np.zeros(n, dtype=bool)
@@ -213,6 +249,24 @@ def _joint_projected(t: _Term, owner: dict[str, str | None], dim_cols: dict[str,
     lat_cols.append(np.arange(n, n + size))
     lat_vals.append(t.table)
     return n + size
+
+
+def _joint_value(t: _Term, owner: dict[str, str | None], size: int) -> np.ndarray:
+    """The value table laid out as the joint columns: as is (projected form), or padded like
+    :func:`_joint_padded` pads the latency table (removed cells keep nothing)."""
+    value = t.value
+    if len(t.gates) > 1:
+        for k, name in enumerate(t.dims):
+            if owner[name] in t.gates:
+                pad = [(0, 0)] * value.ndim
+                pad[k] = (0, 1)
+                value = np.pad(value, pad)
+        for _ in sorted(t.gates - {owner[name] for name in t.dims}):
+            value = np.stack([value, np.zeros_like(value)], axis=-1)
+    out = np.ravel(value)
+    if len(out) != size:
+        raise AssertionError(f"value table of {t.dims}: {len(out)} cells for {size} joint columns")
+    return out
 
 
 def _joint_padded(t: _Term, owner: dict[str, str | None], dim_cols: dict[str, np.ndarray],

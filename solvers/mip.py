@@ -10,21 +10,28 @@ shrink it (HiGHS only; other solvers get the whole program):
 3. fix by bounds: a choice (or a block's removal) whose Lagrangian bound from the LP duals is
    below the incumbent cannot be part of a better point, so it is dropped; repeat 2-3 on the
    smaller problem while it shrinks;
-4. solve the MIP on what is left, started from the incumbent.
+4. where the shared widths have few choices left, enumerate them and solve the rest exactly
+   by merging Pareto fronts (:mod:`solvers.decompose`); otherwise solve the MIP on what is
+   left, started from the incumbent.
 
 Every point at least as good as the incumbent survives step 3, so the final optimum is the
 optimum of the original problem, with the final solver's proven gap.
+
+``time_limit_s`` holds for the whole solve: every HiGHS call gets only the time left, the
+steps between them check the clock, and on the limit the best point found so far is returned
+(status ``time_limit``) with its gap to the best proven bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
-from solvers import backends
+from solvers import backends, decompose
 from solvers.matrix import Matrix, build, decode, encode
 from solvers.problem import Problem, Solution, SolverError
 from solvers.reduce import Restriction, dominated, lift, restrict
@@ -36,6 +43,13 @@ SUPPORT_EPS = 1e-9
 # (measured: resnet50 at 50% of dense, ~2.5k columns left, 0.15 s slower with it; hard budgets
 # with ~10k columns left, 4x faster with it).
 PRESOLVE_ABOVE_COLUMNS = 4000
+ENUMERATED = "proven optimal by enumeration of the shared widths"
+EARLY_FRONT = 20000  # the enumeration between LP rounds gives up early: the rounds may shrink it a lot
+SHARED_FEW = 1000
+SUPPORT_MIP_S = 0.5  # the MIP over the LP's support only makes an incumbent: its best point by then will do
+EARLY_HEADS = 60  # shared assignments merged there (a few ms each)
+MIN_CALL_S = 0.005  # no solver call is started with less time than this left
+FIRST_POINT_S = 0.02  # improving the point made without a solve, when the limit left no time at all
 
 
 def mip_solvers() -> list[str]:
@@ -100,14 +114,19 @@ def _fixing(p: Problem, m: Matrix, rx: backends.Relaxation, threshold: float) ->
     return Restriction(allowed, kept, removed)
 
 
+def _shared_grid(p: Problem) -> int:
+    """Assignments of the dims no block owns: what the enumeration has to go through."""
+    return int(np.prod([float(len(d.choices)) for d in p.dims if d.block is None]))
+
+
 def _size(p: Problem) -> int:
     return sum(len(d.choices) for d in p.dims) + len(p.removable())
 
 
 def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], budget_ms: float,
-                 max_moves: int = 200) -> dict[str, int]:
+                 max_moves: int = 200, deadline: float = float("inf")) -> dict[str, int]:
     """Improve a feasible point by the best move that still fits the budget: one dim to another
-    choice, or two dims at once (removed blocks stay removed)."""
+    choice, or two dims at once (removed blocks stay removed); stops at ``deadline``."""
     gone = set(removed)
     dims = [d for d in p.dims if d.block not in gone]
     if not dims:
@@ -122,7 +141,10 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
         for a in range(len(ax)):
             for b in range(a + 1, len(ax)):
                 shared.setdefault((min(ax[a], ax[b]), max(ax[a], ax[b])), []).append(k)
-    values = [np.asarray(d.value, dtype=np.float64) for d in dims]
+    values = [np.asarray(d.value, dtype=np.float64).copy() for d in dims]
+    for v in p.values:  # with the blocks fixed, a value term is part of its dim's value
+        if v.block not in gone and v.dim in pos:
+            values[pos[v.dim]] += np.asarray(v.table, dtype=np.float64)
     first = np.cumsum([0] + [len(d.choices) for d in dims])
     item_dim = np.concatenate([np.full(len(d.choices), k) for k, d in enumerate(dims)])
     apart = np.ones((len(dims), len(dims)), dtype=bool)
@@ -139,6 +161,8 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
         return table[tuple(slice(None) if a in keep else idx[a] for a in ax)]
 
     for _ in range(max_moves):
+        if time.perf_counter() > deadline:
+            break
         slack = budget_ms - p.latency(point(), gone)
         rows = [np.zeros(len(d.choices)) for d in dims]
         for k, (ax, _) in enumerate(live):
@@ -178,11 +202,12 @@ def local_search(p: Problem, widths: dict[str, int], removed: Iterable[str], bud
 
 
 def _solution(p: Problem, widths: dict[str, int], removed: tuple[str, ...], budget_ms: float,
-              gap: float | None, solver: str, t0: float, message: str = "") -> Solution:
+              gap: float | None, solver: str, t0: float, message: str = "", status: str = "optimal"
+              ) -> Solution:
     """The plan as a result; the dims of a removed block report their widest choice."""
     widths = {d.name: d.choices[-1] if d.block in removed else widths[d.name] for d in p.dims}
     pred = p.latency(widths, removed)
-    sol = Solution("optimal", widths, removed, pred, p.objective(widths, removed), gap,
+    sol = Solution(status, widths, removed, pred, p.objective(widths, removed), gap,
                    time.perf_counter() - t0, solver, message=message)
     if pred > budget_ms * (1 + 1e-9) + 1e-12:  # never trust a point the solver calls optimal blindly
         sol.status, sol.message = "error", f"solver point predicts {pred:.6g} ms over the budget {budget_ms:.6g} ms"
@@ -206,72 +231,175 @@ def min_latency(p: Problem, solver: str = "HIGHS", time_limit_s: float = 60.0) -
     return p.latency(*decode(p, m, run.col))
 
 
+class _Clock:
+    """The deadline of one solve."""
+
+    def __init__(self, t0: float, limit_s: float) -> None:
+        self.deadline = t0 + max(0.0, float(limit_s))
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def out(self) -> bool:
+        return self.left() < MIN_CALL_S
+
+
+def _gap(value: float, bound: float) -> float | None:
+    """Relative gap of a point to a proven bound (HiGHS's definition), ``None`` without a bound."""
+    if not np.isfinite(bound):
+        return None
+    return max(0.0, bound - value) / max(abs(value), 1e-12)
+
+
+def _first_point(p: Problem, budget_ms: float, deadline: float) -> tuple[dict[str, int], tuple[str, ...]] | None:
+    """A feasible point without any solve, for when the clock runs out before the first one:
+    the narrowest widths with every block kept, else with every removable block removed,
+    improved by local search for the time left before ``deadline``."""
+    narrow = {d.name: d.choices[0] for d in p.dims}
+    for removed in ((), tuple(b.name for b in p.blocks if b.removable)):
+        if p.latency(narrow, removed) <= budget_ms:
+            return local_search(p, narrow, removed, budget_ms, deadline=deadline), removed
+    return None
+
+
 def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: float = 60.0,
           verbose: bool = False, reduce: bool = True) -> Solution:
     """The plan keeping the most importance with predicted latency within ``budget_ms``.
 
     ``reduce``: apply the exact reductions of the module docstring (HiGHS only) before the
-    final solve; off, the whole program goes to the solver.
+    final solve; off, the whole program goes to the solver. ``time_limit_s``: for the whole
+    call (see the module docstring); on the limit the best point found comes back with status
+    ``time_limit`` and its gap, or no point when none was found in time.
     """
     _check_solver(solver)
     t0 = time.perf_counter()
-    deadline = t0 + time_limit_s
+    clock = _Clock(t0, time_limit_s)
     chain = _Chain(p)
     incumbent: tuple[float, dict[str, int], tuple[str, ...]] | None = None
+    bound = np.inf  # proven upper bound on the objective of the original problem
+    lam = 0.0  # the LP's budget multiplier, for the enumeration's bound
     tried: tuple[object, ...] = ()  # the last LP-support problem solved: the same support need not be redone
+
+    def offer(w: dict[str, int], rem: tuple[str, ...]) -> bool:
+        """Keep the point if it fits the budget (recomputed from the tables) and is the best so
+        far; whether it fits."""
+        nonlocal incumbent
+        v = p.objective(w, rem)
+        if p.latency(w, rem) > budget_ms:
+            return False
+        if incumbent is None or v > incumbent[0]:
+            incumbent = (v, w, rem)
+        return True
+
+    def enumerated(found: decompose.Result) -> bool:
+        """Whether the enumeration proved the incumbent (or the point it found) optimal: a point
+        over the budget once recomputed (rounding) proves nothing."""
+        fits = offer(*chain.lift(found.widths, found.removed)) if found.widths else True
+        return found.status == "optimal" and fits
+
+    def out_of_time(message: str = "") -> Solution:
+        if incumbent is None and (first := _first_point(p, budget_ms, clock.deadline + FIRST_POINT_S)) is not None:
+            offer(*first)
+        if incumbent is None:
+            return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0,
+                            message=message or "time limit before any feasible point was found")
+        return _solution(p, incumbent[1], incumbent[2], budget_ms, _gap(incumbent[0], max(bound, incumbent[0])),
+                         solver, t0, "time limit: best point found, not proven optimal", status="time_limit")
+
     if reduce:
-        chain.apply(dominated(p))
+        chain.apply(dominated(p, clock.deadline))
     if reduce and solver == "HIGHS":
         for round_ in range(MAX_ROUNDS):
+            if clock.out():
+                break
             q = chain.current
             m = build(q)
-            rx = backends.relax(m, budget_ms, max(deadline - time.perf_counter(), 1.0), primal=round_ > 0)
+            rx = backends.relax(m, budget_ms, clock.left(), primal=round_ > 0)
             if rx.status == "infeasible":  # no point at all, the LP relaxation proves it
-                return Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
-                                min_latency_ms=min_latency(p, solver, time_limit_s),
-                                message="the budget is below the smallest achievable latency")
+                return _infeasible(p, solver, t0, clock)
+            if rx.status == "time_limit":
+                break
             if rx.status != "optimal":
                 return Solution("error", solver=solver, solve_s=time.perf_counter() - t0,
                                 message=f"LP relaxation: {rx.status}")
+            # the LP bound of a reduced problem holds for every point better than the incumbent
+            bound = min(bound, max(rx.bound, incumbent[0] if incumbent is not None else -np.inf))
+            lam = rx.budget_dual
             r = _support(q, m, rx.col)
             small = restrict(q, r)
             ms = build(small)
             key = (tuple(d.choices for d in small.dims), tuple(sorted(small.removable())))
-            run = backends.mip(ms, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), False) \
-                if key != tried else backends.Run("skipped", np.zeros(0))
-            tried = key
-            if run.status == "optimal":
-                w, rem = lift(q, r, *decode(small, ms, run.col))
-                w = local_search(q, w, rem, budget_ms)
-                w, rem = chain.lift(w, rem)
-                v = p.objective(w, rem)
-                if p.latency(w, rem) <= budget_ms and (incumbent is None or v > incumbent[0]):
-                    incumbent = (v, w, rem)
+            if key != tried and not clock.out():
+                run = backends.mip(ms, budget_ms, solver, min(clock.left(), SUPPORT_MIP_S), False)
+                tried = key
+                if run.col.size and run.status in ("optimal", "time_limit"):
+                    w, rem = lift(q, r, *decode(small, ms, run.col))
+                    if q.latency(w, rem) <= budget_ms:
+                        w = local_search(q, w, rem, budget_ms, deadline=clock.deadline)
+                    offer(*chain.lift(w, rem))
             if incumbent is None:
                 break
             before = _size(q)
             chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
-            if _size(chain.current) > 0.95 * before:
+            if clock.out():
                 break
+            # a cheap try at the enumeration before another LP (which may cost more than it)
+            found = decompose.solve(chain.current, budget_ms, incumbent[0], lam, clock.deadline, EARLY_FRONT,
+                                    EARLY_HEADS)
+            if enumerated(found):
+                return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
+            # stop once fixing stalls; after the first LP only when the shared widths are few (the
+            # enumeration copes): dual simplex's duals fix little, primal simplex's far more
+            if _size(chain.current) > 0.95 * before and (round_ > 0 or _shared_grid(chain.current) <= SHARED_FEW):
+                break
+    if clock.out():
+        return out_of_time()
     q = chain.current
+    if reduce and solver == "HIGHS":
+        best = incumbent[0] if incumbent is not None else -np.inf
+        found = decompose.solve(q, budget_ms, best, lam, clock.deadline)
+        if enumerated(found):
+            if incumbent is None:  # nothing better than nothing: no point at all
+                return _infeasible(p, solver, t0, clock)
+            return _solution(p, incumbent[1], incumbent[2], budget_ms, 0.0, solver, t0, ENUMERATED)
+        if found.status == "infeasible" and incumbent is None:
+            return _infeasible(p, solver, t0, clock)
+        if found.status == "time_limit" or clock.out():
+            return out_of_time()
+        if incumbent is not None and incumbent[0] > best:  # a better incumbent fixes more
+            m = build(q)
+            rx = backends.relax(m, budget_ms, clock.left(), primal=True)
+            if rx.status == "optimal":
+                chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
+                q = chain.current
     m = build(q)
     start = None
     if incumbent is not None:
         start = encode(q, m, incumbent[1], tuple(b for b in incumbent[2] if b in m.removed_col))
-    run = backends.mip(m, budget_ms, solver, max(deadline - time.perf_counter(), 1.0), verbose, start=start,
+    run = backends.mip(m, budget_ms, solver, clock.left(), verbose, start=start,
                        presolve=m.n > PRESOLVE_ABOVE_COLUMNS or not reduce)
-    if run.status != "optimal":
-        if incumbent is not None and run.status == "time_limit":
-            sol = _solution(p, incumbent[1], incumbent[2], budget_ms, None, solver, t0,
-                            "time limit: best point found, not proven optimal")
-            sol.status = "time_limit"
-            return sol
-        sol = _failed(run, solver, t0)
-        if sol.status == "infeasible":
-            sol.min_latency_ms = min_latency(p, solver, time_limit_s)
-        return sol
-    widths, removed = chain.lift(*decode(q, m, run.col))
-    if incumbent is not None and p.objective(widths, removed) < incumbent[0]:
-        widths, removed = incumbent[1], incumbent[2]
-    sol = _solution(p, widths, removed, budget_ms, run.gap, solver, t0, run.message)
+    point = None
+    if run.col.size and run.status in ("optimal", "time_limit"):
+        point = chain.lift(*decode(q, m, run.col))
+        offer(*point)
+    if run.status == "time_limit":
+        if np.isfinite(run.bound):
+            bound = min(bound, max(run.bound, incumbent[0] if incumbent is not None else -np.inf))
+        return out_of_time()
+    if run.status == "infeasible":
+        return _infeasible(p, solver, t0, clock)
+    if run.status != "optimal" or point is None:
+        return _failed(run, solver, t0)
+    w, rem = (incumbent[1], incumbent[2]) if incumbent is not None else point  # no incumbent: over budget
+    return _solution(p, w, rem, budget_ms, run.gap, solver, t0, run.message)
+
+
+def _infeasible(p: Problem, solver: str, t0: float, clock: _Clock) -> Solution:
+    """No point within the budget; the smallest reachable latency when there is time to find it."""
+    sol = Solution("infeasible", solver=solver, solve_s=time.perf_counter() - t0,
+                   message="the budget is below the smallest achievable latency")
+    if not clock.out():
+        with contextlib.suppress(SolverError):  # out of time for it: the status stands without it
+            sol.min_latency_ms = min_latency(p, solver, clock.left())
+    sol.solve_s = time.perf_counter() - t0
     return sol

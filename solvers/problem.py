@@ -43,8 +43,20 @@ class SolverTerm:
 
 
 @dataclass
+class SolverValue:
+    """Importance over the choices of ``dim`` that counts only while ``block`` is kept (and
+    while ``dim`` exists): a block's share of a shared width, which depends on the width kept."""
+
+    name: str
+    dim: str
+    table: np.ndarray
+    block: str
+
+
+@dataclass
 class Problem:
-    """Predicted latency = ``scale * (fixed_ms + sum of kept terms) + offset``."""
+    """Predicted latency = ``scale * (fixed_ms + sum of kept terms) + offset``; importance =
+    the dims' values + the kept blocks' values + the kept value terms."""
 
     dims: list[SolverDim]
     blocks: list[SolverBlock]
@@ -52,6 +64,7 @@ class Problem:
     fixed_ms: float = 0.0
     scale: float = 1.0
     offset: float = 0.0
+    values: list[SolverValue] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = {d.name: d for d in self.dims}
@@ -73,6 +86,14 @@ class Problem:
                 raise SolverError(f"term {t.name}: table shape {np.shape(t.table)}, expected {shape}")
             if t.block is not None and t.block not in blocks:
                 raise SolverError(f"term {t.name}: unknown block {t.block}")
+        for v in self.values:
+            if v.dim not in names:
+                raise SolverError(f"value term {v.name}: unknown dim {v.dim}")
+            if v.block not in blocks:
+                raise SolverError(f"value term {v.name}: unknown block {v.block}")
+            if np.shape(v.table) != (len(names[v.dim].choices),):
+                raise SolverError(f"value term {v.name}: table shape {np.shape(v.table)}, "
+                                  f"expected {(len(names[v.dim].choices),)}")
 
     def removable(self) -> set[str]:
         return {b.name for b in self.blocks if b.removable}
@@ -97,13 +118,19 @@ class Problem:
             if d.block not in gone:
                 total += float(d.value[d.choices.index(widths[d.name])])
         total += sum(b.value for b in self.blocks if b.removable and b.name not in gone)
+        dims = {d.name: d for d in self.dims}
+        for v in self.values:
+            d = dims[v.dim]
+            if v.block not in gone and d.block not in gone:
+                total += float(np.asarray(v.table)[d.choices.index(widths[v.dim])])
         return total
 
 
 @dataclass
 class Solution:
     """``status``: ``optimal``, ``infeasible`` (then ``min_latency_ms`` says what is reachable),
-    ``time_limit`` or ``error`` (then ``message`` says why); a plan only when optimal."""
+    ``time_limit`` or ``error`` (then ``message`` says why). A plan when optimal, and on a time
+    limit the best point found (``gap``: its relative distance to the proven bound), when any."""
 
     status: str
     widths: dict[str, int] = field(default_factory=dict)

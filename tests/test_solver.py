@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from solvers import (
     SolverDim,
     SolverError,
     SolverTerm,
+    SolverValue,
     min_latency,
     mip_solvers,
     plot_sweep,
@@ -24,9 +26,14 @@ from solvers import (
 from solvers.reduce import dominated
 
 
-def random_problem(seed: int) -> Problem:
+def random_problem(seed: int, values: bool = False) -> Problem:
     """Shared dims, private dims of locked and removable blocks, 0- to 3-dim terms, terms over
-    the same dims, a term depending on two removable blocks; odd seeds get dominated choices."""
+    the same dims, a term depending on two removable blocks; odd seeds get dominated choices.
+
+    ``values``: value terms too, blocks' shares of widths (nondecreasing in the width, as a
+    share of top-k units is): of shared dims (one with no latency term over it and its block,
+    one riding on a joint term), of a dim private to another removable block, of a locked
+    block, of the block's own dim, two on one (dim, block)."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
 
@@ -57,7 +64,49 @@ def random_problem(seed: int) -> Problem:
              term("b2.c", ("s1", "b2.p"), "b2"), term("head", ("s1",), None)]
     if seed % 3 == 0:
         terms.append(term("b1.x", ("b1.p", "b2.p"), "b1"))  # counts only while both are kept
-    return Problem(dims, blocks, terms, fixed_ms=0.05, scale=rng.uniform(0.8, 1.2), offset=rng.uniform(0, 0.1))
+    vterms = []
+    if values:
+        def share(name: str, dim: str, block: str) -> SolverValue:
+            return SolverValue(name, dim, np.cumsum(nrng.random(shape[dim])) * nrng.uniform(0.2, 1.5), block)
+
+        vterms = [share("v0", "s0", "b1"), share("v1", "s1", "b2"), share("v2", "s0", "b2"),
+                  share("v3", "b2.p", "b1"), share("v4", "s1", "b0"), share("v5", "b1.p", "b1"),
+                  share("v6", "s0", "b1")]
+    return Problem(dims, blocks, terms, fixed_ms=0.05, scale=rng.uniform(0.8, 1.2), offset=rng.uniform(0, 0.1),
+                   values=vterms)
+
+
+def big_problem(seed: int, stages: int = 4, per_stage: int = 6, k: int = 16) -> Problem:
+    """ResNet-like and too big to enumerate or to solve whole in a second: stages of blocks
+    with two private widths of ``k`` choices around a shared width, removable blocks owning a
+    share of it, noisy latency over width products."""
+    rng = np.random.default_rng(seed)
+    work = np.outer(np.arange(1, k + 1), np.arange(1, k + 1)) / k**2
+
+    def dim(name: str, block: str | None = None) -> SolverDim:
+        return SolverDim(name, tuple(range(8, 8 * k + 1, 8)), np.cumsum(rng.gamma(1.0, 1.0, k)), block)
+
+    dims: list[SolverDim] = []
+    blocks: list[SolverBlock] = []
+    terms: list[SolverTerm] = []
+    values: list[SolverValue] = []
+    prev = None
+    for s in range(stages):
+        res = f"s{s}.res"
+        dims.append(dim(res))
+        if prev is not None:
+            terms.append(SolverTerm(f"s{s}.down", (prev, res), work * (1 + 0.3 * rng.random((k, k)))))
+        for b in range(per_stage):
+            name = f"s{s}.b{b}"
+            blocks.append(SolverBlock(name, b > 0, float(rng.random())))
+            dims += [dim(name + ".a", name), dim(name + ".c", name)]
+            terms += [SolverTerm(name + t, ds, work * (1 + 0.3 * rng.random((k, k))), name)
+                      for t, ds in ((".1", (res, name + ".a")), (".2", (name + ".a", name + ".c")),
+                                    (".3", (name + ".c", res)))]
+            if b > 0:
+                values.append(SolverValue(name + ".share", res, np.cumsum(rng.gamma(1.0, 0.3, k)), name))
+        prev = res
+    return Problem(dims, blocks, terms, values=values)
 
 
 def latency_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -> float:
@@ -73,7 +122,12 @@ def latency_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -> 
 
 
 def objective_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -> float:
-    kept = sum(float(d.value[d.choices.index(widths[d.name])]) for d in p.dims if d.block not in removed)
+    """Importance straight from the arrays; a value term counts while its block and its dim are kept."""
+    owner = {d.name: d.block for d in p.dims}
+    index = {d.name: d.choices.index(widths[d.name]) for d in p.dims}
+    kept = sum(float(d.value[index[d.name]]) for d in p.dims if d.block not in removed)
+    kept += sum(float(v.table[index[v.dim]]) for v in p.values
+                if v.block not in removed and owner[v.dim] not in removed)
     return kept + sum(b.value for b in p.blocks if b.removable and b.name not in removed)
 
 
@@ -106,6 +160,38 @@ def test_agrees_with_brute_force(seed: int) -> None:
     assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
     assert latency_of(p, sol.widths, sol.removed) <= budget
     assert sol.predicted_ms == pytest.approx(latency_of(p, sol.widths, sol.removed))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_value_terms_agree_with_brute_force(seed: int) -> None:
+    """Block-dependent value terms: the plan is the enumerated optimum, with and without the
+    reductions, and its objective is the arrays' importance of the plan."""
+    p = random_problem(300 + seed, values=True)
+    _, fastest = brute_force(p, 0.0)
+    full = p.latency({d.name: d.choices[-1] for d in p.dims})
+    budget = fastest + random.Random(seed).uniform(0.05, 0.95) * (full - fastest)
+    expected, _ = brute_force(p, budget)
+    for reduce in (True, False):
+        sol = solve(p, budget, reduce=reduce)
+        assert sol.status == "optimal"
+        assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
+        assert latency_of(p, sol.widths, sol.removed) <= budget
+
+
+def test_value_terms_change_the_plan() -> None:
+    """A block whose share of a shared width outweighs the rest is kept, at the width where the
+    share pays; without the value term the same budget removes it (the term is not ignored)."""
+    s = SolverDim("s", (1, 2), np.array([0.0, 1.0]))
+    p_ = SolverDim("b.p", (1,), np.array([0.0]), "b")
+    terms = [SolverTerm("t", ("s", "b.p"), np.array([[1.0], [2.0]]), "b"), SolverTerm("u", ("s",), np.array([0.0, 1.5]))]
+    blocks = [SolverBlock("b", True, 0.1)]
+    plain = Problem([s, p_], blocks, terms)
+    shared = Problem([s, p_], blocks, terms, values=[SolverValue("share", "s", np.array([1.5, 3.0]), "b")])
+    a, b = solve(plain, 2.0), solve(shared, 2.0)
+    assert a.removed == ("b",) and a.widths["s"] == 2 and a.objective == pytest.approx(1.0)
+    assert b.removed == () and b.widths["s"] == 1 and b.objective == pytest.approx(1.6)
+    assert solve(shared, 3.5).objective == pytest.approx(1.0 + 3.0 + 0.1)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -146,7 +232,7 @@ def test_looser_budget_never_lowers_the_objective(seed: int) -> None:
 @pytest.mark.parametrize("solver", mip_solvers())
 @pytest.mark.parametrize("seed", range(3))
 def test_every_installed_solver_agrees_with_brute_force(solver: str, seed: int) -> None:
-    p = random_problem(200 + seed)
+    p = random_problem(200 + seed, values=seed > 0)
     _, fastest = brute_force(p, 0.0)
     budget = fastest * 1.4
     expected, _ = brute_force(p, budget)
@@ -205,3 +291,38 @@ def test_solving_prints_nothing_on_stdout() -> None:
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(("limit", "reduce"), [(0.05, True), (0.3, True), (1.0, False), (2.0, False)])
+def test_time_limit_is_honoured(limit: float, reduce: bool) -> None:
+    """The whole call ends within 10% + 0.1 s of the limit, with a plan: the whole program at
+    60% of dense does not solve in 2 s here (HiGHS alone took 20 s on it), nor do the
+    reductions finish in 0.05 s."""
+    p = big_problem(0)
+    budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
+    t0 = time.perf_counter()
+    sol = solve(p, budget, time_limit_s=limit, reduce=reduce)
+    elapsed = time.perf_counter() - t0
+    assert elapsed <= 1.1 * limit + 0.1, f"{elapsed:.3f} s for a {limit} s limit"
+    assert sol.status in ("time_limit", "optimal") and sol.widths
+    assert latency_of(p, sol.widths, sol.removed) <= budget
+    assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
+
+
+def test_time_limit_returns_the_best_point_with_its_gap() -> None:
+    """On a time limit the best point found comes back, status ``time_limit``, with its proven
+    gap; with no time at all, still a feasible point (no bound, so no gap)."""
+    p = big_problem(1)
+    budget = 0.6 * p.latency({d.name: d.choices[-1] for d in p.dims})
+    exact = solve(p, budget)
+    assert exact.status == "optimal" and exact.gap is not None and exact.gap <= 1e-6
+    sol = solve(p, budget, time_limit_s=1.0, reduce=False)
+    assert sol.status == "time_limit" and sol.widths and "best point found" in sol.message
+    assert sol.gap is not None and sol.gap > 0
+    assert latency_of(p, sol.widths, sol.removed) <= budget
+    assert sol.objective <= exact.objective + 1e-9
+    assert exact.objective <= sol.objective * (1 + sol.gap) + 1e-6  # the gap is a true bound
+    none = solve(p, budget, time_limit_s=0.0)
+    assert none.status == "time_limit" and none.widths and none.gap is None
+    assert latency_of(p, none.widths, none.removed) <= budget
+    assert none.objective <= exact.objective + 1e-9

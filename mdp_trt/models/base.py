@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,15 +33,36 @@ class Importance:
 
     ``blocks[name]`` is the importance lost when the block is removed, beyond the scores of
     its private dims (which go with it anyway).
+
+    ``block_shares[block][dim]`` (optional): the part of each unit's score of a shared dim
+    that the block owns (a residual block's last layer writes into its stage's residual
+    width). Removing the block then loses its share of the units kept, a value that depends
+    on the width kept: at ``k`` kept units, the sum of its share over the dim's top-k units
+    (:meth:`share`). A block with shares has its whole value in them; its ``blocks`` entry is
+    their total at full width, for readers that take one number per block.
     """
 
     units: dict[str, np.ndarray]
     blocks: dict[str, float]
+    block_shares: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def ranking(self, dim_name: str) -> np.ndarray:
+        """Units of a dim from the highest score down (ties: the lower index first), the order
+        in which plans keep them."""
+        s = np.nan_to_num(np.asarray(self.units[dim_name], dtype=np.float64), nan=-np.inf)
+        return np.argsort(-s, kind="stable")
 
     def cumulative(self, dim_name: str, choices: tuple[int, ...]) -> np.ndarray:
         """Importance of keeping the top-k units for each k in ``choices``."""
         s = np.sort(np.asarray(self.units[dim_name], dtype=np.float64))[::-1]
         c = np.concatenate([[0.0], np.cumsum(s)])
+        return np.array([c[k] for k in choices])
+
+    def share(self, block: str, dim_name: str, choices: tuple[int, ...]) -> np.ndarray:
+        """The block's share of a dim's importance kept at each k in ``choices``: its share
+        summed over the top-k units of the dim's own ranking."""
+        own = np.asarray(self.block_shares[block][dim_name], dtype=np.float64)
+        c = np.concatenate([[0.0], np.cumsum(own[self.ranking(dim_name)])])
         return np.array([c[k] for k in choices])
 
 

@@ -563,8 +563,9 @@ class ResNetAdapter:
         """Per unit: sum over the layers writing it of |folded filter|_2 + |folded bias|.
 
         BN is folded into the conv, so a unit whose conv filter and BN output are zero scores
-        exactly 0. A block scores the sum of its last layer's unit scores: its share of the
-        residual width it writes into.
+        exactly 0. A removable block owns its last layer's unit scores: its share of the
+        residual width it writes into (``block_shares``), lost on the units kept when the
+        block goes; ``blocks`` holds their sum.
         """
         g = self._fitting(model, space)
         units = {d.name: np.zeros(d.size) for d in space.dims}
@@ -580,7 +581,8 @@ class ResNetAdapter:
                 per_conv[c.conv] = w.double().cpu().numpy()
                 units[g.dim_of[c.cout]] += per_conv[c.conv]
         blocks = {b.name: float(per_conv[b.last].sum()) for b in g.blocks if b.removable}
-        return Importance(units, blocks)
+        shares = {b.name: {g.dim_of[self._last(g, b).cout]: per_conv[b.last]} for b in g.blocks if b.removable}
+        return Importance(units, blocks, shares)
 
     def taylor_terms(self, model: nn.Module, space: PruningSpace
                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -590,8 +592,19 @@ class ResNetAdapter:
         residual width it writes, which goes when the block goes (its inner widths go too,
         and are counted by their own dims).
         """
+        units, blocks, _ = self.taylor_shares(model, space)
+        return units, blocks
+
+    def taylor_shares(self, model: nn.Module, space: PruningSpace
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, dict[str, np.ndarray]]]:
+        """:meth:`taylor_terms`, and per removable block the fraction of each unit's score on
+        the residual width it writes that is its own: its last BN's |term| over the sum of
+        |term| of every BN writing that width (0 where all are 0). A unit's score (the
+        absolute value of the summed terms) times these fractions splits it among its
+        writers; the caller accumulates that as the block's share."""
         g = self._fitting(model, space)
         units = {d.name: np.zeros(d.size) for d in space.dims}
+        spread = {d.name: np.zeros(d.size) for d in space.dims}  # sum of |term| over the writers
         per_bn: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for c in g.convs:
@@ -602,8 +615,21 @@ class ResNetAdapter:
                         t += p.detach().double() * p.grad.double()
                 per_bn[c.conv] = t.cpu().numpy()
                 units[g.dim_of[c.cout]] += per_bn[c.conv]
+                spread[g.dim_of[c.cout]] += np.abs(per_bn[c.conv])
         blocks = {b.name: float(per_bn[b.last].sum()) for b in g.blocks if b.removable}
-        return units, blocks
+        fractions = {}
+        for b in g.blocks:
+            if b.removable:
+                dim = g.dim_of[self._last(g, b).cout]
+                total = spread[dim]
+                own = np.abs(per_bn[b.last])
+                fractions[b.name] = {dim: np.divide(own, total, out=np.zeros_like(own), where=total > 0)}
+        return units, blocks, fractions
+
+    @staticmethod
+    def _last(g: _Graph, b: _BlockInfo) -> _Conv:
+        """The conv of block ``b`` whose output is added to the shortcut."""
+        return next(c for c in g.convs if c.conv == b.last)
 
     # -- surgery -------------------------------------------------------------------------
 

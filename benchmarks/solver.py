@@ -133,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="blocks own random shares of the shared widths (width-dependent block values)")
     ap.add_argument("--repeat", type=int, default=5, help="solves per instance; the median is reported")
     ap.add_argument("--whole", action="store_true", help="also time the whole program without reductions")
-    ap.add_argument("--models", nargs="+", default=None,
-                    help="timm models whose spaces to solve (default: resnet50 deit_base_patch16_224)")
     args = ap.parse_args(argv)
     if args.ratio is not None and args.ratios is not None:
         print("error: give --ratio or --ratios, not both", file=sys.stderr)

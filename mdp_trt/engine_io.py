@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +49,9 @@ class Lab:
         self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,
                                                            batch_size, resolution, clock=clock)
         self.table = LatencyTable.open(self.table_path, self.engine.identity())
+        note = self.table.read_only_note()
+        if note:
+            print(note, file=sys.stderr, flush=True)
         self.progress = progress
         self.log = log
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mdp_trt.errors import TableError
+from mdp_trt.errors import MeasurementError, TableError
 from mdp_trt.space import Plan, PruningSpace, Term
 
 Points = Mapping[str, Mapping[tuple[int, ...], float]]
@@ -365,11 +365,21 @@ def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Se
     """
     raw = [surface.raw(p) for p in plans]
     if traffic is False or surface.mparams is None:
-        return Calibration.fit(raw, measured, weights)
-    mparams = [surface.plan_mparams(p) for p in plans]
-    if traffic is None and _loo_err(raw, measured, weights, mparams) >= _loo_err(raw, measured, weights, None):
-        return Calibration.fit(raw, measured, weights)
-    return Calibration.fit(raw, measured, weights, mparams)
+        cal = Calibration.fit(raw, measured, weights)
+    else:
+        mparams = [surface.plan_mparams(p) for p in plans]
+        if traffic is None and _loo_err(raw, measured, weights, mparams) >= _loo_err(raw, measured, weights, None):
+            cal = Calibration.fit(raw, measured, weights)
+        else:
+            cal = Calibration.fit(raw, measured, weights, mparams)
+    if not cal.scale > 0:  # a model that gets faster as the kept terms get slower: not a latency model
+        ms = ", ".join(f"{m:.4g}" for m in measured)
+        sums = ", ".join(f"{r:.4g}" for r in raw)
+        raise MeasurementError(
+            f"the calibration of {surface.space.model} fits a scale of {cal.scale:.3g} (it must be positive) to "
+            f"whole-model latencies of {len(plans)} plans measured at [{ms}] ms, against term sums of [{sums}] ms: "
+            "these measurements do not grow with the model; remeasure them on a quieter machine")
+    return cal
 
 
 def _loo_err(raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None,

@@ -187,6 +187,13 @@ class LatencyTable:
             raise TableError(f"corrupt latency table {path}: {exc}") from exc
         return cls(path, conn, identity, read_only=read_only)
 
+    def read_only_note(self) -> str | None:
+        """The line to tell the user once when the table is read-only; ``None`` otherwise."""
+        if not self.read_only:
+            return None
+        return (f"note: latency table {self.path} is read-only: its rows are used, but new measurements "
+                "and calibrations of this run are not stored")
+
     def close(self) -> None:
         self._conn.close()
 

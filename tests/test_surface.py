@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mdp_trt.errors import TableError
+from mdp_trt.errors import MeasurementError, TableError
 from mdp_trt.space import Block, Dim, PruningSpace, Term, choices_for
 from mdp_trt.surface import (
     Calibration,
@@ -213,3 +213,18 @@ def test_importance_floor_breaks_ties_towards_keeping_units() -> None:
     cum = imp.cumulative("a", (1, 2, 4))
     assert np.all(np.diff(cum) > 0), "more units must be worth more, even at zero score"
     assert imp.units["b"][2] == pytest.approx(4.0, rel=1e-3) and imp.units["a"][0] < 1e-2
+
+
+@pytest.mark.parametrize("traffic", [False, True, None])
+def test_calibration_refuses_a_negative_scale(traffic: bool | None) -> None:
+    """Whole-model latency that falls as the kept terms grow fits no latency model: refused, naming
+    the model and the measurements, rather than a negative scale that the solver would exploit."""
+    space = toy_space()
+    base = LatencySurface.from_points(space, full_points(space))
+    surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
+    plans = sample_plans(space, 8, seed=1)
+    top = max(surf.raw(p) for p in plans)
+    measured = [2.0 * top - surf.raw(p) + 0.01 for p in plans]  # falls as the model grows
+    with pytest.raises(MeasurementError, match=r"calibration of toy fits a scale of -.* 8 plans measured at \["):
+        fit_calibration(surf, plans, measured, traffic=traffic)
+    assert fit_calibration(surf, plans, [1.1 * surf.raw(p) for p in plans], traffic=traffic).scale > 0

@@ -121,11 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"profiling {args.model} ({len(space.terms)} terms) on {identity.describe()} -> {out}",
           file=sys.stderr)
     with torch.no_grad(), LatencyTable.open(out, identity) as table:
-        note = table.read_only_note()
-        if note:
-            print(note, file=sys.stderr)
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), engine, table,
                               shard=shard, progress=not args.no_progress, seed=args.seed)
+        note = table.read_only_note()  # a read-only table that lacks points fails above instead
+        if note:
+            print(note, file=sys.stderr)
     if args.json:
         print(json.dumps({"table": str(out), **stats.to_dict(), "identity": identity.to_dict()}, indent=2))
     else:

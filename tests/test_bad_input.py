@@ -260,3 +260,21 @@ def test_pruned_model_reads_back(complete: Path) -> None:
     """The run behind :func:`complete` wrote a model that loads (the outputs above are real)."""
     model = load_pruned(complete.parent / "out" / "pruned.pt")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_read_only_table_that_lacks_points(capsys: pytest.CaptureFixture[str], table: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning and profiling with a read-only table that lacks points: one line saying it cannot store them."""
+    _edit(table, "DELETE FROM latency WHERE rowid = (SELECT min(rowid) FROM latency)")
+    before = _content(table)
+    monkeypatch.setattr("profilers.table._writable", lambda p: False)
+    out = tmp_path / "out"
+    fails_with_one_line(capsys, prune_main, [*SMALL, "--lut", str(table), "--out", str(out)],
+                        f"latency table {table} is read-only and lacks 1 of the")
+    argv = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "2", "--out", str(table), "--no-progress"]
+    assert run_cli(profile_main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # the line that says what is profiled, then the error
+    assert err[0].startswith("profiling test_resnet") and len(err) == 2, err
+    assert err[1].startswith("error: ") and "is read-only and lacks 1 of the" in err[1]
+    assert _content(table) == before
+    _nothing_left(tmp_path, out)

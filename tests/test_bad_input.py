@@ -278,3 +278,11 @@ def test_read_only_table_that_lacks_points(capsys: pytest.CaptureFixture[str], t
     assert err[1].startswith("error: ") and "is read-only and lacks 1 of the" in err[1]
     assert _content(table) == before
     _nothing_left(tmp_path, out)
+
+
+def test_prune_resolution_zero(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = [*SMALL, "--out", str(tmp_path / "out"), "--lut", str(tmp_path / "t.sqlite")]
+    argv[argv.index("--resolution") + 1] = "0"
+    fails_with_one_line(capsys, prune_main, argv, "resolution must be at least 1 pixel, got 0")
+    assert not (tmp_path / "t.sqlite").exists()
+    _nothing_left(tmp_path, tmp_path / "out")

@@ -40,6 +40,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
 
 demo: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "could not install dataset-fashion-mnist: the demo runs on synthetic data"; }
 	$(PY) -m mdp_trt.demo $(DEMO_ARGS)
 
 profile: $(STAMP)

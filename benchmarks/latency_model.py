@@ -37,6 +37,7 @@ import numpy as np
 from mdp_trt.cli import run_cli
 from mdp_trt.space import Plan, PruningSpace
 from mdp_trt.surface import fit_calibration, pct_err, sample_plans
+from profilers.engines import CLOCKS
 
 
 def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
@@ -61,16 +62,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cal_plans = Lab.calibration_plans(space, args.calibration_plans, args.seed)
     cal_keys = {plan_key(p) for p in cal_plans}
     eval_plans = [p for p in sample_plans(space, args.plans, seed=args.seed) if plan_key(p) not in cal_keys]
-    cal_ms = [lab.measure_plan(model, space, p) for p in cal_plans]
+    cal_ms = lab.measure_plans(model, space, cal_plans)
     # Refit from the (cached) calibration measurements, so the figures follow the current fit
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)
     traffic = fit_calibration(surface, cal_plans, cal_ms, traffic=True)
     affine = fit_calibration(surface, cal_plans, cal_ms, traffic=False)
-    measured = []
-    for i, p in enumerate(eval_plans, 1):
-        measured.append(lab.measure_plan(model, space, p))
-        log(f"plan {i}/{len(eval_plans)}: {measured[-1]:.3f} ms")
+    measured: list[float] = []
+    for i in range(0, len(eval_plans), len(cal_plans)):  # in groups the size of the calibration set
+        measured += lab.measure_plans(model, space, eval_plans[i:i + len(cal_plans)])
+        log(f"plans {i + 1}-{len(measured)} of {len(eval_plans)} measured")
 
     linear = lab.linear(model, space, surface, args.calibration_plans, args.seed)  # on the same plans
     cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "measured_ms": {"min": float(min(measured)), "max": float(max(measured))},
         "engine": lab.identity,
         "table": str(lab.table_path),
-        "clock": args.clock,
+        "clock": lab.clock,
         "calibration_points": [{"measured_ms": m, "raw_ms": surface.raw(p), "mparams": surface.plan_mparams(p),
                                 "removed": len(p.removed)} for p, m in zip(cal_plans, cal_ms, strict=True)],
         "eval_points": [{"measured_ms": m, "raw_ms": r, "mparams": mp, "flops": f, "removed": len(p.removed),
@@ -159,9 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plans", type=int, default=30)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="time inferences by the wall clock or by the calling thread's CPU time "
-                         "(onnxruntime on the CPU with one thread; for shared machines)")
+    ap.add_argument("--clock", choices=CLOCKS, default="auto",
+                    help="auto (default: onnxruntime on one CPU thread by that thread's CPU time, other "
+                         "engines by the wall clock), wall, or cpu")
     ap.add_argument("--calibration-plans", type=int, default=8)
     ap.add_argument("--max-choices", type=int, default=16)
     ap.add_argument("--lut", type=Path, default=None)

@@ -58,6 +58,7 @@ from torch import nn
 
 from mdp_trt.cli import run_cli
 from mdp_trt.errors import MdpError
+from profilers.engines import CLOCKS, resolve_clock
 
 METHODS = ("mdp", "mdp-channels", "mdp-linear", "torch-pruning", "uniform")
 LABELS = {
@@ -103,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measurements of each finished row (median), and 3x as many of the dense reference "
                          "(default 3)")
     ap.add_argument("--engine", default="onnxruntime")
-    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                    help="wall (default) or cpu: onnxruntime timed by the CPU time of its one thread, "
-                         "which other processes on a shared machine do not inflate")
+    ap.add_argument("--clock", default="auto", choices=CLOCKS,
+                    help="auto (default: onnxruntime on one CPU thread by that thread's CPU time, which "
+                         "other processes on a shared machine do not inflate), wall, or cpu")
     ap.add_argument("--tag", default=None, help="result file stem: pareto_<tag>.* (default fashion_mnist)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoints, tables, pruned models (default runs/pareto)")
@@ -263,7 +264,8 @@ class Bench:
         self.dir = args.work / f"{name}-r{res}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.dir / f"dense-{args.data}.pt"
-        self.lut = default_table_path(".", name, args.engine, "fp32", 1, res, root=self.dir, clock=args.clock)
+        self.lut = default_table_path(".", name, args.engine, "fp32", 1, res, root=self.dir,
+                                      clock=resolve_clock(args.engine, args.clock))
         self.spec = DataSpec(1, res, 10)
         self.train_loader, self.val_loader = loaders(args.data, self.spec, args.batch_size, args.train_limit,
                                                      args.val_limit, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -18,11 +19,14 @@ from mdp_trt.space import Plan, PruningSpace
 from mdp_trt.surface import (
     Calibration,
     LatencySurface,
-    calibrate,
     fit_calibration,
     linear_surface,
     sample_plans,
 )
+from profilers.timing import Comparison
+
+PROTOCOL = "rounds-q25-v1"
+"""Whole-model measurements kept in a table are reused only when taken by this protocol."""
 
 
 def plan_key(plan: Plan) -> str:
@@ -36,18 +40,19 @@ class Lab:
 
     def __init__(self, engine: str, precision: str, batch_size: int, resolution: int, threads: int | None,
                  table_path: Path | None, model_name: str, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: None, clock: str = "wall") -> None:
+                 log: Callable[[str], None] = lambda s: None, clock: str = "auto") -> None:
         from profilers.device_label import device_label
-        from profilers.engines import clock_options, get_engine
+        from profilers.engines import clock_of, clock_options, get_engine
         from profilers.table import LatencyTable, default_table_path
 
         kw: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "resolution": resolution}
         if threads is not None:
             kw["threads"] = threads
-        self.engine = get_engine(engine, **kw, **clock_options(clock))
+        self.engine = get_engine(engine, **kw, **clock_options(engine, clock))
+        self.clock = clock_of(self.engine)
         self.identity: dict[str, Any] = asdict(self.engine.identity())
         self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,
-                                                           batch_size, resolution, clock=clock)
+                                                           batch_size, resolution, clock=self.clock)
         self.table = LatencyTable.open(self.table_path, self.engine.identity())
         self._noted = False
         self.progress = progress
@@ -73,8 +78,9 @@ class Lab:
             return surf
         # Whole-model measurements are kept in the table, so the fit is redone every time (it
         # follows the current calibration code) and only unmeasured plans cost engine time.
-        cal, _ = calibrate(surf, self.calibration_plans(space, calibration_plans, seed),
-                           lambda p: self.measure_plan(model, space, p))
+        plans = self.calibration_plans(space, calibration_plans, seed)
+        cal = fit_calibration(surf, plans, self.measure_plans(model, space, plans))
+        surf.calibration = cal
         self.table.kv_set(f"calibration/{space.space_id}", cal.to_dict())  # for inspection
         traffic = f" {cal.ms_per_mparam:+.3f} ms per M weights" if cal.ms_per_mparam else ""
         self.log(f"calibration on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
@@ -86,8 +92,7 @@ class Lab:
         """The linear latency model on the same measurements, calibrated on the same plans."""
         lin = linear_surface(surface)
         plans = self.calibration_plans(space, calibration_plans, seed)
-        lin.calibration = fit_calibration(lin, plans, [self.measure_plan(model, space, p) for p in plans],
-                                          traffic=False)
+        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False)
         return lin
 
     @staticmethod
@@ -97,22 +102,38 @@ class Lab:
 
     def measure_plan(self, model: nn.Module, space: PruningSpace, plan: Plan) -> float:
         """Whole-model latency of ``plan`` applied to ``model``; cached in the table."""
+        return self.measure_plans(model, space, [plan])[0]
+
+    def measure_plans(self, model: nn.Module, space: PruningSpace, plans: Sequence[Plan]) -> list[float]:
+        """Whole-model latency of each plan, cached in the table: the ones not measured yet are
+        measured together, side by side in the same rounds (:meth:`compare`), so calibration
+        points share one machine state like the closed loop's dense and pruned models."""
         from mdp_trt.api import apply_plan
 
-        key = f"model/{space.space_id}/{plan_key(plan)}"
-        rec = self.table.kv_get(key)
-        if rec is not None:
-            return float(rec["median_ms"])
-        shape = (self.engine.identity().batch_size, *space.input_size)
-        ms = self.measure([apply_plan(model, plan, space=space)], shape)[0]
-        self.table.kv_set(key, {"median_ms": ms, "widths": plan.widths, "removed": list(plan.removed)})
-        return ms
+        keys = [f"model/{space.space_id}/{plan_key(p)}" for p in plans]
+        found: dict[str, float] = {}
+        for key in keys:
+            rec = self.table.kv_get(key)
+            if rec is not None and rec.get("protocol") == PROTOCOL:
+                found[key] = float(rec["median_ms"])
+        todo = [(k, p) for k, p in zip(keys, plans, strict=True) if k not in found]
+        if todo:
+            todo = list(dict(todo).items())  # one measurement per distinct plan
+            shape = (self.engine.identity().batch_size, *space.input_size)
+            comp = self.compare([apply_plan(model, p, space=space) for _, p in todo], shape)
+            for (key, plan), ms in zip(todo, comp.ms, strict=True):
+                found[key] = ms
+                self.table.kv_set(key, {"median_ms": ms, "widths": plan.widths, "removed": list(plan.removed),
+                                        "protocol": PROTOCOL, "reliable": comp.reliable})
+        return [found[k] for k in keys]
 
     def measured_points(self, space: PruningSpace) -> list[tuple[Plan, float]]:
         """(plan, measured ms) of every whole model of this space measured so far."""
         out = []
         for key in self.table.kv_keys(f"model/{space.space_id}/"):
             rec = self.table.kv_get(key)
+            if not isinstance(rec, dict) or rec.get("protocol") != PROTOCOL:
+                continue  # measured by an older protocol
             try:
                 plan = space.plan(rec["widths"], rec["removed"])
             except (PlanError, KeyError, TypeError):
@@ -121,18 +142,31 @@ class Lab:
         return out
 
     def measure(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[float]:
-        """Median latency in ms of each module on the engine, measured interleaved."""
-        return self.measure_rounds(modules, input_shape, 1)[0]
+        """Latency in ms of each module on the engine, measured side by side (:meth:`compare`)."""
+        return self.compare(modules, input_shape).ms
 
     def measure_rounds(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...],
                        rounds: int) -> list[list[float]]:
         """:meth:`measure` ``rounds`` times over the same engine sessions: per round, each
-        module's median ms."""
-        from profilers.timing import WHOLE_MODEL, measure_interleaved
+        module's ms."""
+        return [c.ms for c in self._compare(modules, input_shape, rounds)]
 
+    def compare(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...]) -> Comparison:
+        """``modules`` measured side by side in interleaved rounds by the one estimator that
+        interference cannot inflate (:func:`profilers.timing.compare`), with its verdict on
+        whether the figures can be trusted."""
+        return self._compare(modules, input_shape, 1)[0]
+
+    def _compare(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...], times: int
+                 ) -> list[Comparison]:
+        from profilers.timing import compare
+
+        threads = getattr(self.engine, "threads", None)
+        if threads == 0:  # the engine's own choice: every core
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
         try:
-            return [[t.median_ms for t in measure_interleaved(runners, WHOLE_MODEL)] for _ in range(rounds)]
+            return [compare(runners, threads=threads or 1) for _ in range(times)]
         finally:
             for r in runners:
                 r.close()

@@ -73,6 +73,9 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
     dense_ms = lab.measure([model], input_shape)[0]
     budget = target.budget_ms(dense_ms)
     log(f"dense: {dense_ms:.3f} ms measured, {dense_pred:.3f} ms predicted; budget {budget:.3f} ms ({target.text})")
+    if budget >= dense_ms * (1 - args.tolerance / 100):
+        raise BudgetError(f"the target {target.text} ({budget:.4g} ms) is no faster than the dense model "
+                          f"({dense_ms:.4g} ms measured on this engine): nothing to prune")
 
     # Prune: K steps towards the budget, each a closed loop of solve -> cut -> measure.
     plans: list[Plan] = []
@@ -112,6 +115,7 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
             train(current, train_loader.dataset, cfg, desc=desc)
     chosen = next(r for r in reversed(rounds) if r.get("chosen"))
     pruned, pruned_ms = current, chosen["measured_ms"]
+    measurement = chosen["measurement"]
     # Dense and pruned as measured side by side in the chosen round: drift moves both.
     dense_ms, budget = chosen.get("dense_ms", dense_ms), chosen["budget_ms"]
     if real_data:
@@ -136,8 +140,9 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
         "dense_predicted_ms": dense_pred,
         "pruned_ms": pruned_ms,
         "predicted_ms": chosen["predicted_ms"],
-        "speedup": dense_ms / pruned_ms,
-        "target_met": bool(met),
+        "speedup": chosen.get("speedup", dense_ms / pruned_ms),
+        "target_met": bool(met) and measurement["reliable"],
+        "measurement": measurement,
         "tolerance_pct": args.tolerance,
         "prediction_error_pct": 100 * abs(chosen["predicted_ms"] - pruned_ms) / pruned_ms,
         "params_before": count_params(model),
@@ -222,17 +227,20 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
                 solve_budget *= budget / seen[2]
             continue
         pruned = apply_plan(model, plan, imp, space=space)
-        ms = lab.measure([dense, pruned] if dense is not None else [pruned], input_shape)
+        comp = lab.compare([dense, pruned] if dense is not None else [pruned], input_shape)
+        ms = comp.ms
         measured, pred = ms[-1], float(plan.meta["predicted_ms"])
         if dense is not None:
             budget = budget_of(ms[0])
         rd: dict[str, Any] = {"budget_ms": budget, "solve_budget_ms": solve_budget, "predicted_ms": pred,
-                              "measured_ms": measured, "solve_s": sol.solve_s, "gap": sol.gap}
+                              "measured_ms": measured, "solve_s": sol.solve_s, "gap": sol.gap,
+                              "measurement": comp.to_dict()}
         if dense is not None:
-            rd.update(dense_ms=ms[0], speedup=ms[0] / measured)
+            rd.update(dense_ms=ms[0], speedup=comp.ratios[-1])
         rounds.append(rd)
         tried.append((plan, pruned, measured, budget))
-        log(f"round {len(rounds)}: budget {budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms")
+        log(f"round {len(rounds)}: budget {budget:.3f} ms -> predicted {pred:.3f}, measured {measured:.3f} ms"
+            + ("" if comp.reliable else f" (unreliable: {comp.reason})"))
         if abs(measured - budget) <= tol * budget:
             break
         if len(rounds) > REFITS:

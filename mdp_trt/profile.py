@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="measure only shard i of n (numbered from 0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (onnxruntime default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: the engine's)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall (default) or cpu: onnxruntime on one CPU thread timed by that thread's CPU "
-                        "time, for machines shared with other work")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="auto (default: onnxruntime on one CPU thread is timed by that thread's CPU time, "
+                        "the latency on an idle core; other engines by the wall clock), wall, or cpu")
     p.add_argument("--max-choices", type=int, default=None, help="at most this many widths per dim (default 16)")
     p.add_argument("--min-step", type=int, default=None, help="channel alignment step (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled measuring order")
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     from profilers.device_label import check_label, device_label
-    from profilers.engines import clock_options, get_engine, precisions_of
+    from profilers.engines import clock_of, clock_options, get_engine, precisions_of
     from profilers.table import LatencyTable, default_table_path, parse_shard, shard_path
 
     precisions_of(args.engine)  # unknown engine: fail before building anything
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resolution = args.resolution or _native_resolution(model)
     engine = get_engine(args.engine, precision=args.precision, batch_size=args.batch_size,
                         resolution=resolution, threads=args.threads, device=args.device,
-                        **clock_options(args.clock))
+                        **clock_options(args.engine, args.clock))
     label = check_label(args.gpu, engine.device) if args.gpu else device_label(engine.device)
     cfg: dict[str, int] = {"resolution": resolution}
     if args.max_choices is not None:
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out
     if out is None:
         out = default_table_path(label, args.model, args.engine, engine.precision, args.batch_size,
-                                 resolution, root=args.luts, clock=args.clock)
+                                 resolution, root=args.luts, clock=clock_of(engine))
         if shard != (0, 1):
             out = shard_path(out, shard)
     identity = engine.identity()

@@ -5,6 +5,11 @@
 The target is a speedup over the dense model (``2x``), a share of its latency (``50%``) or
 milliseconds (``3.2ms``), all measured on the engine. Without a matching latency table the
 model is profiled first; a table measured under another identity is refused.
+
+Exit status: 0 on target; 3 target missed (slower than the budget beyond the tolerance);
+4 over-pruned (faster beyond it); 5 the measurement could not be trusted (a busy machine
+under the wall clock, rounds that disagree), so no verdict; 1 bad input; 2 bad arguments.
+The outputs are written in every one of the cases 0, 3, 4 and 5.
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--resolution", type=int, default=None, help="input side in pixels (default: the model's)")
     e.add_argument("--threads", type=int, default=None, help="engine threads (CPU engines)")
-    e.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                   help="wall (default) or cpu: onnxruntime on one CPU thread timed by that thread's CPU "
-                        "time, for machines shared with other work")
+    e.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="auto (default: onnxruntime on one CPU thread is timed by that thread's CPU time, "
+                        "the latency on an idle core; other engines by the wall clock), wall, or cpu")
     e.add_argument("--lut", type=Path, default=None, help="latency table (default: luts/<device>/...)")
     e.add_argument("--max-choices", type=int, default=16, help="at most this many widths per dim")
     e.add_argument("--calibration-plans", type=int, default=8)
@@ -74,13 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; its exit status says the outcome (see :data:`mdp_trt.report.EXIT_CODES`)."""
+    import json
+
     from mdp_trt.finetune import is_main
+    from mdp_trt.report import EXIT_CODES, outcome, summary_line
 
     args = build_parser().parse_args(argv)
     result = run(args)
-    if is_main():
-        print(f"report: {result / 'report.md'}")
-    return 0
+    if not is_main():
+        return 0
+    report = json.loads((result / "report.json").read_text())
+    print(f"report: {result / 'report.md'}")
+    print(summary_line(report))
+    return EXIT_CODES[outcome(report)]
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:

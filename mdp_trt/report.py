@@ -15,16 +15,53 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+ON_TARGET, MISSED, OVER_PRUNED, UNRELIABLE = "on target", "missed", "over-pruned", "unreliable"
+EXIT_CODES = {ON_TARGET: 0, MISSED: 3, OVER_PRUNED: 4, UNRELIABLE: 5}
+"""Exit status of ``python -m mdp_trt.prune`` by outcome (1: bad input, 2: bad arguments)."""
+
+
+def outcome(r: dict[str, Any]) -> str:
+    """``on target``, ``missed`` (slower than the budget beyond the tolerance), ``over-pruned``
+    (faster beyond it), or ``unreliable`` (the measurement cannot be trusted: no verdict)."""
+    m = r.get("measurement") or {}
+    if not m.get("reliable", True):
+        return UNRELIABLE
+    off = 100.0 * (r["pruned_ms"] / r["target"]["budget_ms"] - 1.0)
+    if abs(off) <= r.get("tolerance_pct", 0.0):
+        return ON_TARGET
+    return OVER_PRUNED if off < 0 else MISSED
+
+
 def verdict(r: dict[str, Any]) -> str:
-    """One sentence: the measured latency against the budget, within the tolerance or not."""
+    """One sentence: the measured latency against the budget, within the tolerance or not, or
+    why the measurement cannot say."""
     budget, measured, tol = r["target"]["budget_ms"], r["pruned_ms"], r.get("tolerance_pct", 0.0)
     off = 100.0 * (measured / budget - 1.0)
     head = f"Measured {measured:.3f} ms against a budget of {budget:.3f} ms ({off:+.1f}%): "
-    if abs(off) <= tol:
+    kind = outcome(r)
+    if kind == UNRELIABLE:
+        return head + ("unreliable: the measurement cannot be trusted "
+                       f"({r['measurement'].get('reason') or 'see the closed loop'}); no verdict.")
+    if kind == ON_TARGET:
         return head + f"on target (tolerance {tol}%)."
-    if off < 0:
+    if kind == OVER_PRUNED:
         return head + f"faster than asked, by more than the {tol}% tolerance (over-pruned)."
     return head + f"the target is missed (tolerance {tol}%)."
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """The prune command's last line: outcome, speedup, latency against the budget."""
+    kind = outcome(r)
+    line = (f"{kind}: {r['speedup']:.2f}x measured ({r['dense_ms']:.3f} -> {r['pruned_ms']:.3f} ms, budget "
+            f"{r['target']['budget_ms']:.3f} ms, {r['engine']['engine']}, {clock_name(r)})")
+    if kind == UNRELIABLE:
+        line += f"; {r['measurement'].get('reason', '')}"
+    return line
+
+
+def clock_name(r: dict[str, Any]) -> str:
+    m = r.get("measurement") or {}
+    return {"thread-cpu": "thread CPU time", "host": "wall clock"}.get(m.get("clock", ""), m.get("clock", "clock"))
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -53,20 +90,38 @@ def markdown(r: dict[str, Any]) -> str:
             "|---|---:|",
             *[f"| {k.replace('_', ' ')} | {_fmt(v, 2)} |" for k, v in acc.items()],
         ]
+    meas = r.get("measurement") or {}
     lines += [
         "",
         verdict(r),
         "",
         f"Prediction error of the pruned latency: {_fmt(r.get('prediction_error_pct'), 1)}%.",
+    ]
+    if meas:
+        others = meas.get("others_cores")
+        lines += [
+            "",
+            f"Measurement: dense and pruned side by side in {meas.get('rounds')} interleaved rounds "
+            f"({clock_name(r)}), each round's lower quartile, median over rounds; spread between rounds "
+            f"{100 * max(meas.get('spread', [0.0])):.1f}% (speedup {100 * meas.get('ratio_spread', 0.0):.1f}%), "
+            f"{meas.get('attempts', 1)} attempt(s); other processes kept "
+            f"{'?' if others is None else f'{others:.1f}'} core(s) busy, load average {_fmt(meas.get('load_avg'), 1)}.",
+        ]
+    lines += [
         "",
         "## Closed loop",
         "",
-        "| round | budget (ms) | predicted (ms) | measured (ms) | speedup | solve (s) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| round | budget (ms) | predicted (ms) | measured (ms) | speedup | spread | solve (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, rd in enumerate(r.get("rounds", []), 1):
+        m = rd.get("measurement") or {}
+        spread = f"{100 * max(m['spread']):.1f}%" if m.get("spread") else "-"
+        if m and not m.get("reliable", True):
+            spread += " (unreliable)"
         lines.append(f"| {i} | {_fmt(rd['budget_ms'])} | {_fmt(rd['predicted_ms'])} | "
-                     f"{_fmt(rd['measured_ms'])} | {_fmt(rd.get('speedup'), 2)}x | {_fmt(rd.get('solve_s'), 2)} |")
+                     f"{_fmt(rd['measured_ms'])} | {_fmt(rd.get('speedup'), 2)}x | {spread} | "
+                     f"{_fmt(rd.get('solve_s'), 2)} |")
     if r.get("note"):
         lines += ["", r["note"]]
     lines += ["", "## Blocks", "", "| block | kept | dense (ms, raw) | pruned (ms, raw) |", "|---|---|---:|---:|"]

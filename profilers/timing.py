@@ -18,6 +18,7 @@ drift of a shared machine does not favour one of them (dense against pruned, for
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -229,3 +230,138 @@ def measure_for(runner: Callable[[], Any], warmup_ms: float, duration_s: float, 
                     repeat_ms=duration_s * 1e3 / repeats, min_iters=1, max_iters=10**9,
                     max_spread=math.inf, max_rounds=1)
     return measure(runner, budget, clock=clock, device_clock=device_clock)
+
+
+# -- whole models side by side: an estimator that interference cannot inflate ---------------
+
+AB = Budget(warmup_ms=200.0, warmup_iters=5, repeats=9, repeat_ms=25.0, min_iters=4, max_iters=400,
+            max_spread=0.03, max_rounds=3)
+"""Whole models compared side by side: 9 short rounds each, at most 3 attempts when unreliable."""
+
+ROUND_QUANTILE = 0.25
+"""Each round's value is this quantile of its samples: a preempted sample only ever adds time."""
+
+
+@dataclass
+class Comparison:
+    """Several models measured side by side in many short interleaved rounds.
+
+    ``ms[i]`` is model i's estimate: the median over rounds of each round's lower quartile.
+    Interference (another process taking the core, a cache flush) only ever adds time, so a
+    low quantile within a round discards preempted samples and the median over rounds
+    discards rounds that were disturbed throughout. ``ratios[i]`` is model 0's time over
+    model i's, paired round by round (dense over pruned: the speedup), so slow drift of the
+    machine cancels. ``spread`` is the robust relative spread (IQR / 1.349 / median) of each
+    model's round values, ``ratio_spread`` that of the paired ratios. ``others_cores`` is how
+    many cores other processes kept busy meanwhile (None where /proc/stat cannot be read).
+    """
+
+    ms: list[float]
+    ratios: list[float]
+    spread: list[float]
+    ratio_spread: float
+    rounds: list[list[float]]
+    clock: str
+    others_cores: float | None
+    load_avg: float | None
+    attempts: int
+    reliable: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rounds"] = len(self.rounds)
+        return d
+
+
+def robust_spread(values: Sequence[float]) -> float:
+    """IQR / 1.349 / median: the coefficient of variation of a normal sample, robust to outliers."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return 0.0
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return float((q3 - q1) / 1.349 / med) if med > 0 else 0.0
+
+
+class CpuMeter:
+    """CPU time other processes used while it ran, from ``/proc/stat`` and this process's own
+    ``/proc/self/stat`` (Linux); ``others_cores()`` is None elsewhere."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_snapshot()
+
+    def others_cores(self) -> float | None:
+        end = _cpu_snapshot()
+        if self._start is None or end is None:
+            return None
+        (t0, busy0, mine0), (t1, busy1, mine1) = self._start, end
+        if t1 <= t0:
+            return None
+        return max(0.0, ((busy1 - busy0) - (mine1 - mine0)) / (t1 - t0))
+
+
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine, CPU s of this process), or None."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return time.monotonic(), busy / ticks, (float(mine[11]) + float(mine[12])) / ticks
+
+
+def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, threads: int = 1,
+            clock: Clock = time.perf_counter, device_clock: bool = True,
+            meter: Callable[[], CpuMeter] = CpuMeter) -> Comparison:
+    """Measure ``runners`` side by side (see :class:`Comparison`), re-measuring when unreliable.
+
+    An attempt is reliable when every model's round values and the paired ratios spread by
+    at most ``budget.max_spread``, and, on a host (wall) clock, other processes left the
+    ``threads`` cores the engine needs free (``others_cores <= cores - threads + 0.25``):
+    a wall clock cannot tell computing from waiting for the core. Thread-CPU-time and device
+    clocks do not count waiting, so only their spread is judged. Up to ``budget.max_rounds``
+    attempts; the first reliable one is returned, else the last, marked unreliable with the
+    reason.
+    """
+    if not runners:
+        raise ValueError("nothing to compare")
+    timers = [_Timer(r, clock, device_clock) for r in runners]
+    iters = [_iters_for(budget, t.warmup(budget)) for t in timers]
+    kind = timers[0].kind
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    result: Comparison | None = None
+    for attempt in range(1, budget.max_rounds + 1):
+        m = meter()
+        rounds: list[list[float]] = []
+        for rep in range(budget.repeats):
+            shift = rep % len(timers)
+            row = [0.0] * len(timers)
+            for i in list(range(shift, len(timers))) + list(range(shift)):
+                row[i] = float(np.quantile(timers[i].run(iters[i]), ROUND_QUANTILE))
+            rounds.append(row)
+        others = m.others_cores()
+        per_model = np.asarray(rounds).T
+        ratios = [per_model[0] / per_model[i] for i in range(len(timers))]
+        spread = [robust_spread(v) for v in per_model]
+        ratio_spread = max((robust_spread(r) for r in ratios[1:]), default=0.0)
+        reasons = []
+        worst = max(spread + [ratio_spread])
+        if worst > budget.max_spread:
+            reasons.append(f"rounds spread by {100 * worst:.1f}% (limit {100 * budget.max_spread:.1f}%)")
+        if kind == "host" and others is not None and others > cores - threads + 0.25:
+            reasons.append(f"other processes kept {others:.1f} of {cores} cores busy, and the wall "
+                           f"clock counts waiting for a core ({threads} thread(s) needed)")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        result = Comparison(ms=[float(np.median(v)) for v in per_model],
+                            ratios=[float(np.median(r)) for r in ratios], spread=spread,
+                            ratio_spread=ratio_spread, rounds=rounds, clock=kind, others_cores=others,
+                            load_avg=load, attempts=attempt, reliable=not reasons, reason="; ".join(reasons))
+        if result.reliable:
+            break
+    assert result is not None
+    return result

@@ -24,6 +24,7 @@ from mdp_trt.inspect import main as inspect_main
 from mdp_trt.profile import main as profile_main
 from mdp_trt.prune import OWNER, remove_stale_temp_dirs
 from mdp_trt.prune import main as prune_main
+from mdp_trt.report import EXIT_CODES
 from profilers.export import current_umask, write_atomic
 from profilers.table import LatencyTable
 
@@ -32,6 +33,7 @@ SMALL = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "2", "
          "--max-rounds", "1", "--importance-batches", "1", "--train-batch-size", "8", "--train-limit", "16",
          "--val-limit", "8", "--engine-target", "1.2x", "--quiet"]
 
+OUTCOMES = set(EXIT_CODES.values())
 Main = Callable[[Sequence[str] | None], int]
 
 
@@ -47,7 +49,8 @@ def fails_with_one_line(capsys: pytest.CaptureFixture[str], main: Main, argv: li
 def complete(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A latency table complete for :data:`SMALL`, with its whole-model measurements (one prune run)."""
     root = tmp_path_factory.mktemp("complete")
-    assert prune_main([*SMALL, "--lut", str(root / "t.sqlite"), "--out", str(root / "out")]) == 0
+    # Any outcome writes every output (on target, missed, over-pruned, or unreliable on a busy machine).
+    assert prune_main([*SMALL, "--lut", str(root / "t.sqlite"), "--out", str(root / "out")]) in OUTCOMES
     return root / "t.sqlite"
 
 
@@ -141,7 +144,7 @@ def test_read_only_complete_table_prunes(capsys: pytest.CaptureFixture[str], tab
     table.chmod(0o444)
     monkeypatch.setattr("profilers.table._writable", lambda p: False)  # what a superuser's check cannot see
     out = tmp_path / "out"
-    assert run_cli(prune_main, [*SMALL, "--lut", str(table), "--out", str(out)]) == 0
+    assert run_cli(prune_main, [*SMALL, "--lut", str(table), "--out", str(out)]) in OUTCOMES
     err = capsys.readouterr().err.strip().splitlines()
     notes = [line for line in err if "read-only" in line]
     assert len(notes) == 1 and notes[0].startswith(f"note: latency table {table} is read-only"), err

@@ -14,6 +14,7 @@ from mdp_trt.importance import random_importance, with_floor
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.pipeline import REFITS, _closed_loop, _secant
 from mdp_trt.surface import LatencySurface, grid
+from profilers.timing import Comparison
 
 
 def test_secant_interpolates_between_rounds_on_either_side() -> None:
@@ -46,6 +47,12 @@ class CurvedEngine:
     def measure(self, modules: list[torch.nn.Module], input_shape: tuple[int, ...]) -> list[float]:
         self.calls += 1
         return [0.05 + 2e-9 * sum(p.numel() for p in m.parameters()) ** 1.6 for m in modules]
+
+    def compare(self, modules: list[torch.nn.Module], input_shape: tuple[int, ...]) -> Comparison:
+        ms = self.measure(modules, input_shape)
+        return Comparison(ms=ms, ratios=[ms[0] / m for m in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
+                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
+                          reliable=True)
 
 
 @pytest.mark.parametrize("share", [0.45, 0.6, 0.75])

@@ -95,6 +95,8 @@ def test_profile_a_tiny_model_then_rerun(capsys: pytest.CaptureFixture[str], tmp
     assert run_cli(main, argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["measured"] == 0 and again["reused"] == first["grid_points"]
-    # The same table under the CPU clock is another identity: refused, with one line.
-    assert run_cli(main, [*argv, "--clock", "cpu"]) == 1
+    # The default on one CPU thread is the thread clock; the same table under the wall clock
+    # is another identity: refused, with one line.
+    assert first["identity"]["version"].endswith("/thread-cpu-time")
+    assert run_cli(main, [*argv, "--clock", "wall"]) == 1
     assert "another engine identity" in capsys.readouterr().err

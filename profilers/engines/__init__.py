@@ -16,7 +16,8 @@ from mdp_trt.errors import EngineError
 from profilers.engines.base import Engine, EngineIdentity, HostRunner, Runner
 
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EngineIdentity", "HostRunner", "Runner",
-           "clock_options", "engine_class", "get_engine", "precisions_of"]
+           "CLOCKS", "clock_of", "clock_options", "engine_class", "get_engine", "precisions_of",
+           "resolve_clock"]
 
 ENGINES = ("onnxruntime", "tensorrt", "torch")
 DEFAULT_ENGINE = "onnxruntime"
@@ -32,10 +33,36 @@ def engine_class(name: str) -> Any:
     return getattr(module, _CLASSES[name])
 
 
-def clock_options(clock: str) -> dict[str, str]:
-    """Engine options for a command line's ``--clock``: none for the wall clock, which every
-    engine uses by default (only onnxruntime takes ``clock``)."""
-    return {} if clock == "wall" else {"clock": clock}
+CLOCKS = ("auto", "wall", "cpu")
+"""A command line's ``--clock``: ``auto`` (the engine's default), ``wall``, or ``cpu`` (the
+calling thread's CPU time, for engines that run a whole inference on that thread)."""
+
+
+def clock_options(name: str, clock: str) -> dict[str, str]:
+    """Engine options for a command line's ``--clock``. Engines that take a ``clock`` option
+    get it as given (``auto`` lets them choose: onnxruntime times one CPU thread by its CPU
+    time); the others time by the wall (or device) clock, and refuse ``cpu``."""
+    if clock not in CLOCKS:
+        raise EngineError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
+    if "clock" in inspect.signature(engine_class(name).__init__).parameters:
+        return {"clock": clock}
+    if clock == "cpu":
+        raise EngineError(f"engine {name!r} has no thread-CPU-time clock; use --clock wall or auto")
+    return {}
+
+
+def clock_of(engine: Engine) -> str:
+    """The clock an engine times by (``wall`` unless it says otherwise): part of table names."""
+    return str(getattr(engine, "clock", "wall"))
+
+
+def resolve_clock(name: str, clock: str, threads: int | None = None) -> str:
+    """The clock ``--clock`` means for engine ``name`` on the CPU (``auto`` resolved), before
+    any engine is needed: for table names chosen up front."""
+    if clock != "auto":
+        clock_options(name, clock)  # refuses cpu where it does not apply
+        return clock
+    return clock_of(get_engine(name, threads=threads, **clock_options(name, clock)))
 
 
 def precisions_of(name: str) -> tuple[str, ...]:

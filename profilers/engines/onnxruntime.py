@@ -9,11 +9,12 @@ shared machine and its terms add up the way a single-threaded deployment runs th
 ``threads=N`` (0: ONNX Runtime's own choice, one per physical core) to profile a
 multi-threaded deployment. The count is part of the engine identity either way.
 
-Clock: the wall clock by default. ``clock="cpu"`` (CPU provider, one thread) times each
-inference by the CPU time of the calling thread instead: with one intra-op thread ONNX
-Runtime runs the whole graph on that thread, so this is the latency the model has on an
-idle core, and it does not grow when other processes take the core on a shared machine
-(where wall-clock medians were seen 2-3x inflated). The clock is part of the identity.
+Clock: ``auto`` (the default) is ``cpu`` on the CPU provider with one thread, ``wall``
+otherwise. ``clock="cpu"`` times each inference by the CPU time of the calling thread: with
+one intra-op thread ONNX Runtime runs the whole graph on that thread, so this is the latency
+the model has on an idle core, and it does not grow when other processes take the core on a
+shared machine (where wall-clock medians were seen 2-3x inflated). ``clock="wall"`` keeps
+the wall clock (multi-threaded and GPU runs have no other). The clock is part of the identity.
 
 Inputs and outputs are bound once (``OrtValue`` I/O binding) so that a timed call is the
 inference and not the allocation or copy of its buffers.
@@ -43,7 +44,7 @@ from profilers.engines.base import (
 from profilers.export import export_onnx
 
 PRECISIONS = ("fp32", "fp16")
-CLOCKS = ("wall", "cpu")
+CLOCKS = ("auto", "wall", "cpu")
 INSTALL_GPU = "pip install 'mdp-trt[ort-gpu]'"
 
 
@@ -64,7 +65,7 @@ class OnnxRuntimeEngine:
 
     def __init__(self, precision: str = "fp32", batch_size: int = 1, resolution: int | None = 224,
                  threads: int | None = 1, device: str | None = None, trt_provider: bool = False,
-                 clock: str = "wall") -> None:
+                 clock: str = "auto") -> None:
         ort = _ort()
         available = set(ort.get_available_providers())
         if device is None:
@@ -97,6 +98,8 @@ class OnnxRuntimeEngine:
             self.device = f"cuda:{index}"
         if clock not in CLOCKS:
             raise EngineError(f"clock {clock!r} is not one of {CLOCKS}")
+        if clock == "auto":
+            clock = "cpu" if self.device == "cpu" and self.threads == 1 else "wall"
         if clock == "cpu" and (self.device != "cpu" or self.threads != 1):
             raise EngineError("clock 'cpu' times the calling thread: it needs the CPU provider and one "
                               f"thread (here: {self.device}, {self.threads} thread(s))")

@@ -14,13 +14,19 @@ BATCH     ?= 1
 RES       ?= 224
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# The GPU validation run uses the GPU machine's own python3 (no .venv: it has no internet there).
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+# Wheels that machine lacks, for CPython 3.12 on x86-64 Linux: only highspy is imported on the
+# run's code paths (cvxpy only for MIP solvers other than HiGHS; rich, timm, onnx are there).
+GPU_WHEELS ?= highspy==1.16.0
 
-.PHONY: setup test test-all lint typecheck demo profile bench clean
+.PHONY: setup test test-all lint typecheck demo profile bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,openvino]'
 	# Type stubs only: their dependency on the tensorrt runtime is not wanted for type-checking.
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10'
 	touch $(STAMP)
@@ -30,7 +36,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
-	$(PY) -m mypy profilers/engines/tensorrt.py
+	$(PY) -m mypy profilers/engines/tensorrt.py profilers/engines/openvino.py
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
@@ -52,6 +58,18 @@ profile: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.profiling
 	$(PY) -m benchmarks.solver
+
+# Profile, latency model and 2x prune on the torch CUDA engine within 8 minutes; writes
+# results.json, results.md and gpu-check.tar.gz to $$OUT (else runs/gpu-check).
+# On the CPU: make gpu-check GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--dry-run
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# The wheels gpu-check installs first, into .whl/ (ignored by git).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Does the prune command tell the truth on a busy machine?
 
     python -m benchmarks.busy [--models resnet18@128 deit_tiny_patch16_224@224] [--busy 2]
-        [--wall-threads 2] [--out runs/busy] [--json]
+        [--wall-threads 2] [--demo CLONE] [--out runs/busy] [--json]
 
 For every model: start ``--busy`` processes that spin on the CPU (by default one per core),
 run ``python -m mdp_trt.prune --engine onnxruntime --engine-target 2x`` beside them (the
@@ -10,8 +10,10 @@ with ``--threads N --clock wall``, whose honest outcome on a loaded machine is e
 landed target or "unreliable". Then the spinners stop, and an independent A/B of the dense
 and pruned ONNX files (plain ONNX Runtime sessions, ``sess.run`` on numpy inputs, dense and
 pruned alternating in blocks, the calling thread's CPU time on one thread or the wall clock
-for the multi-threaded run) gives the speedup to check the report against. Prints a table
-and writes ``busy_machine.json`` / ``.md`` under ``--results``.
+for the multi-threaded run) gives the speedup to check the report against. With ``--demo CLONE``,
+``make demo`` runs in that fresh clone beside the spinners first, checked the same way
+against its trained dense checkpoint. Prints a table and writes ``busy_machine.json`` /
+``.md`` under ``--results``.
 """
 
 from __future__ import annotations
@@ -122,11 +124,55 @@ def prune_once(name: str, res: int, out: Path, extra: Sequence[str]) -> dict[str
     return rec
 
 
+def demo_once(clone: Path, out: Path) -> dict[str, Any]:
+    """``make demo`` in a fresh clone beside the spinners, then the same A/B on its files."""
+    import torch
+
+    from mdp_trt.api import create_model
+    from profilers.export import export_onnx
+
+    t0, load0 = time.time(), _load()
+    proc = subprocess.run(["make", "demo"], cwd=clone, capture_output=True, text=True)
+    rec: dict[str, Any] = {"model": "demo (resnet18, Fashion-MNIST)", "resolution": 64, "setting": "make demo",
+                           "command": f"make demo (in a fresh clone, {clone})", "exit": proc.returncode,
+                           "wall_s": time.time() - t0, "load_start": load0, "load_end": _load(),
+                           "last_line": (proc.stdout.strip().splitlines() or [""])[-1]}
+    result = clone / "runs" / "demo" / "result"
+    if not (result / "report.json").is_file():
+        rec["stderr"] = (proc.stderr + proc.stdout)[-2000:]
+        return rec
+    rep = json.loads((result / "report.json").read_text())
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.split(":")[0] in
+             ("on target", "missed", "over-pruned", "unreliable")]
+    rec.update(dense_ms=rep["dense_ms"], pruned_ms=rep["pruned_ms"], speedup=rep["speedup"],
+               predicted_ms=rep["predicted_ms"], measurement=rep["measurement"],
+               outcome=lines[-1].split(":")[0] if lines else "?", rounds=len(rep["rounds"]))
+    ckpt = next((clone / "runs" / "demo").glob("resnet18-*-r64.pt"))
+    dense = out / "demo-dense.onnx"
+    model = create_model("resnet18", num_classes=10, in_chans=1, checkpoint=ckpt).eval()
+    with torch.no_grad():
+        export_onnx(model, (1, 1, 64, 64), dense)
+    rec["ab_load"] = _load()
+    rec["ab"] = ab([dense, result / "model.onnx"], 1, False)
+    rec["report_vs_ab_pct"] = 100 * (rec["speedup"] / rec["ab"]["speedup"] - 1)
+    rec["ab_in_band"] = BAND[0] <= rec["ab"]["speedup"] <= BAND[1]
+    return rec
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from profilers.engines.base import cpu_name
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.demo is not None:
+        procs = spinners(args.busy)
+        try:
+            time.sleep(2.0)
+            rec = demo_once(args.demo.resolve(), args.out)
+        finally:
+            stop(procs)
+        rows.append(rec)
+        print(_row_text(rec), file=sys.stderr, flush=True)
     for spec in args.models:
         name, _, res_text = spec.partition("@")
         res = int(res_text or 224)
@@ -188,7 +234,9 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.busy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet18@128", "deit_tiny_patch16_224@224"])
+    ap.add_argument("--models", nargs="*", default=["resnet18@128", "deit_tiny_patch16_224@224"])
+    ap.add_argument("--demo", type=Path, default=None,
+                    help="also run `make demo` in this fresh clone of the repository beside the spinners")
     ap.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="spinning processes (default: one per core)")
     ap.add_argument("--wall-threads", type=int, default=2, help="also prune with --threads N --clock wall (0: skip)")
     ap.add_argument("--wall-extra", default="", help="more prune options for the wall-clock runs, one string "

@@ -1,8 +1,9 @@
 """trtexec-style statistics of an exported model on an engine.
 
     python -m benchmarks.engine model.onnx --engine onnxruntime [--batch-size 1]
-        [--warmup-ms 200] [--duration-s 3] [--json]
+        [--warmup-ms 200] [--duration-s 3] [--clock auto] [--json]
     python -m benchmarks.engine model.engine --engine tensorrt
+    python -m benchmarks.engine model.xml --engine openvino
 
 Warms up for ``--warmup-ms``, then runs back to back for about ``--duration-s`` seconds and
 reports throughput (inferences per second, and images per second at the batch size) and
@@ -10,7 +11,9 @@ the latency distribution: min, mean, median, p90, p95, p99, max. Host latency is
 time of one synchronous call. Where the engine has a device clock (TensorRT, torch on a
 GPU), GPU compute time is measured separately with CUDA events over back-to-back
 inferences, without host/device copies; it is what the top-level ``*_ms`` keys report then,
-and host latency goes under ``host``.
+and host latency goes under ``host``. Likewise where the engine times by the calling thread's
+CPU time (onnxruntime and openvino on one CPU thread, ``--clock auto`` or ``cpu``): the
+top-level keys are that clock's (``clock: thread-cpu``), the wall clock's under ``host``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 from mdp_trt.errors import MdpError
 
-SUFFIXES = {"onnxruntime": (".onnx",), "tensorrt": (".onnx", ".engine", ".plan")}
+SUFFIXES = {"onnxruntime": (".onnx",), "openvino": (".onnx", ".xml"),
+            "tensorrt": (".onnx", ".engine", ".plan")}
 
 
 def _stats(t: Any, batch: int) -> dict[str, float]:
@@ -69,9 +73,9 @@ def onnx_input_shape(path: Path, batch_size: int) -> tuple[int, ...]:
 
 
 def benchmark(path: Path, engine_name: str, batch_size: int = 1, warmup_ms: float = 200.0,
-              duration_s: float = 3.0, device: str | None = None) -> dict[str, Any]:
+              duration_s: float = 3.0, device: str | None = None, clock: str = "auto") -> dict[str, Any]:
     """Statistics of one model file on one engine (see the module docstring)."""
-    from profilers.engines import get_engine
+    from profilers.engines import clock_options, get_engine
     from profilers.timing import measure_for
 
     if engine_name not in SUFFIXES:
@@ -82,7 +86,8 @@ def benchmark(path: Path, engine_name: str, batch_size: int = 1, warmup_ms: floa
         raise MdpError(f"{engine_name} runs {' or '.join(SUFFIXES[engine_name])} files, not {path.name}")
     if batch_size < 1 or duration_s <= 0 or warmup_ms < 0:
         raise MdpError("need --batch-size >= 1, --duration-s > 0 and --warmup-ms >= 0")
-    engine = get_engine(engine_name, batch_size=batch_size, resolution=None, device=device)
+    options: dict[str, Any] = dict(clock_options(engine_name, clock))
+    engine = get_engine(engine_name, batch_size=batch_size, resolution=None, device=device, **options)
     shape = onnx_input_shape(path, batch_size) if path.suffix == ".onnx" else None
     runner = engine.prepare_onnx(path, shape)
     try:
@@ -94,7 +99,7 @@ def benchmark(path: Path, engine_name: str, batch_size: int = 1, warmup_ms: floa
         runner.close()
     main = device_timing or host
     out: dict[str, Any] = {"file": str(path), "batch_size": batch_size,
-                           "clock": "device" if device_timing else "host", **_stats(main, batch_size)}
+                           "clock": device_timing.clock if device_timing else "host", **_stats(main, batch_size)}
     if device_timing is not None:
         out["host"] = _stats(host, batch_size)
     out["identity"] = engine.identity().to_dict()
@@ -104,23 +109,29 @@ def benchmark(path: Path, engine_name: str, batch_size: int = 1, warmup_ms: floa
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", type=Path, help=".onnx (onnxruntime, tensorrt) or .engine (tensorrt)")
+    p.add_argument("path", type=Path,
+                   help=".onnx (onnxruntime, openvino, tensorrt), .xml IR (openvino) or .engine (tensorrt)")
     p.add_argument("--engine", default="onnxruntime", help=f"one of {', '.join(SUFFIXES)}")
     p.add_argument("--batch-size", type=int, default=1,
                    help="batch of symbolic batch axes (a fixed batch in the file wins)")
     p.add_argument("--warmup-ms", type=float, default=200.0)
     p.add_argument("--duration-s", type=float, default=3.0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: the engine's)")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="auto (default: onnxruntime or openvino on one CPU thread also by that thread's CPU "
+                        "time), wall, or cpu")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    r = benchmark(args.path, args.engine, args.batch_size, args.warmup_ms, args.duration_s, args.device)
+    r = benchmark(args.path, args.engine, args.batch_size, args.warmup_ms, args.duration_s, args.device,
+                  args.clock)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     ident = r["identity"]
     print(f"{r['file']} on {ident['engine']} {ident['version']}, {ident['device']}, "
           f"batch {r['batch_size']}")
-    blocks = [("GPU compute" if r["clock"] == "device" else "Latency", r)]
+    titles = {"device": "GPU compute", "thread-cpu": "Thread CPU time"}
+    blocks = [(titles.get(r["clock"], "Latency"), r)]
     if "host" in r:
         blocks.append(("Host latency", r["host"]))
     print(f"Throughput: {r['qps']:.2f} qps ({r['throughput']:.1f} images/s)")

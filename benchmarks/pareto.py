@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None,
                     help="measurements of each finished row (median), and 3x as many of the dense reference "
                          "(default 3)")
-    ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--engine", default="onnxruntime", help="onnxruntime (default), openvino, tensorrt or torch")
     ap.add_argument("--clock", default="auto", choices=CLOCKS,
-                    help="auto (default: onnxruntime on one CPU thread by that thread's CPU time, which "
+                    help="auto (default: onnxruntime or openvino on one CPU thread by that thread's CPU time, which "
                          "other processes on a shared machine do not inflate), wall, or cpu")
     ap.add_argument("--tag", default=None, help="result file stem: pareto_<tag>.* (default fashion_mnist)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")

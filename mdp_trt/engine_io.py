@@ -61,7 +61,7 @@ class Lab:
     def surface(self, model: nn.Module, space: PruningSpace, calibration: Calibration | None = None,
                 calibration_plans: int = 8, seed: int = 0) -> LatencySurface:
         """Profile what the table lacks for ``space``, build the surface, calibrate it (once per space)."""
-        from profilers.profile import profile_space
+        from profilers.profile import profile_space, term_points
 
         adapter = adapter_for(model)
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
@@ -71,7 +71,7 @@ class Lab:
         if note and not self._noted:  # said once, and only when the table serves (it lacks nothing)
             print(note, file=sys.stderr, flush=True)
             self._noted = True
-        points = {sig: self.table.points(sig) for sig in {t.signature for t in space.terms}}
+        points = {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
         surf = LatencySurface.from_points(space, points)
         if calibration is not None:
             surf.calibration = calibration
@@ -83,7 +83,8 @@ class Lab:
         surf.calibration = cal
         self.table.kv_set(f"calibration/{space.space_id}", cal.to_dict())  # for inspection
         traffic = f" {cal.ms_per_mparam:+.3f} ms per M weights" if cal.ms_per_mparam else ""
-        self.log(f"calibration on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
+        traffic += f" {cal.ms_per_gflop:+.3f} ms per GFLOP" if cal.ms_per_gflop else ""
+        self.log(f"calibration ({cal.form}) on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
                  f"median error {cal.raw_median_abs_pct_err:.1f}% raw -> {cal.fit_median_abs_pct_err:.1f}% fitted")
         return surf
 
@@ -92,7 +93,8 @@ class Lab:
         """The linear latency model on the same measurements, calibrated on the same plans."""
         lin = linear_surface(surface)
         plans = self.calibration_plans(space, calibration_plans, seed)
-        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False)
+        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False,
+                                          flops=False)
         return lin
 
     @staticmethod
@@ -172,13 +174,16 @@ class Lab:
                 r.close()
 
     def export(self, model: nn.Module, input_shape: tuple[int, ...], out: Path) -> list[str]:
-        """``model.onnx``, and ``model.engine`` when the engine builds one; returns the file names."""
+        """``model.onnx``, and the engine's own form when it saves one (``save_engine``, to
+        ``model`` + its ``engine_suffix``: ``model.engine`` for TensorRT, ``model.xml`` and
+        ``model.bin`` for OpenVINO); returns the file names."""
         from profilers.export import export_onnx
 
         export_onnx(model.eval(), input_shape, out / "model.onnx")
         files = ["model.onnx"]
         save = getattr(self.engine, "save_engine", None)
         if callable(save):
-            save(out / "model.onnx", input_shape, out / "model.engine")
-            files.append("model.engine")
+            suffix = getattr(self.engine, "engine_suffix", ".engine")
+            written = save(out / "model.onnx", input_shape, out / f"model{suffix}")
+            files += [Path(p).name for p in (written if isinstance(written, list) else [written])]
         return files

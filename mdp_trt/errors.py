@@ -24,9 +24,5 @@ class EngineError(MdpError):
     """An engine that is unknown, not installed, or cannot run on this machine."""
 
 
-class MeasurementError(MdpError):
-    """Measured latencies that no latency model can be fitted to (they fall as the model grows)."""
-
-
 class BudgetError(MdpError):
     """A latency target that no plan can meet."""

@@ -252,8 +252,8 @@ def _closed_loop(args: argparse.Namespace, lab: engine_io.Lab, model: nn.Module,
             points.append((space.full_plan(), ms[0], 4.0))
         plans, ms_all, weights = zip(*points, strict=True)
         # The linear ablation keeps its affine calibration.
-        surface.calibration = fit_calibration(surface, plans, ms_all, weights,
-                                              traffic=False if args.latency_model == "linear" else None)
+        pure = False if args.latency_model == "linear" else None
+        surface.calibration = fit_calibration(surface, plans, ms_all, weights, traffic=pure, flops=pure)
         solve_budget = budget
     ok = [i for i, t in enumerate(tried) if t[2] <= t[3] * (1 + tol)]
     pick = max(ok, key=lambda i: tried[i][2]) if ok else min(range(len(tried)), key=lambda i: tried[i][2])

@@ -42,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None,
                    help="device label for the table's folder, checked against the device (default: detected)")
     p.add_argument("--shard", default="0/1", help="measure only shard i of n (numbered from 0)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (onnxruntime default 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (onnxruntime, openvino: default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: the engine's)")
     p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
-                   help="auto (default: onnxruntime on one CPU thread is timed by that thread's CPU time, "
+                   help="auto (default: onnxruntime or openvino on one CPU thread is timed by that thread's CPU time, "
                         "the latency on an idle core; other engines by the wall clock), wall, or cpu")
     p.add_argument("--max-choices", type=int, default=None, help="at most this many widths per dim (default 16)")
     p.add_argument("--min-step", type=int, default=None, help="channel alignment step (default 8)")

@@ -41,14 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=int, default=None, help="classifier size (default: timm's)")
     m.add_argument("--in-chans", type=int, default=None, help="input channels (default: timm's)")
     e = ap.add_argument_group("engine")
-    e.add_argument("--engine", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
+    e.add_argument("--engine", default="onnxruntime",
+                   help="onnxruntime (default), openvino, tensorrt or torch")
     e.add_argument("--engine-target", required=True, metavar="T", help="2x, 50%% or 3.2ms")
     e.add_argument("--precision", default="fp32")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--resolution", type=int, default=None, help="input side in pixels (default: the model's)")
     e.add_argument("--threads", type=int, default=None, help="engine threads (CPU engines)")
     e.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
-                   help="auto (default: onnxruntime on one CPU thread is timed by that thread's CPU time, "
+                   help="auto (default: onnxruntime or openvino on one CPU thread is timed by that thread's CPU time, "
                         "the latency on an idle core; other engines by the wall clock), wall, or cpu")
     e.add_argument("--lut", type=Path, default=None, help="latency table (default: luts/<device>/...)")
     e.add_argument("--max-choices", type=int, default=16, help="at most this many widths per dim")

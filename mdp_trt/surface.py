@@ -23,10 +23,11 @@ import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from mdp_trt.errors import MeasurementError, TableError
+from mdp_trt.errors import TableError
 from mdp_trt.space import Plan, PruningSpace, Term
 
 Points = Mapping[str, Mapping[tuple[int, ...], float]]
@@ -37,9 +38,11 @@ MIN_TRAFFIC_POINTS = 5
 
 @dataclass
 class Calibration:
-    """``measured ~= scale * raw + ms_per_mparam * mparams + offset``, fitted on whole-model
-    measurements (``raw``: the sum of kept terms' latency; ``mparams``: the sum of their
-    parameters in millions). Records written before ``ms_per_mparam`` existed read as 0."""
+    """``measured ~= scale * raw + ms_per_mparam * mparams + ms_per_gflop * gflops + offset``,
+    fitted on whole-model measurements (``raw``: the sum of kept terms' latency; ``mparams``,
+    ``gflops``: the sums of their parameters in millions and of their GFLOPs). ``scale`` is 0
+    where FLOPs alone predict better than the terms. Records written before a part existed
+    read it as 0. ``form`` names the candidate chosen (:func:`fit_calibration`)."""
 
     scale: float = 1.0
     offset: float = 0.0
@@ -47,9 +50,12 @@ class Calibration:
     fit_median_abs_pct_err: float | None = None
     raw_median_abs_pct_err: float | None = None
     ms_per_mparam: float = 0.0
+    ms_per_gflop: float = 0.0
+    form: str = "affine"
 
-    def __call__(self, raw: float | np.ndarray, mparams: float | np.ndarray = 0.0) -> float | np.ndarray:
-        return self.scale * raw + self.ms_per_mparam * mparams + self.offset
+    def __call__(self, raw: float | np.ndarray, mparams: float | np.ndarray = 0.0,
+                 gflops: float | np.ndarray = 0.0) -> float | np.ndarray:
+        return self.scale * raw + self.ms_per_mparam * mparams + self.ms_per_gflop * gflops + self.offset
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -63,13 +69,14 @@ class Calibration:
 
     @classmethod
     def fit(cls, raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None = None,
-            mparams: Sequence[float] | None = None, min_traffic_points: int = MIN_TRAFFIC_POINTS
-            ) -> Calibration:
+            mparams: Sequence[float] | None = None, min_traffic_points: int = MIN_TRAFFIC_POINTS,
+            gflops: Sequence[float] | None = None, use_raw: bool = True) -> Calibration:
         """Least-squares fit of the relative error (each point weighted by ``weights``).
 
-        With ``mparams`` and at least ``min_traffic_points`` points, the weight-traffic term is
-        fitted too; it is dropped (affine fit) when its coefficient or the scale would come out
-        negative. With fewer than three points, or no spread in ``raw``, a pure scale.
+        With ``mparams`` (weight traffic) or ``gflops`` and at least ``min_traffic_points``
+        points, that part is fitted too; it is dropped (affine fit) when a coefficient would
+        come out negative. ``use_raw=False`` with ``gflops`` fits FLOPs alone (scale 0). With
+        fewer than three points, or no spread in ``raw``, a pure scale.
         """
         r = np.asarray(raw, dtype=np.float64)
         m = np.asarray(measured, dtype=np.float64)
@@ -77,20 +84,33 @@ class Calibration:
         if len(r) == 0:
             return cls()
         w = w / m**2  # relative error: a 1 ms miss on a 10 ms model counts as much as 10 ms on 100 ms
+        zero = np.zeros_like(r)
+        p = zero if mparams is None else np.asarray(mparams, dtype=np.float64)
+        g = zero if gflops is None else np.asarray(gflops, dtype=np.float64)
         cal: Calibration | None = None
-        if len(r) < 3 or np.ptp(r) <= 1e-12:
-            cal = cls(float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0, len(r))
-        if cal is None and mparams is not None and len(r) >= min_traffic_points:
-            p = np.asarray(mparams, dtype=np.float64)
-            if np.ptp(p) > 1e-12:
-                scale, beta, offset = _wls(np.stack([r, p, np.ones_like(r)], axis=1), m, w)
-                if scale > 0 and beta >= 0:
-                    cal = cls(scale, offset, len(r), ms_per_mparam=beta)
+        if not use_raw and gflops is not None and len(r) >= 3 and np.ptp(g) > 1e-12:
+            slope, offset = _wls(np.stack([g, np.ones_like(r)], axis=1), m, w)
+            if slope > 0:
+                cal = cls(0.0, offset, len(r), ms_per_gflop=slope, form="flops")
+        if cal is None and (len(r) < 3 or np.ptp(r) <= 1e-12):
+            cal = cls(float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0, len(r), form="scale")
+        if cal is None and len(r) >= min_traffic_points:
+            for extra, name in ((p, "traffic"), (g, "flops+terms")):
+                if (extra is p and mparams is None) or (extra is g and gflops is None) or np.ptp(extra) <= 1e-12:
+                    continue
+                scale, coef, offset = _wls(np.stack([r, extra, np.ones_like(r)], axis=1), m, w)
+                if scale > 0 and coef >= 0:
+                    cal = cls(scale, offset, len(r), form=name,
+                              **({"ms_per_mparam": coef} if name == "traffic" else {"ms_per_gflop": coef}))
+                break
         if cal is None:
             scale, offset = _wls(np.stack([r, np.ones_like(r)], axis=1), m, w)
             cal = cls(scale, offset, len(r))
-        p0 = np.zeros_like(r) if mparams is None else np.asarray(mparams, dtype=np.float64)
-        cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r, p0), m)))
+        if cal.scale < 0:
+            raise TableError(f"the calibration fit came out with a negative scale ({cal.scale:.3g}) on "
+                             f"{len(r)} whole-model measurements: they do not grow with the model "
+                             "(a corrupt table, or measurements the machine's load decided)")
+        cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r, p, g), m)))
         cal.raw_median_abs_pct_err = float(np.median(pct_err(r, m)))
         return cal
 
@@ -123,13 +143,15 @@ class LatencySurface:
 
     def __init__(self, space: PruningSpace, arrays: dict[str, np.ndarray],
                  interpolated: dict[str, int], calibration: Calibration | None = None,
-                 mparams: dict[str, np.ndarray] | None = None) -> None:
+                 mparams: dict[str, np.ndarray] | None = None, gflops: dict[str, np.ndarray] | None = None
+                 ) -> None:
         self.space = space
         self.arrays = arrays
         self.interpolated = interpolated
         self.calibration = calibration or Calibration()
         self._mparams = mparams
-        self._calibrated: tuple[tuple[float, float], dict[str, np.ndarray]] | None = None
+        self._gflops = gflops
+        self._calibrated: tuple[tuple[float, float, float], dict[str, np.ndarray]] | None = None
         self._index = {d.name: {w: i for i, w in enumerate(d.choices)} for d in space.dims}
 
     @classmethod
@@ -167,6 +189,13 @@ class LatencySurface:
             self._mparams = term_mparams(self.space)
         return self._mparams
 
+    @property
+    def gflops(self) -> dict[str, np.ndarray] | None:
+        """GFLOPs per term over its grid; ``None`` when no adapter knows the space."""
+        if self._gflops is None:
+            self._gflops = term_gflops(self.space)
+        return self._gflops
+
     def _at(self, arrays: Mapping[str, np.ndarray], term: Term, plan: Plan) -> float:
         return float(arrays[term.name][tuple(self._index[d][plan.widths[d]] for d in term.dims)])
 
@@ -184,20 +213,35 @@ class LatencySurface:
             return 0.0
         return sum(self._at(mp, t, plan) for t in self.space.kept_terms(plan))
 
+    def plan_gflops(self, plan: Plan) -> float:
+        """GFLOPs of the kept terms."""
+        gf = self.gflops
+        if gf is None:
+            return 0.0
+        return sum(self._at(gf, t, plan) for t in self.space.kept_terms(plan))
+
     def calibrated_arrays(self) -> dict[str, np.ndarray]:
-        """Per term, ``scale * latency + ms_per_mparam * parameters``: what the solver sums.
+        """Per term, ``scale * latency + ms_per_mparam * parameters + ms_per_gflop * GFLOPs``:
+        what the solver sums.
 
         Their sum over a plan's kept terms plus ``calibration.offset`` is :meth:`predict`.
         """
         cal = self.calibration
-        key = (cal.scale, cal.ms_per_mparam)
+        key = (cal.scale, cal.ms_per_mparam, cal.ms_per_gflop)
         if self._calibrated is None or self._calibrated[0] != key:
             mp = self.mparams if cal.ms_per_mparam else None
-            if cal.ms_per_mparam and mp is None:
-                raise TableError(f"the calibration charges weight traffic, but no model adapter counts "
-                                 f"the parameters of {self.space.family} terms")
-            out = {name: (cal.scale * a + cal.ms_per_mparam * mp[name]) if mp is not None else cal.scale * a
-                   for name, a in self.arrays.items()}
+            gf = self.gflops if cal.ms_per_gflop else None
+            if (cal.ms_per_mparam and mp is None) or (cal.ms_per_gflop and gf is None):
+                raise TableError(f"the calibration charges parameters or FLOPs, but no model adapter counts "
+                                 f"them for {self.space.family} terms")
+            out = {}
+            for name, a in self.arrays.items():
+                v = cal.scale * a
+                if mp is not None:
+                    v = v + cal.ms_per_mparam * mp[name]
+                if gf is not None:
+                    v = v + cal.ms_per_gflop * gf[name]
+                out[name] = v
             self._calibrated = (key, out)
         return self._calibrated[1]
 
@@ -216,6 +260,48 @@ class LatencySurface:
             k = t.block or "fixed"
             out[k] = out.get(k, 0.0) + self.term_ms(t, plan)
         return out
+
+
+def term_gflops(space: PruningSpace) -> dict[str, np.ndarray] | None:
+    """GFLOPs of every term's subgraph over its grid (a multiply-add counts as two), counted
+    by torch's FLOP counter on the meta device at the corners of each term's grid and
+    filled in multilinearly: convolutions, linear layers and attention products are linear
+    in each width, so this is exact for them. ``None`` when no adapter builds the space."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mdp_trt.models import adapters
+
+    adapter = next((a for a in adapters() if a.family == space.family), None)
+    if adapter is None:
+        return None
+
+    def count(term: Term, widths: tuple[int, ...]) -> float:
+        with torch.device("meta"):
+            module, shape = adapter.term_module(space, term, widths)
+            x = torch.empty((1, *shape))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module.eval()(x)
+        return counter.get_total_flops() / 1e9
+
+    out: dict[str, np.ndarray] = {}
+    cache: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
+    for term in space.terms:
+        axes = tuple(space.dim(d).choices for d in term.dims)
+        key = (term.signature, axes)
+        if key not in cache:
+            ends = [(a[0], a[-1]) if a[-1] > a[0] else (a[0],) for a in axes]
+            corners = {c: count(term, c) for c in itertools.product(*ends)}
+            arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
+            for idx in itertools.product(*(range(len(a)) for a in axes)):
+                t = [(axes[k][i] - e[0]) / (e[-1] - e[0]) if len(e) > 1 else 0.0
+                     for k, (i, e) in enumerate(zip(idx, ends, strict=True))]
+                arr[idx] = sum(v * float(np.prod([1.0 if len(e) == 1 else (tk if ck == e[1] else 1.0 - tk)
+                                                  for tk, ck, e in zip(t, c, ends, strict=True)]))
+                               for c, v in corners.items())
+            cache[key] = arr
+        out[term.name] = cache[key]
+    return out
 
 
 def term_mparams(space: PruningSpace) -> dict[str, np.ndarray] | None:
@@ -354,46 +440,57 @@ def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[
 
 
 def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Sequence[float],
-                    weights: Sequence[float] | None = None, traffic: bool | None = None) -> Calibration:
+                    weights: Sequence[float] | None = None, traffic: bool | None = None,
+                    flops: bool | None = None) -> Calibration:
     """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``.
 
-    ``traffic``: ``True`` adds the weight-traffic term, ``False`` leaves it out, ``None`` (the
-    default) keeps it only when it lowers the leave-one-out error over ``plans``. Where it
-    matters depends on the model and input size: on ONNX Runtime CPU it did not help resnet50
-    or deit_small at 224 px (compute dominates), and cut the error of resnet18 at 64 px, whose
-    weights outweigh its compute, several-fold (README, "Latency model accuracy").
+    Candidates: affine in the sum of terms; plus weight traffic (parameters); plus FLOPs; and
+    FLOPs alone. ``traffic`` / ``flops``: ``True`` fits that part, ``False`` leaves it out,
+    ``None`` (the default) lets the leave-one-out error over ``plans`` decide (root mean
+    square of the relative errors, so a bad tail counts), the affine fit staying unless
+    another is better. So the calibrated surface is never knowingly worse than a predictor
+    proportional to FLOPs: where FLOPs explain whole-model latency better than the measured
+    terms, the fit says so (``form``) and uses them. Every candidate is a sum over terms, so
+    the solver sees the same model. Where the parts matter depends on the engine, CPU and
+    input size (README, "Latency model accuracy").
     """
     raw = [surface.raw(p) for p in plans]
-    if traffic is False or surface.mparams is None:
-        cal = Calibration.fit(raw, measured, weights)
-    else:
-        mparams = [surface.plan_mparams(p) for p in plans]
-        if traffic is None and _loo_err(raw, measured, weights, mparams) >= _loo_err(raw, measured, weights, None):
-            cal = Calibration.fit(raw, measured, weights)
-        else:
-            cal = Calibration.fit(raw, measured, weights, mparams)
-    if not cal.scale > 0:  # a model that gets faster as the kept terms get slower: not a latency model
-        ms = ", ".join(f"{m:.4g}" for m in measured)
-        sums = ", ".join(f"{r:.4g}" for r in raw)
-        raise MeasurementError(
-            f"the calibration of {surface.space.model} fits a scale of {cal.scale:.3g} (it must be positive) to "
-            f"whole-model latencies of {len(plans)} plans measured at [{ms}] ms, against term sums of [{sums}] ms: "
-            "these measurements do not grow with the model; remeasure them on a quieter machine")
-    return cal
+    mparams = [surface.plan_mparams(p) for p in plans] if traffic is not False and surface.mparams else None
+    gflops = [surface.plan_gflops(p) for p in plans] if flops is not False and surface.gflops else None
+    if traffic is True and mparams is not None:
+        return Calibration.fit(raw, measured, weights, mparams)
+    if flops is True and gflops is not None:
+        return Calibration.fit(raw, measured, weights, gflops=gflops)
+    cands: dict[str, dict[str, Any]] = {"affine": {}}
+    if mparams is not None:
+        cands["traffic"] = {"mparams": mparams}
+    if gflops is not None:
+        cands["flops+terms"] = {"gflops": gflops}
+        cands["flops"] = {"gflops": gflops, "use_raw": False}
+    if len(cands) == 1:
+        return Calibration.fit(raw, measured, weights)
+    errs = {name: _loo_err(raw, measured, weights, kw) for name, kw in cands.items()}
+    best = min(errs, key=lambda k: (errs[k], k != "affine"))
+    return Calibration.fit(raw, measured, weights, **cands[best])
 
 
 def _loo_err(raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None,
-             mparams: Sequence[float] | None) -> float:
-    """Median leave-one-out absolute percentage error of a calibration fit (inf: too few points)."""
+             parts: Mapping[str, Any]) -> float:
+    """Root mean square leave-one-out relative error of a calibration fit with ``parts``
+    (inf: too few points)."""
     n = len(raw)
     if n <= MIN_TRAFFIC_POINTS:
         return float("inf")
     errs = []
     for i in range(n):
         rest = [j for j in range(n) if j != i]
-        cal = Calibration.fit([raw[j] for j in rest], [measured[j] for j in rest],
-                              None if weights is None else [weights[j] for j in rest],
-                              None if mparams is None else [mparams[j] for j in rest])
-        pred = cal(raw[i], 0.0 if mparams is None else mparams[i])
-        errs.append(abs(float(pred) - measured[i]) / measured[i])
-    return float(np.median(errs))
+
+        def pick(v: Sequence[float] | None, idx: Sequence[int]) -> list[float] | None:
+            return None if v is None else [v[j] for j in idx]
+
+        kw = {k: (pick(v, rest) if isinstance(v, list) else v) for k, v in parts.items()}
+        cal = Calibration.fit(pick(raw, rest) or [], pick(measured, rest) or [], pick(weights, rest), **kw)
+        pred = cal(raw[i], parts["mparams"][i] if "mparams" in parts else 0.0,
+                   parts["gflops"][i] if "gflops" in parts else 0.0)
+        errs.append((float(pred) - measured[i]) / measured[i])
+    return float(np.sqrt(np.mean(np.square(errs))))

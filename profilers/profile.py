@@ -26,13 +26,30 @@ from torch import nn
 from mdp_trt.errors import TableError
 from mdp_trt.space import PruningSpace, Term
 from profilers.engines.base import Engine
-from profilers.table import LatencyTable, in_shard
+from profilers.table import LatencyTable, in_shard, parse_widths, widths_key
 from profilers.timing import PROFILE, Budget, measure
 
 TermModuleFn = Callable[[Term, tuple[int, ...]], tuple[nn.Module, tuple[int, ...]]]
 """``(term, widths) -> (module, input shape without the batch)``."""
 
 Key = tuple[str, tuple[int, ...]]
+
+SIDES, COST, PROBE = "boundary-sides/", "boundary-cost/", "boundary-probe/"
+"""Table records (kv) of boundary costs: per signature, which edges the engine converts; per
+grid point, the cost taken off; per tensor shape (batch left out), the probe's latency."""
+
+
+def term_points(table: LatencyTable, signature: str) -> dict[tuple[int, ...], float]:
+    """A term's latency at every measured point with its boundary cost taken off: what the
+    subgraph costs inside a whole model rather than timed alone (see :func:`profile_space`).
+    Never below a tenth of the measurement, so noise in a probe cannot make a term free."""
+    points = table.points(signature)
+    prefix = f"{COST}{signature}/"
+    keys = table.kv_keys(prefix)
+    if not keys:
+        return points
+    cost = {parse_widths(k[len(prefix):]): float(table.kv_get(k)) for k in keys}
+    return {w: max(v - cost.get(w, 0.0), 0.1 * v) for w, v in points.items()}
 
 
 @dataclass
@@ -46,18 +63,23 @@ class ProfileStats:
     reused: int
     measured: int
     seconds: float
+    probes: int = 0
+    """Boundary probes measured (tensor shapes at the edges of standalone subgraphs)."""
     build_s: float = 0.0
     prepare_s: float = 0.0
+    compile_s: float = 0.0
+    """Engine compiles (a runner's ``compile_s``, e.g. OpenVINO's), not counted in ``prepare_s``."""
     measure_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
+        compiled = f", compile {self.compile_s:.1f} s" if self.compile_s else ""
         return (f"{self.terms} terms, {self.signatures} distinct signatures, {self.grid_points} grid "
                 f"points ({self.in_shard} in this shard): {self.measured} measured, {self.reused} "
-                f"reused, in {self.seconds:.1f} s (build {self.build_s:.1f} s, export+prepare "
-                f"{self.prepare_s:.1f} s, timing {self.measure_s:.1f} s)")
+                f"reused, {self.probes} boundary probes, in {self.seconds:.1f} s (build {self.build_s:.1f} s, "
+                f"export+prepare {self.prepare_s:.1f} s{compiled}, timing {self.measure_s:.1f} s)")
 
 
 def grid_points(space: PruningSpace) -> dict[Key, Term]:
@@ -106,6 +128,50 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         seconds=0.0,
     )
     batch = identity.batch_size
+    sides_of: dict[str, tuple[int, int]] = {}
+    has_boundaries = callable(getattr(engine, "boundary_sides", None))
+
+    def boundary(sig: str, module: nn.Module, shape: tuple[int, ...], runner: Any) -> float:
+        """The cost of the layout conversions the engine adds to this subgraph timed alone:
+        half of a probe (which converts both ways) per conversion, of the input's shape for
+        those into the engine's layout and of the output's for those out of it. 0 where
+        there are none."""
+        if sig not in sides_of:
+            rec = table.kv_get(SIDES + sig)
+            if rec is None:
+                if any(k[0] == sig for k in have):  # measured before boundaries were: leave as it was
+                    rec = {"into": 0, "out_of": 0}
+                else:
+                    from profilers.export import export_onnx
+
+                    into, out_of = engine.boundary_sides(export_onnx(module, shape))  # type: ignore[attr-defined]
+                    rec = {"into": into, "out_of": out_of}
+                table.kv_set(SIDES + sig, rec)
+            sides_of[sig] = (int(rec["into"]), int(rec["out_of"]))
+        into, out_of = sides_of[sig]
+        out_shapes = getattr(runner, "output_shapes", None) or []
+        if not out_shapes:
+            out_of = 0
+        total = into * probe(shape) + (out_of * probe(tuple(out_shapes[0])) if out_of else 0.0)
+        return total / 2
+
+    def probe(shape: tuple[int, ...]) -> float:
+        key = PROBE + widths_key(shape[1:])
+        known = table.kv_get(key)
+        if known is not None:
+            return float(known)
+        graph = engine.boundary_probe(shape)  # type: ignore[attr-defined]
+        if graph is None:
+            table.kv_set(key, 0.0)
+            return 0.0
+        runner = engine.prepare_onnx(graph, shape)
+        try:
+            timing = measure(runner, budget)
+        finally:
+            runner.close()
+        table.kv_set(key, timing.median_ms)
+        stats.probes += 1
+        return timing.median_ms
 
     def one(key: Key) -> None:
         sig, widths = key
@@ -117,15 +183,20 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         t1 = time.perf_counter()
         runner = engine.prepare(module, (batch, *shape))
         t2 = time.perf_counter()
+        compile_s = float(getattr(runner, "compile_s", 0.0))
         try:
             timing = measure(runner, budget)
+            cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else 0.0
         finally:
             runner.close()
         t3 = time.perf_counter()
+        if cost > 0:
+            table.kv_set(f"{COST}{sig}/{widths_key(widths)}", cost)
         table.put(sig, widths, timing)
         stats.measured += 1
         stats.build_s += t1 - t0
-        stats.prepare_s += t2 - t1
+        stats.prepare_s += t2 - t1 - compile_s
+        stats.compile_s += compile_s
         stats.measure_s += t3 - t2
 
     if progress and todo:

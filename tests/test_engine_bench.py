@@ -34,13 +34,18 @@ def test_json_keys_and_consistent_statistics(onnx_file: Path, capsys: pytest.Cap
     assert r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert r["throughput"] == pytest.approx(2 * 1e3 / r["mean_ms"])
     assert r["batch_size"] == 2 and r["identity"]["engine"] == "onnxruntime"
-    assert r["identity"]["batch_size"] == 2 and r["clock"] == "host"
+    assert r["identity"]["batch_size"] == 2 and r["clock"] == "thread-cpu" and "host" in r
 
 
 def test_text_output(onnx_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(main, [str(onnx_file), "--warmup-ms", "10", "--duration-s", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "Throughput:" in out and "percentile(99%)" in out
+    assert "Thread CPU time:" in out and "Host latency:" in out  # one thread: both clocks
+    assert run_cli(main, [str(onnx_file), "--warmup-ms", "10", "--duration-s", "0.1", "--clock", "wall",
+                          "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["clock"] == "host" and "host" not in r
 
 
 @pytest.mark.parametrize(("name", "needle"), [("missing.onnx", "no such file"), ("model.pt", "runs .onnx")])

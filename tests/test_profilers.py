@@ -169,15 +169,15 @@ def test_export_rejects_bad_shape() -> None:
 
 
 def test_unknown_engine_precision_and_option_list_accepted_values() -> None:
-    with pytest.raises(EngineError, match="accepted: onnxruntime, tensorrt, torch"):
-        get_engine("openvino")
+    with pytest.raises(EngineError, match="accepted: onnxruntime, openvino, tensorrt, torch"):
+        get_engine("mxnet")
     with pytest.raises(EngineError, match="accepted: fp32, fp16"):
         get_engine("onnxruntime", precision="int8")
     with pytest.raises(EngineError, match="accepted: fp32, fp16, bf16"):
         get_engine("tensorrt", precision="fp8")
     with pytest.raises(EngineError, match="trt_provider"):
         get_engine("onnxruntime", warp_speed=True)
-    assert ENGINES == ("onnxruntime", "tensorrt", "torch")
+    assert ENGINES == ("onnxruntime", "openvino", "tensorrt", "torch")
 
 
 def test_onnxruntime_fp16_on_cpu_is_refused_with_the_extra() -> None:
@@ -202,7 +202,12 @@ def test_onnxruntime_engine_identity_and_runner() -> None:
     assert isinstance(ident, EngineIdentity)
     assert (ident.engine, ident.precision, ident.batch_size, ident.resolution, ident.threads) == (
         "onnxruntime", "fp32", 2, 16, 1)
-    assert ident.version.endswith("CPUExecutionProvider") and ident.device
+    # One CPU thread: timed by that thread's CPU time unless the wall clock is asked for.
+    assert ident.version.endswith("CPUExecutionProvider/thread-cpu-time") and ident.device
+    wall = get_engine("onnxruntime", batch_size=2, resolution=16, device="cpu", clock="wall").identity()
+    assert wall.version.endswith("CPUExecutionProvider") and wall.differences(ident)
+    two = get_engine("onnxruntime", batch_size=2, resolution=16, device="cpu", threads=2)
+    assert two.clock == "wall" and e.clock == "cpu"  # a thread's CPU time cannot time two threads
     r = e.prepare(_convnet(), (2, 3, 16, 16))
     try:
         t = measure(r, FAST)
@@ -214,7 +219,7 @@ def test_onnxruntime_engine_identity_and_runner() -> None:
 def test_onnxruntime_thread_cpu_clock() -> None:
     """``clock="cpu"``: each inference timed by the calling thread's CPU time, named in the
     identity (a table of one clock is refused under the other), one CPU thread only."""
-    wall = get_engine("onnxruntime", resolution=16, device="cpu")
+    wall = get_engine("onnxruntime", resolution=16, device="cpu", clock="wall")
     cpu = get_engine("onnxruntime", resolution=16, device="cpu", clock="cpu")
     assert cpu.identity().version == wall.identity().version + "/thread-cpu-time"
     assert any("version" in d for d in wall.identity().differences(cpu.identity()))

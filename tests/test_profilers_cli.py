@@ -24,8 +24,8 @@ def _fails_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], ne
 
 
 def test_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
-    _fails_with_one_line(capsys, ["--model", "resnet18", "--engine", "openvino"],
-                         "accepted: onnxruntime, tensorrt, torch")
+    _fails_with_one_line(capsys, ["--model", "resnet18", "--engine", "mxnet"],
+                         "accepted: onnxruntime, openvino, tensorrt, torch")
 
 
 def test_unknown_precision(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

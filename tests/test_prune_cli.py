@@ -125,8 +125,9 @@ def test_torchrun_two_processes_fine_tune_together(full_run: Path, tmp_path: Pat
          "-m", "mdp_trt.prune", *TINY, "--engine-target", "1.3x", "--lut", str(full_run / "t.sqlite"),
          "--finetune-epochs", "1", "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("report:") == 1, proc.stdout
+    assert (out / "report.json").is_file(), proc.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
+    assert proc.returncode == EXIT_CODES[outcome(rep)], proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1, proc.stdout
     assert rep["finetune"] == {"epochs": 1.0, "processes": 2}
     assert load_pruned(out / "pruned.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)

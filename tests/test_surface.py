@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mdp_trt.errors import MeasurementError, TableError
+from mdp_trt.errors import TableError
 from mdp_trt.space import Block, Dim, PruningSpace, Term, choices_for
 from mdp_trt.surface import (
     Calibration,
@@ -215,16 +215,59 @@ def test_importance_floor_breaks_ties_towards_keeping_units() -> None:
     assert imp.units["b"][2] == pytest.approx(4.0, rel=1e-3) and imp.units["a"][0] < 1e-2
 
 
-@pytest.mark.parametrize("traffic", [False, True, None])
-def test_calibration_refuses_a_negative_scale(traffic: bool | None) -> None:
-    """Whole-model latency that falls as the kept terms grow fits no latency model: refused, naming
-    the model and the measurements, rather than a negative scale that the solver would exploit."""
+def test_flops_calibration_chosen_where_flops_explain_latency_better() -> None:
+    """Whole-model latency proportional to FLOPs, term tables that say otherwise: the default
+    fit chooses FLOPs alone by leave-one-out error, and the solver's arrays follow it."""
     space = toy_space()
     base = LatencySurface.from_points(space, full_points(space))
-    surf = LatencySurface(space, base.arrays, base.interpolated, mparams=toy_mparams(space))
-    plans = sample_plans(space, 8, seed=1)
-    top = max(surf.raw(p) for p in plans)
-    measured = [2.0 * top - surf.raw(p) + 0.01 for p in plans]  # falls as the model grows
-    with pytest.raises(MeasurementError, match=r"calibration of toy fits a scale of -.* 8 plans measured at \["):
-        fit_calibration(surf, plans, measured, traffic=traffic)
-    assert fit_calibration(surf, plans, [1.1 * surf.raw(p) for p in plans], traffic=traffic).scale > 0
+    gflops = {k: v * (1.0 + np.arange(v.size).reshape(v.shape) % 3) for k, v in toy_mparams(space).items()}
+    surf = LatencySurface(space, base.arrays, base.interpolated, gflops=gflops)
+    truth = lambda p: 0.7 * surf.plan_gflops(p) + 0.02  # noqa: E731
+    fit_plans, held_out = sample_plans(space, 8, seed=1), sample_plans(space, 12, seed=2)
+    cal = fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans])
+    assert cal.form == "flops" and cal.scale == 0.0
+    assert cal.ms_per_gflop == pytest.approx(0.7) and cal.offset == pytest.approx(0.02)
+    surf.calibration = cal
+    measured = [truth(p) for p in held_out]
+    assert np.max(pct_err([surf.predict(p) for p in held_out], measured)) < 1e-6
+    arrays = surf.calibrated_arrays()
+    for p in held_out:  # what the solver sums is the prediction
+        total = sum(float(arrays[t.name][tuple(space.dim(d).choices.index(p.widths[d]) for d in t.dims)])
+                    for t in space.kept_terms(p))
+        assert total + cal.offset == pytest.approx(surf.predict(p))
+    # Latency affine in the terms: the affine fit stays; FLOPs are left out when asked.
+    affine_truth = [1.1 * surf.raw(p) + 0.01 for p in fit_plans]
+    assert fit_calibration(surf, fit_plans, affine_truth).form == "affine"
+    assert fit_calibration(surf, fit_plans, [truth(p) for p in fit_plans], flops=False).ms_per_gflop == 0.0
+
+
+def test_negative_calibration_scale_is_refused() -> None:
+    with pytest.raises(TableError, match="negative scale"):
+        Calibration.fit([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0])
+
+
+def test_term_gflops_are_exact_at_every_grid_point() -> None:
+    """Counted at the corners of each term's grid and filled in multilinearly: the same as
+    counting every point, for a CNN and a ViT."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mdp_trt.api import create_model
+    from mdp_trt.models import SpaceConfig, adapter_for
+    from mdp_trt.surface import term_gflops
+
+    for name, res in (("test_resnet", 32), ("test_vit", None)):
+        model = create_model(name).eval()
+        adapter = adapter_for(model)
+        space = adapter.space(model, SpaceConfig(max_choices=3, resolution=res))
+        gf = term_gflops(space)
+        assert gf is not None
+        for term in space.terms[:6]:
+            for w in grid(space, term):
+                with torch.device("meta"):
+                    module, shape = adapter.term_module(space, term, w)
+                    x = torch.empty((1, *shape))
+                with torch.no_grad(), FlopCounterMode(display=False) as c:
+                    module.eval()(x)
+                idx = tuple(space.dim(d).choices.index(v) for d, v in zip(term.dims, w, strict=True))
+                assert gf[term.name][idx] == pytest.approx(c.get_total_flops() / 1e9, rel=1e-9, abs=1e-12)

@@ -1,7 +1,7 @@
 """Inference engines behind one protocol, chosen by name.
 
-``onnxruntime`` (the embedded default), ``tensorrt`` (TensorRT 10+, NVIDIA GPUs) and
-``torch`` (CUDA graphs on a GPU, eager on CPU). Each declares the precisions and options it
+``onnxruntime`` (the embedded default), ``openvino`` (the compiling CPU runtime),
+``tensorrt`` (TensorRT 10+, NVIDIA GPUs) and ``torch`` (CUDA graphs on a GPU, eager on CPU). Each declares the precisions and options it
 accepts; anything else is refused with the list of what is accepted.
 """
 
@@ -19,10 +19,10 @@ __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EngineIdentity", "HostRunner"
            "CLOCKS", "clock_of", "clock_options", "engine_class", "get_engine", "precisions_of",
            "resolve_clock"]
 
-ENGINES = ("onnxruntime", "tensorrt", "torch")
+ENGINES = ("onnxruntime", "openvino", "tensorrt", "torch")
 DEFAULT_ENGINE = "onnxruntime"
-_CLASSES = MappingProxyType({"onnxruntime": "OnnxRuntimeEngine", "tensorrt": "TensorRTEngine",
-                             "torch": "TorchEngine"})
+_CLASSES = MappingProxyType({"onnxruntime": "OnnxRuntimeEngine", "openvino": "OpenVinoEngine",
+                             "tensorrt": "TensorRTEngine", "torch": "TorchEngine"})
 
 
 def engine_class(name: str) -> Any:
@@ -40,8 +40,8 @@ calling thread's CPU time, for engines that run a whole inference on that thread
 
 def clock_options(name: str, clock: str) -> dict[str, str]:
     """Engine options for a command line's ``--clock``. Engines that take a ``clock`` option
-    get it as given (``auto`` lets them choose: onnxruntime times one CPU thread by its CPU
-    time); the others time by the wall (or device) clock, and refuse ``cpu``."""
+    get it as given (``auto`` lets them choose: onnxruntime and openvino time one CPU thread by
+    its CPU time); the others time by the wall (or device) clock, and refuse ``cpu``."""
     if clock not in CLOCKS:
         raise EngineError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
     if "clock" in inspect.signature(engine_class(name).__init__).parameters:
@@ -62,7 +62,8 @@ def resolve_clock(name: str, clock: str, threads: int | None = None) -> str:
     if clock != "auto":
         clock_options(name, clock)  # refuses cpu where it does not apply
         return clock
-    return clock_of(get_engine(name, threads=threads, **clock_options(name, clock)))
+    options: dict[str, Any] = dict(clock_options(name, clock))
+    return clock_of(get_engine(name, threads=threads, **options))
 
 
 def precisions_of(name: str) -> tuple[str, ...]:

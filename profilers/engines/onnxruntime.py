@@ -44,6 +44,7 @@ from profilers.engines.base import (
 from profilers.export import export_onnx
 
 PRECISIONS = ("fp32", "fp16")
+NCHWC = "com.microsoft.nchwc"
 CLOCKS = ("auto", "wall", "cpu")
 INSTALL_GPU = "pip install 'mdp-trt[ort-gpu]'"
 
@@ -183,9 +184,52 @@ class OnnxRuntimeEngine:
         def run() -> None:
             state[0].run_with_iobinding(state[1])
 
-        if self.clock == "cpu":
-            return ThreadTimedRunner(run, state.clear)
-        return HostRunner(run, state.clear)
+        runner = ThreadTimedRunner(run, state.clear) if self.clock == "cpu" else HostRunner(run, state.clear)
+        runner.output_shapes = [tuple(int(d) for d in o.shape) for o in outs]  # type: ignore[attr-defined]
+        return runner
+
+    # -- boundary costs of a standalone subgraph ------------------------------------------
+
+    def boundary_sides(self, model: bytes) -> tuple[int, int]:
+        """How many tensors ONNX Runtime converts from NCHW into its blocked NCHWc layout
+        (``ReorderInput``) and back (``ReorderOutput``) when it runs this graph alone.
+
+        A convolution timed alone pays those conversions once per run; inside a whole model the
+        blocked layout runs from the first convolution to the head (residual adds included), so
+        they are not paid there. Read off the optimized graph ONNX Runtime writes for these
+        session settings; (0, 0) off the CPU provider.
+        """
+        if self.device != "cpu":
+            return 0, 0
+        import tempfile
+
+        import onnx
+
+        ort = _ort()
+        with tempfile.TemporaryDirectory() as tmp:
+            so = self._session_options()
+            so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            ort.InferenceSession(model, so, providers=self._providers())
+            graph = onnx.load(so.optimized_model_filepath).graph
+        ops = [n.op_type for n in graph.node if n.domain == NCHWC]
+        return ops.count("ReorderInput"), ops.count("ReorderOutput")
+
+    def boundary_probe(self, shape: Sequence[int]) -> bytes | None:
+        """An ONNX graph that converts an NCHW tensor of ``shape`` to NCHWc and back: what a
+        standalone subgraph pays at one edge, twice (both directions, once each). None for a
+        tensor that is not 4-D (a pooled head's output) or whose channels ONNX Runtime does not
+        block (not a multiple of 4): the conversion it stands for is of negligible size."""
+        if len(shape) != 4 or shape[1] % 4:
+            return None
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))
+        y = helper.make_tensor_value_info("output", TensorProto.FLOAT, list(shape))
+        nodes = [helper.make_node("ReorderInput", ["input"], ["blocked"], domain=NCHWC),
+                 helper.make_node("ReorderOutput", ["blocked"], ["output"], domain=NCHWC, channels=int(shape[1]))]
+        graph = helper.make_graph(nodes, "boundary", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(NCHWC, 1)])
+        return model.SerializeToString()
 
 
 class ThreadTimedRunner(HostRunner):

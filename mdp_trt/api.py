@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,11 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
     """``timm.create_model`` with one clear error for an unknown name or a checkpoint that does not fit.
 
     ``resolution`` is passed as ``img_size`` to models whose structure depends on it (ViTs);
-    convolutional models take any resolution as they are.
+    convolutional models take any resolution as they are. A resolution below one pixel, or
+    below a patch of a patch-embedding model, is refused before anything is built on it.
     """
+    if resolution is not None and resolution < 1:
+        raise MdpError(f"resolution must be at least 1 pixel, got {resolution}")
     if name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
@@ -37,6 +40,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         if not resolution or "img_size" not in str(exc):
             raise
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    _check_patches(model, name, resolution)
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
@@ -44,7 +48,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for unreadable files
-            raise MdpError(f"cannot read checkpoint {path}: {exc}") from exc
+            raise _unreadable(f"checkpoint {path}", exc) from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -55,6 +59,27 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
             first = str(exc).strip().splitlines()
             raise MdpError(f"checkpoint {path} does not fit {name}: {' '.join(first[:3])[:400]}") from exc
     return model
+
+
+def _check_patches(model: nn.Module, name: str, resolution: int | None) -> None:
+    """A patch-embedding model whose input is smaller than one patch has no tokens: refuse it."""
+    embed = getattr(model, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
+    if grid is not None and any(int(g) < 1 for g in grid):
+        patch = getattr(embed, "patch_size", "?")
+        side = tuple(patch)[-1] if isinstance(patch, (tuple, list)) else patch
+        raise MdpError(f"{name} at resolution {resolution} has no patches: its patch size is {patch}; "
+                       f"give a resolution of at least {side}")
+
+
+def _unreadable(what: str, exc: Exception) -> MdpError:
+    """One line for a file ``torch.load`` cannot read (torch's advice to load without
+    ``weights_only`` is not passed on: that would run whatever code the file holds)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return MdpError(f"cannot read {what}: not a PyTorch file of tensors and plain containers "
+                        "(a corrupt file, or one that holds other objects; save a state_dict)")
+    lines = str(exc).strip().splitlines()
+    return MdpError(f"cannot read {what}: {lines[0] if lines else type(exc).__name__}")
 
 
 def space_of(model: nn.Module, config: SpaceConfig | None = None) -> PruningSpace:
@@ -108,16 +133,11 @@ def save_pruned(path: str | Path, model: nn.Module, plan: Plan | Sequence[Plan],
         "plans": [p.to_dict() for p in plans],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from profilers.export import write_atomic
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_atomic(Path(path), buf.getvalue())
 
 
 def load_pruned(path: str | Path) -> nn.Module:
@@ -128,7 +148,7 @@ def load_pruned(path: str | Path) -> nn.Module:
     except FileNotFoundError as exc:
         raise MdpError(f"no pruned model at {path}") from exc
     except Exception as exc:
-        raise MdpError(f"cannot read pruned model {path}: {exc}") from exc
+        raise _unreadable(f"pruned model {path}", exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT:
         raise MdpError(f"{path} is not a pruned model written by save_pruned")
     arch = payload["arch"]

@@ -74,7 +74,12 @@ def image_folder(root: Path, split: str, spec: DataSpec, train: bool) -> Dataset
     sub = root / split if (root / split).is_dir() else root
     if not any(p.is_dir() for p in sub.iterdir()):
         raise MdpError(f"{sub} holds no class folders (expected an ImageFolder tree)")
-    ds = create_dataset("", root=str(sub), split=split)
+    try:
+        ds = create_dataset("", root=str(sub), split=split)
+    except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
+        raise MdpError(f"{sub} holds no images in its class folders ({str(exc).splitlines()[0]})") from exc
+    if len(ds) == 0:
+        raise MdpError(f"{sub} holds no images in its class folders")
     ds.transform = create_transform(spec.resolution, is_training=train)
     return ds
 

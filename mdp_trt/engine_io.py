@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +54,7 @@ class Lab:
         self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,
                                                            batch_size, resolution, clock=self.clock)
         self.table = LatencyTable.open(self.table_path, self.engine.identity())
+        self._noted = False
         self.progress = progress
         self.log = log
 
@@ -65,6 +67,10 @@ class Lab:
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
                               progress=self.progress)
         self.log(f"latency table {self.table_path}: {stats}")
+        note = self.table.read_only_note()
+        if note and not self._noted:  # said once, and only when the table serves (it lacks nothing)
+            print(note, file=sys.stderr, flush=True)
+            self._noted = True
         points = {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
         surf = LatencySurface.from_points(space, points)
         if calibration is not None:

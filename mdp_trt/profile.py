@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad(), LatencyTable.open(out, identity) as table:
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), engine, table,
                               shard=shard, progress=not args.no_progress, seed=args.seed)
+        note = table.read_only_note()  # a read-only table that lacks points fails above instead
+        if note:
+            print(note, file=sys.stderr)
     if args.json:
         print(json.dumps({"table": str(out), **stats.to_dict(), "identity": identity.to_dict()}, indent=2))
     else:

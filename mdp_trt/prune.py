@@ -15,8 +15,10 @@ The outputs are written in every one of the cases 0, 3, 4 and 5.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> Path:
 
     target = parse_target(args.engine_target)
     out = args.out
+    if out.exists() and not out.is_dir():
+        raise MdpError(f"--out {out} is a file; give the path of a directory to create")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise MdpError(f"output directory {out} exists and is not empty (use --force to replace it)")
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -124,25 +128,72 @@ def run(args: argparse.Namespace) -> Path:
         pipeline.follow(args)
         return out
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's private mode would stay on the renamed result
+    tmp = _temp_dir(out)
     try:
         report = pipeline.prune(args, target, tmp, log=lambda s: _log(args, s))
         from mdp_trt import report as report_mod
 
         report_mod.write(report, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            (tmp / OWNER).unlink()
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise MdpError(f"cannot move the results into {out}: {exc}") from exc
     finally:
         if distributed:
             share(None)  # the job is over (done or failed): the other processes stop waiting
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+OWNER = ".owner"
+"""File in a temporary output directory naming the host and process that write it."""
+
+
+def _temp_dir(out: Path) -> Path:
+    """A new temporary directory beside ``out`` (``.<out>.<random>``), marked with its owner;
+    those left by dead processes of this host (``kill -9``) are removed first."""
+    from profilers.export import current_umask
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's private mode would stay on the renamed result
+    except OSError as exc:
+        raise MdpError(f"cannot create the output directory {out}: {exc}") from exc
+    return tmp
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove the temporary directories of ``out`` whose owner (a process of this host) is dead;
+    never one of a live process, of another host, or without an owner file. Returns them."""
+    removed = []
+    for d in sorted(Path(p) for p in glob.glob(glob.escape(str(out.parent / f".{out.name}.")) + "*")):
+        try:
+            host, pid = (d / OWNER).read_text().split()
+            alive = host != socket.gethostname() or _alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (of any user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The grid of a term is every combination of its dims' choices. Terms with the sam
 signature run the same subgraph, so points are de-duplicated by (signature, widths) across
 all terms. Points already in the table are reused; the rest are measured in a shuffled
 (seeded) order so that slow drift of a shared machine spreads over the whole grid instead
-of biasing one region of it. Each measurement is committed as soon as it is taken.
+of biasing one region of it. Each measurement is committed as soon as it is taken, and each
+point is looked up again just before it is measured, so a second run on the same table
+reuses what another run has committed meanwhile.
 
 The subgraph of a term comes from a callable (the model adapter's ``term_module``), so this
 module knows nothing of model families, importance or plans.
@@ -111,6 +113,10 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     mine = [k for k in points if in_shard(k[0], k[1], shard)]
     have = table.keys()
     todo = sorted(k for k in mine if k not in have)
+    if todo and table.read_only:
+        raise TableError(f"latency table {table.path} is read-only and lacks {len(todo)} of the "
+                         f"{len(mine)} grid points of {space.model}: they cannot be measured into it; "
+                         "profile into a writable table")
     random.Random(seed).shuffle(todo)
     stats = ProfileStats(
         terms=len(space.terms),
@@ -169,6 +175,9 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
 
     def one(key: Key) -> None:
         sig, widths = key
+        if key in table:  # committed by another run since the grid was read
+            stats.reused += 1
+            return
         t0 = time.perf_counter()
         module, shape = term_module(points[key], widths)
         t1 = time.perf_counter()

@@ -462,3 +462,46 @@ def test_profile_out_of_disk_keeps_committed_rows_and_resumes(tmp_path: Path) ->
         stats = profile_space(space, again, engine, table, progress=False, budget=FAST)
         assert again.calls == 9 - 3 and stats.reused == 3 and stats.measured == 6
         assert _measured_keys(table) == set(grid_points(space))
+
+
+class OtherRunCommits(TermModules):
+    """On the first subgraph built, another connection (another run) commits every other point."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def __call__(self, term: Term, widths: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+        if self.calls == 0:
+            with LatencyTable.read(self.path) as other:
+                for sig, w in grid_points(fake_space()):
+                    if (sig, w) != (term.signature, widths):
+                        other.put(sig, w, summarize([[1.0, 1.0]]))
+        return super().__call__(term, widths)
+
+
+def test_profile_reuses_points_another_run_committed_meanwhile(tmp_path: Path) -> None:
+    space, engine = fake_space(), _engine()
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, engine.identity()) as table:
+        modules = OtherRunCommits(path)
+        stats = profile_space(space, modules, engine, table, progress=False, budget=FAST)
+        assert modules.calls == 1 and stats.measured == 1 and stats.reused == 8
+        assert table.keys() == set(grid_points(space))
+
+
+def test_profile_into_a_read_only_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A complete read-only table profiles to nothing; one that lacks points says it cannot write."""
+    space, engine = fake_space(), _engine()
+    full, part = tmp_path / "full.sqlite", tmp_path / "part.sqlite"
+    with LatencyTable.open(full, engine.identity()) as t:
+        profile_space(space, TermModules(), engine, t, progress=False, budget=FAST)
+    with LatencyTable.open(part, engine.identity()) as t, pytest.raises(KeyboardInterrupt):
+        profile_space(space, TermModules(fail_after=2), engine, t, progress=False, budget=FAST)
+    monkeypatch.setattr("profilers.table._writable", lambda p: False)
+    with LatencyTable.open(full, engine.identity()) as t:
+        stats = profile_space(space, TermModules(), engine, t, progress=False, budget=FAST)
+        assert t.read_only and stats.reused == 9 and stats.measured == 0
+    with LatencyTable.open(part, engine.identity()) as t, \
+            pytest.raises(TableError, match="read-only and lacks 7 of the 9 grid points"):
+        profile_space(space, TermModules(), engine, t, progress=False, budget=FAST)

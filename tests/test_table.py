@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,110 @@ def test_merge(tmp_path: Path) -> None:
     LatencyTable.open(c, dataclasses.replace(IDENT, device="other cpu")).close()
     with pytest.raises(TableError, match="another engine identity"):
         merge([a, c], tmp_path / "out2.sqlite")
+
+
+def _edit(path: Path, sql: str, *args: object) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(sql, args)
+    conn.close()
+
+
+@pytest.mark.parametrize("column, value", [
+    ("median_ms", float("inf")), ("median_ms", "NaN"), ("median_ms", "fast"), ("median_ms", -0.5),
+    ("median_ms", 0.0), ("p90_ms", float("-inf")), ("p99_ms", -1.0), ("cv", -0.1), ("samples", 0),
+])
+def test_bad_values_are_refused_naming_the_row(tmp_path: Path, column: str, value: object) -> None:
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, IDENT) as t:
+        t.put("conv(k=3)", (8, 16), _timing(1.5))
+        t.put("conv(k=3)", (16, 16), _timing(2.5))
+    _edit(path, f"UPDATE latency SET {column} = ? WHERE widths = '16,16'", value)
+    needle = f"row conv(k=3) at widths (16,16) has {column}"
+    with LatencyTable.read(path) as t:
+        for read in (lambda: t.points("conv(k=3)"), lambda: t.rows("conv(k=3)"),
+                     lambda: list(t.iter_rows()), lambda: t.get("conv(k=3)", (16, 16))):
+            with pytest.raises(TableError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+                read()
+        assert t.get("conv(k=3)", (8, 16)) is not None  # the other row is fine
+    with pytest.raises(TableError, match="corrupt latency table"):
+        merge([path], tmp_path / "out.sqlite")
+
+
+@pytest.mark.parametrize("value", ["-1.0", "0", "Infinity", "NaN", '"slow"'])
+def test_bad_whole_model_measurement_is_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, IDENT) as t:
+        t.kv_set("model/abc/123", {"median_ms": 2.0, "widths": {}, "removed": []})
+    _edit(path, "UPDATE kv SET value = ? WHERE key = 'model/abc/123'",
+          f'{{"median_ms": {value}, "removed": [], "widths": {{}}}}')
+    with LatencyTable.read(path) as t, pytest.raises(TableError, match="record 'model/abc/123' has median_ms"):
+        t.kv_get("model/abc/123")
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Make ``path`` read-only: by its mode, and, for a superuser who writes anyway, as seen by the table."""
+    path.chmod(0o444)
+    monkeypatch.setattr("profilers.table._writable", lambda p: False)
+
+
+def test_read_only_table_serves_rows_and_keeps_records_in_memory(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, IDENT) as t:
+        t.put("s", (8,), _timing(1.0))
+        t.kv_set("model/x/1", {"median_ms": 3.0})
+    before = path.read_bytes()
+    _read_only(monkeypatch, path)
+    with LatencyTable.open(path, IDENT) as t:
+        assert t.read_only
+        assert t.points("s") == {(8,): 1.0}
+        t.kv_set("model/x/2", {"median_ms": 4.0})
+        t.kv_set("calibration/x", {"scale": 1.0})
+        assert t.kv_get("model/x/2") == {"median_ms": 4.0}
+        assert t.kv_keys("model/x/") == ["model/x/1", "model/x/2"]
+        with pytest.raises(TableError, match="read-only"):
+            t.put("s", (16,), _timing(2.0))
+    assert path.read_bytes() == before  # nothing written
+    with pytest.raises(TableError, match="another engine identity"):
+        LatencyTable.open(path, dataclasses.replace(IDENT, batch_size=4))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="a superuser writes read-only files anyway")
+def test_read_only_by_mode(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    with LatencyTable.open(path, IDENT) as t:
+        t.put("s", (8,), _timing(1.0))
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        with LatencyTable.open(path, IDENT) as t:
+            assert t.read_only and len(t) == 1
+    finally:
+        tmp_path.chmod(0o755)
+
+
+_OPENER = """
+import sys, time
+from profilers.table import LatencyTable
+from tests.test_table import IDENT
+start = float(sys.argv[1])
+for path in sys.argv[2:]:
+    start += 0.1
+    time.sleep(max(0.0, start - time.time()))
+    LatencyTable.open(path, IDENT).close()
+"""
+
+
+def test_concurrent_openers_of_a_new_path(tmp_path: Path) -> None:
+    """Processes opening one new table path at the same moment all succeed (no check-then-create race)."""
+    paths = [str(tmp_path / f"t{i}.sqlite") for i in range(20)]
+    start = time.time() + 3.0  # after every process has imported what it needs
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, str(start), *paths], cwd=root,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
+    for path in paths:
+        with LatencyTable.read(path) as t:
+            assert t.identity == IDENT and len(t) == 0

@@ -112,7 +112,9 @@ def test_dry_run_every_step_ok(dry_run: tuple[int, Path, float], tmp_path: Path)
     for key, pr in f["prune"].items():
         for k in ("dense_ms", "pruned_ms", "speedup", "predicted_ms", "budget_ms", "wall_s"):
             assert _positive(pr[k]), (key, k)
-        assert pr["rounds"] >= 1 and math.isclose(pr["speedup"], pr["dense_ms"] / pr["pruned_ms"])
+        # The speedup is dense / pruned paired round by round: near the ratio of the medians.
+        assert pr["rounds"] >= 1 and math.isclose(pr["speedup"], pr["dense_ms"] / pr["pruned_ms"], rel_tol=0.1)
+        assert pr["outcome"] in ("on target", "missed", "over-pruned", "unreliable")
         assert pr["engine"]["batch_size"] == int(key.rsplit("@bs", 1)[1])
 
 

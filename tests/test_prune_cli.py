@@ -127,7 +127,8 @@ def test_torchrun_two_processes_fine_tune_together(full_run: Path, tmp_path: Pat
         capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert (out / "report.json").is_file(), proc.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
-    assert proc.returncode == EXIT_CODES[outcome(rep)], proc.stderr[-3000:]
+    # The first process exits with the outcome's status; torchrun turns any non-zero one into 1.
+    assert (proc.returncode == 0) == (EXIT_CODES[outcome(rep)] == 0), proc.stderr[-3000:]
     assert proc.stdout.count("report:") == 1, proc.stdout
     assert rep["finetune"] == {"epochs": 1.0, "processes": 2}
     assert load_pruned(out / "pruned.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)

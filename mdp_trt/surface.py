@@ -262,40 +262,49 @@ class LatencySurface:
         return out
 
 
-def term_gflops(space: PruningSpace) -> dict[str, np.ndarray] | None:
-    """GFLOPs of every term's subgraph over its grid (a multiply-add counts as two), counted
-    by :func:`mdp_trt.flops.count_flops` at the corners of each term's grid and
-    filled in multilinearly: convolutions, linear layers and attention products are linear
-    in each width, so this is exact for them. ``None`` when no adapter builds the space."""
-    from mdp_trt.flops import count_flops
+def _per_term(space: PruningSpace, fill: Callable[[Any, Term, tuple[tuple[int, ...], ...]], np.ndarray]
+              ) -> dict[str, np.ndarray] | None:
+    """An array over every term's grid from ``fill(adapter, term, axes)``, computed once per
+    signature and grid; ``None`` when no registered adapter builds ``space``'s family."""
     from mdp_trt.models import adapters
 
     adapter = next((a for a in adapters() if a.family == space.family), None)
     if adapter is None:
         return None
-
-    def count(term: Term, widths: tuple[int, ...]) -> float:
-        module, shape = adapter.term_module(space, term, widths)
-        return count_flops(module, (1, *shape)) / 1e9
-
     out: dict[str, np.ndarray] = {}
     cache: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
     for term in space.terms:
         axes = tuple(space.dim(d).choices for d in term.dims)
         key = (term.signature, axes)
         if key not in cache:
-            ends = [(a[0], a[-1]) if a[-1] > a[0] else (a[0],) for a in axes]
-            corners = {c: count(term, c) for c in itertools.product(*ends)}
-            arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
-            for idx in itertools.product(*(range(len(a)) for a in axes)):
-                t = [(axes[k][i] - e[0]) / (e[-1] - e[0]) if len(e) > 1 else 0.0
-                     for k, (i, e) in enumerate(zip(idx, ends, strict=True))]
-                arr[idx] = sum(v * float(np.prod([1.0 if len(e) == 1 else (tk if ck == e[1] else 1.0 - tk)
-                                                  for tk, ck, e in zip(t, c, ends, strict=True)]))
-                               for c, v in corners.items())
-            cache[key] = arr
+            cache[key] = fill(adapter, term, axes)
         out[term.name] = cache[key]
     return out
+
+
+def term_gflops(space: PruningSpace) -> dict[str, np.ndarray] | None:
+    """GFLOPs of every term's subgraph over its grid (a multiply-add counts as two), counted
+    by :func:`mdp_trt.flops.count_flops` at the corners of each term's grid and filled in
+    multilinearly: convolutions, linear layers and attention products are linear in each
+    width, so this is exact for them. ``None`` when no adapter builds the space."""
+    from mdp_trt.flops import count_flops
+
+    def fill(adapter: Any, term: Term, axes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+        ends = [(a[0], a[-1]) if a[-1] > a[0] else (a[0],) for a in axes]
+        corners = {}
+        for c in itertools.product(*ends):
+            module, shape = adapter.term_module(space, term, c)
+            corners[c] = count_flops(module, (1, *shape)) / 1e9
+        arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
+        for idx in itertools.product(*(range(len(a)) for a in axes)):
+            t = [(axes[k][i] - e[0]) / (e[-1] - e[0]) if len(e) > 1 else 0.0
+                 for k, (i, e) in enumerate(zip(idx, ends, strict=True))]
+            arr[idx] = sum(v * float(np.prod([1.0 if len(e) == 1 else (tk if ck == e[1] else 1.0 - tk)
+                                              for tk, ck, e in zip(t, c, ends, strict=True)]))
+                           for c, v in corners.items())
+        return arr
+
+    return _per_term(space, fill)
 
 
 def term_mparams(space: PruningSpace) -> dict[str, np.ndarray] | None:
@@ -304,25 +313,15 @@ def term_mparams(space: PruningSpace) -> dict[str, np.ndarray] | None:
     registered adapter builds ``space``'s family."""
     import torch
 
-    from mdp_trt.models import adapters
+    def fill(adapter: Any, term: Term, axes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+        arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
+        for idx in itertools.product(*(range(len(a)) for a in axes)):
+            with torch.device("meta"):
+                module, _ = adapter.term_module(space, term, tuple(axes[k][i] for k, i in enumerate(idx)))
+            arr[idx] = sum(p.numel() for p in module.parameters()) / 1e6
+        return arr
 
-    adapter = next((a for a in adapters() if a.family == space.family), None)
-    if adapter is None:
-        return None
-    out: dict[str, np.ndarray] = {}
-    cache: dict[tuple[str, tuple[tuple[int, ...], ...]], np.ndarray] = {}
-    for term in space.terms:
-        axes = tuple(space.dim(d).choices for d in term.dims)
-        key = (term.signature, axes)
-        if key not in cache:
-            arr = np.empty(tuple(len(a) for a in axes), dtype=np.float64)
-            for idx in itertools.product(*(range(len(a)) for a in axes)):
-                with torch.device("meta"):
-                    module, _ = adapter.term_module(space, term, tuple(axes[k][i] for k, i in enumerate(idx)))
-                arr[idx] = sum(p.numel() for p in module.parameters()) / 1e6
-            cache[key] = arr
-        out[term.name] = cache[key]
-    return out
+    return _per_term(space, fill)
 
 
 def _fill(axes: tuple[tuple[int, ...], ...], measured: Mapping[tuple[int, ...], float]

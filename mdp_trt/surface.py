@@ -106,10 +106,11 @@ class Calibration:
         if cal is None:
             scale, offset = _wls(np.stack([r, np.ones_like(r)], axis=1), m, w)
             cal = cls(scale, offset, len(r))
-        if cal.scale < 0:
-            raise TableError(f"the calibration fit came out with a negative scale ({cal.scale:.3g}) on "
-                             f"{len(r)} whole-model measurements: they do not grow with the model "
-                             "(a corrupt table, or measurements the machine's load decided)")
+        if cal.scale < 0 or (cal.scale == 0 and cal.form != "flops"):
+            # Measurements that do not grow with the model (noise on tiny models, a loaded
+            # machine): latency cannot fall as terms grow, so keep the proportional fit, which
+            # is positive for positive sums and measurements.
+            cal = cls(float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0, len(r), form="scale")
         cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r, p, g), m)))
         cal.raw_median_abs_pct_err = float(np.median(pct_err(r, m)))
         return cal

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -161,11 +160,11 @@ class Lab:
 
     def _compare(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...], times: int
                  ) -> list[Comparison]:
-        from profilers.timing import compare
+        from profilers.timing import compare, usable_cores
 
         threads = getattr(self.engine, "threads", None)
         if threads == 0:  # the engine's own choice: every core
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = usable_cores()
         runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
         try:
             return [compare(runners, threads=threads or 1) for _ in range(times)]

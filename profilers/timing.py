@@ -12,7 +12,9 @@ it unless host timing is asked for. Host timing uses a monotonic clock that test
 with a fake one.
 
 :func:`measure_interleaved` times several runners round-robin, repeat by repeat, so slow
-drift of a shared machine does not favour one of them (dense against pruned, for instance).
+drift of a shared machine does not favour one of them. :func:`compare` is the protocol for
+whole models side by side (dense against pruned, calibration plans): short interleaved
+rounds, an estimator that interference cannot inflate, and a verdict on its reliability.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ PROFILE = Budget()
 
 WHOLE_MODEL = Budget(warmup_ms=200.0, warmup_iters=5, repeats=5, repeat_ms=100.0,
                      min_iters=5, max_iters=2000, max_spread=0.02, max_rounds=2)
-"""Stricter budget for whole models (calibration, dense against pruned)."""
+"""Stricter budget for whole models timed on their own (:func:`measure_interleaved`'s default)."""
 
 
 @dataclass
@@ -274,6 +276,11 @@ class Comparison:
         return d
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def robust_spread(values: Sequence[float]) -> float:
     """IQR / 1.349 / median: the coefficient of variation of a normal sample, robust to outliers."""
     v = np.asarray(values, dtype=np.float64)
@@ -336,7 +343,7 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     timers = [_Timer(r, clock, device_clock) for r in runners]
     iters = [_iters_for(budget, t.warmup(budget)) for t in timers]
     kind = timers[0].kind
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     result: Comparison | None = None
     for attempt in range(1, budget.max_rounds + 1):
         m = meter()

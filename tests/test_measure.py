@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mdp_trt.report import EXIT_CODES, markdown, outcome, summary_line, verdict
-from profilers.timing import AB, Budget, Comparison, CpuMeter, compare, robust_spread
+from profilers.timing import AB, Budget, Comparison, CpuMeter, compare, robust_spread, usable_cores
 
 FAST = Budget(warmup_ms=0.0, warmup_iters=1, repeats=9, iters=8, max_spread=0.03, max_rounds=3)
 
@@ -94,7 +94,7 @@ def test_interference_everywhere_is_unreliable_after_remeasuring() -> None:
 
 
 def test_wall_clock_on_a_busy_machine_is_unreliable_but_thread_time_is_not() -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     clock = Clock()
     steady = Interfered(clock, 1.0, lambda i: False, 0.0)
     busy = _compare([steady], clock, meter_cores=float(cores))

@@ -24,7 +24,7 @@ from mdp_trt.surface import (
 )
 from profilers.timing import Comparison
 
-PROTOCOL = "rounds-q25-v1"
+PROTOCOL = "rounds-q25-sentinel-v2"
 """Whole-model measurements kept in a table are reused only when taken by this protocol."""
 
 
@@ -56,6 +56,16 @@ class Lab:
         self._noted = False
         self.progress = progress
         self.log = log
+        self._sentinel: Any = None
+
+    @property
+    def sentinel(self) -> Any:
+        """The engine's :class:`~profilers.timing.Sentinel`, made (and calibrated) on first use."""
+        if self._sentinel is None:
+            from profilers.sentinel import make_sentinel
+
+            self._sentinel = make_sentinel(self.engine)
+        return self._sentinel
 
     def surface(self, model: nn.Module, space: PruningSpace, calibration: Calibration | None = None,
                 calibration_plans: int = 8, seed: int = 0) -> LatencySurface:
@@ -64,7 +74,7 @@ class Lab:
 
         adapter = adapter_for(model)
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
-                              progress=self.progress)
+                              progress=self.progress, sentinel=lambda: self.sentinel)
         self.log(f"latency table {self.table_path}: {stats}")
         note = self.table.read_only_note()
         if note and not self._noted:  # said once, and only when the table serves (it lacks nothing)
@@ -167,7 +177,7 @@ class Lab:
             threads = usable_cores()
         runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
         try:
-            return [compare(runners, threads=threads or 1) for _ in range(times)]
+            return [compare(runners, threads=threads or 1, sentinel=self.sentinel) for _ in range(times)]
         finally:
             for r in runners:
                 r.close()

@@ -21,6 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,9 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     identity = engine.identity()
     print(f"profiling {args.model} ({len(space.terms)} terms) on {identity.describe()} -> {out}",
           file=sys.stderr)
+    made: list[Any] = []
+
+    def sentinel() -> Any:
+        from profilers.sentinel import make_sentinel
+
+        made.append(make_sentinel(engine))
+        return made[-1]
+
     with torch.no_grad(), LatencyTable.open(out, identity) as table:
-        stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), engine, table,
-                              shard=shard, progress=not args.no_progress, seed=args.seed)
+        try:
+            stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), engine, table,
+                                  shard=shard, progress=not args.no_progress, seed=args.seed,
+                                  sentinel=sentinel)
+        finally:
+            for s in made:
+                s.close()
         note = table.read_only_note()  # a read-only table that lacks points fails above instead
         if note:
             print(note, file=sys.stderr)

@@ -27,7 +27,7 @@ from mdp_trt.errors import TableError
 from mdp_trt.space import PruningSpace, Term
 from profilers.engines.base import Engine
 from profilers.table import LatencyTable, in_shard, parse_widths, widths_key
-from profilers.timing import PROFILE, Budget, measure
+from profilers.timing import PROFILE, Budget, Clock, Sentinel, Timing, measure
 
 TermModuleFn = Callable[[Term, tuple[int, ...]], tuple[nn.Module, tuple[int, ...]]]
 """``(term, widths) -> (module, input shape without the batch)``."""
@@ -70,6 +70,10 @@ class ProfileStats:
     compile_s: float = 0.0
     """Engine compiles (a runner's ``compile_s``, e.g. OpenVINO's), not counted in ``prepare_s``."""
     measure_s: float = 0.0
+    remeasured: int = 0
+    """Points measured again because the sentinel read loud around them."""
+    loud: int = 0
+    """Points that stayed loud after every retry (kept: the quietest of their measurements)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +83,9 @@ class ProfileStats:
         return (f"{self.terms} terms, {self.signatures} distinct signatures, {self.grid_points} grid "
                 f"points ({self.in_shard} in this shard): {self.measured} measured, {self.reused} "
                 f"reused, {self.probes} boundary probes, in {self.seconds:.1f} s (build {self.build_s:.1f} s, "
-                f"export+prepare {self.prepare_s:.1f} s{compiled}, timing {self.measure_s:.1f} s)")
+                f"export+prepare {self.prepare_s:.1f} s{compiled}, timing {self.measure_s:.1f} s)"
+                + (f"; {self.remeasured} re-measured after a loud moment" if self.remeasured else "")
+                + (f", {self.loud} still loud" if self.loud else ""))
 
 
 def grid_points(space: PruningSpace) -> dict[Key, Term]:
@@ -94,8 +100,15 @@ def grid_points(space: PruningSpace) -> dict[Key, Term]:
 
 def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine, table: LatencyTable,
                   shard: tuple[int, int] = (0, 1), progress: bool = True, seed: int = 0,
-                  budget: Budget = PROFILE) -> ProfileStats:
+                  budget: Budget = PROFILE, sentinel: Callable[[], Sentinel] | None = None,
+                  tries: int = 3, wait_s: float = 10.0, clock: Clock = time.perf_counter) -> ProfileStats:
     """Measure what ``table`` lacks of ``space``'s grid (this shard's part of it).
+
+    ``sentinel`` makes the :class:`~profilers.timing.Sentinel` that guards every point (made
+    only when something is to be measured): a point is measured once the sentinel reads
+    quiet (waiting at most ``wait_s``) and measured again, up to ``tries`` times, while the
+    sentinel read loud around it; the quietest try is kept. At the end, points whose
+    readings are loud by the final floor (the quietest the machine was) are measured again.
 
     Raises :class:`TableError` when the table belongs to another engine identity, or when
     the space was built for another input resolution than the engine's.
@@ -166,16 +179,37 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
             return 0.0
         runner = engine.prepare_onnx(graph, shape)
         try:
-            timing = measure(runner, budget)
+            timing, _ = timed(runner)
         finally:
             runner.close()
         table.kv_set(key, timing.median_ms)
         stats.probes += 1
         return timing.median_ms
 
-    def one(key: Key) -> None:
+    guard = sentinel() if sentinel is not None and todo else None
+    marks: dict[Key, float] = {}
+
+    def timed(runner: Any) -> tuple[Timing, float]:
+        """The runner measured under ``budget``; with a sentinel, the quietest of up to
+        ``tries`` measurements and the sentinel's louder reading around it."""
+        if guard is None:
+            return measure(runner, budget, clock=clock), 0.0
+        best: tuple[Timing, float] | None = None
+        for _ in range(tries):
+            guard.wait(clock() + wait_s, wall=clock)
+            before = guard.last_ms
+            timing = measure(runner, budget, clock=clock)
+            mark = max(before, guard.sample())
+            if best is None or mark < best[1]:
+                best = (timing, mark)
+            if guard.loudness(mark) <= guard.tolerance:
+                break
+        assert best is not None
+        return best
+
+    def one(key: Key, again: bool = False) -> None:
         sig, widths = key
-        if key in table:  # committed by another run since the grid was read
+        if key in table and not again:  # committed by another run since the grid was read
             stats.reused += 1
             return
         t0 = time.perf_counter()
@@ -185,15 +219,22 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         t2 = time.perf_counter()
         compile_s = float(getattr(runner, "compile_s", 0.0))
         try:
-            timing = measure(runner, budget)
+            timing, mark = timed(runner)
             cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else 0.0
         finally:
             runner.close()
+        if again:
+            old = marks[key]
+            stats.remeasured += 1
+            if mark >= old:  # no quieter than before: keep the first
+                return
+        marks[key] = mark
         t3 = time.perf_counter()
         if cost > 0:
             table.kv_set(f"{COST}{sig}/{widths_key(widths)}", cost)
         table.put(sig, widths, timing)
-        stats.measured += 1
+        if not again:
+            stats.measured += 1
         stats.build_s += t1 - t0
         stats.prepare_s += t2 - t1 - compile_s
         stats.compile_s += compile_s
@@ -220,5 +261,10 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     else:
         for key in todo:
             one(key)
+    if guard is not None:
+        loud = [k for k, v in marks.items() if guard.loudness(v) > guard.tolerance]
+        for key in loud:
+            one(key, again=True)
+        stats.loud = sum(guard.loudness(marks[k]) > guard.tolerance for k in loud)
     stats.seconds = time.perf_counter() - start
     return stats

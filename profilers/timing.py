@@ -269,11 +269,85 @@ class Comparison:
     attempts: int
     reliable: bool
     reason: str = ""
+    loud_rounds: int = 0
+    """Rounds left out because the sentinel read loud around them (see :class:`Sentinel`)."""
+    sentinel_floor_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rounds"] = len(self.rounds)
         return d
+
+
+class Sentinel:
+    """A small fixed workload timed between measurements, to tell a quiet machine from a loud one.
+
+    On a shared or virtualised host the same model's time moves by 20-50% for seconds at a
+    time, with nothing else of ours running: on a 2-vCPU Intel Xeon VM, dense efficientnet_b0
+    by its own thread's CPU time ran 11.8 ms and, minutes later, 16.3 ms (no steal time, the
+    other vCPU idle), the hardware sibling being used from outside the VM. Such an episode
+    covers every round of a short comparison, so spread cannot reveal it. The sentinel can:
+    its time is compared with its ``floor`` (the quietest it has been), and a measurement is
+    kept only when the sentinel was within ``tolerance`` of the floor just before and just
+    after it. ``wait`` returns once the machine is quiet again, or at a deadline.
+    """
+
+    def __init__(self, runner: Callable[[], Any], *, clock: Clock = time.perf_counter,
+                 device_clock: bool = True, floor_ms: float | None = None, tolerance: float = 0.06,
+                 iters: int = 8) -> None:
+        self.timer = _Timer(runner, clock, device_clock)
+        self.clock = clock
+        self.floor_ms = floor_ms
+        self.tolerance = tolerance
+        self.iters = iters
+        self.last_ms = math.nan
+        self.samples = 0
+        self.runner = runner
+
+    def close(self) -> None:
+        close = getattr(self.runner, "close", None)
+        if callable(close):
+            close()
+
+    def sample(self) -> float:
+        """One reading (the lower quartile of a few iterations, ms); lowers the floor when quieter."""
+        ms = float(np.quantile(self.timer.run(self.iters), ROUND_QUANTILE))
+        self.samples += 1
+        self.last_ms = ms
+        if self.floor_ms is None or ms < self.floor_ms:
+            self.floor_ms = ms
+        return ms
+
+    def calibrate(self, seconds: float = 1.0, *, wall: Clock = time.perf_counter) -> float:
+        """Warm up and read for about ``seconds`` so the floor starts near the quiet time."""
+        self.timer.warmup(Budget(warmup_ms=20.0, warmup_iters=5))
+        end = wall() + seconds
+        while True:
+            self.sample()
+            if wall() >= end:
+                break
+        assert self.floor_ms is not None
+        return self.floor_ms
+
+    def loudness(self, ms: float | None = None) -> float:
+        """How far a reading (the last by default) is above the floor, as a fraction."""
+        v = self.last_ms if ms is None else ms
+        if self.floor_ms is None or not self.floor_ms > 0 or not math.isfinite(v):
+            return math.inf
+        return v / self.floor_ms - 1.0
+
+    def quiet(self) -> bool:
+        """Read once: is the machine as quiet as it has been?"""
+        self.sample()
+        return self.loudness() <= self.tolerance
+
+    def wait(self, deadline: float, *, wall: Clock = time.perf_counter) -> bool:
+        """Read until quiet (True) or until the wall clock passes ``deadline`` (False)."""
+        while True:
+            if self.quiet():
+                return True
+            if wall() >= deadline:
+                return False
 
 
 def usable_cores() -> int:
@@ -324,7 +398,8 @@ def _cpu_snapshot() -> tuple[float, float, float] | None:
 
 def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, threads: int = 1,
             clock: Clock = time.perf_counter, device_clock: bool = True,
-            meter: Callable[[], CpuMeter] = CpuMeter) -> Comparison:
+            meter: Callable[[], CpuMeter] = CpuMeter, sentinel: Sentinel | None = None,
+            wait_s: float = 30.0, wall: Clock = time.perf_counter) -> Comparison:
     """Measure ``runners`` side by side (see :class:`Comparison`), re-measuring when unreliable.
 
     An attempt is reliable when every model's round values and the paired ratios spread by
@@ -334,9 +409,15 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     count, but a neighbour on the same core, or on its hardware sibling, still slows the
     thread itself: on a 2-vCPU Intel Xeon VM, dense and pruned resnet18 at 128 px ran 1.71x
     and 1.78x slower by their own CPU time beside two spinning processes than alone, and
-    their speedup read 8% lower. So ``others_cores <= cores - threads`` there. Device clocks judge spread only. Up to ``budget.max_rounds``
-    attempts; the first reliable one is returned, else the last, marked unreliable with the
-    reason.
+    their speedup read 8% lower. So ``others_cores <= cores - threads`` there. Device clocks
+    judge spread only. Up to ``budget.max_rounds`` attempts; the first reliable one is
+    returned, else the last, marked unreliable with the reason.
+
+    With a :class:`Sentinel`, each round starts once the sentinel reads quiet and is kept
+    only if it read quiet before and after the round, judged by the floor at the end (a
+    round taken before the quietest reading was seen can still be dropped). Rounds are run
+    until ``budget.repeats`` are quiet or ``wait_s`` seconds of an attempt have passed; an
+    attempt with fewer than half of them quiet is unreliable ("the machine stayed loud").
     """
     if not runners:
         raise ValueError("nothing to compare")
@@ -348,18 +429,42 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     for attempt in range(1, budget.max_rounds + 1):
         m = meter()
         rounds: list[list[float]] = []
-        for rep in range(budget.repeats):
-            shift = rep % len(timers)
+        marks: list[float] = []  # the sentinel's louder reading around each round
+        deadline = wall() + wait_s
+        while True:
+            if sentinel is None:
+                if len(rounds) >= budget.repeats:
+                    break
+            else:
+                quiet = sum(sentinel.loudness(v) <= sentinel.tolerance for v in marks)
+                if quiet >= budget.repeats or (rounds and wall() >= deadline):
+                    break
+                sentinel.wait(deadline, wall=wall)
+                before = sentinel.last_ms
+            shift = len(rounds) % len(timers)
             row = [0.0] * len(timers)
             for i in list(range(shift, len(timers))) + list(range(shift)):
                 row[i] = float(np.quantile(timers[i].run(iters[i]), ROUND_QUANTILE))
             rounds.append(row)
+            if sentinel is not None:
+                marks.append(max(before, sentinel.sample()))
         others = m.others_cores()
-        per_model = np.asarray(rounds).T
+        reasons = []
+        loud = 0
+        kept = rounds
+        if sentinel is not None:
+            quiet_idx = [k for k, v in enumerate(marks) if sentinel.loudness(v) <= sentinel.tolerance]
+            loud = len(rounds) - len(quiet_idx)
+            if len(quiet_idx) >= max(3, (budget.repeats + 1) // 2):
+                kept = [rounds[k] for k in quiet_idx]
+            else:
+                reasons.append(f"the machine stayed loud: a reference workload ran more than "
+                               f"{100 * sentinel.tolerance:.0f}% above its quietest time around "
+                               f"{loud} of {len(rounds)} rounds")
+        per_model = np.asarray(kept).T
         ratios = [per_model[0] / per_model[i] for i in range(len(timers))]
         spread = [robust_spread(v) for v in per_model]
         ratio_spread = max((robust_spread(r) for r in ratios[1:]), default=0.0)
-        reasons = []
         worst = max(spread + [ratio_spread])
         if worst > budget.max_spread:
             reasons.append(f"rounds spread by {100 * worst:.1f}% (limit {100 * budget.max_spread:.1f}%)")
@@ -373,8 +478,10 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         result = Comparison(ms=[float(np.median(v)) for v in per_model],
                             ratios=[float(np.median(r)) for r in ratios], spread=spread,
-                            ratio_spread=ratio_spread, rounds=rounds, clock=kind, others_cores=others,
-                            load_avg=load, attempts=attempt, reliable=not reasons, reason="; ".join(reasons))
+                            ratio_spread=ratio_spread, rounds=kept, clock=kind, others_cores=others,
+                            load_avg=load, attempts=attempt, reliable=not reasons, reason="; ".join(reasons),
+                            loud_rounds=loud,
+                            sentinel_floor_ms=None if sentinel is None else sentinel.floor_ms)
         if result.reliable:
             break
     assert result is not None

@@ -279,6 +279,10 @@ class Comparison:
         return d
 
 
+FLOOR_QUANTILE = 0.05
+"""The sentinel's floor: this quantile of its readings."""
+
+
 class Sentinel:
     """A small fixed workload timed between measurements, to tell a quiet machine from a loud one.
 
@@ -293,16 +297,21 @@ class Sentinel:
     """
 
     def __init__(self, runner: Callable[[], Any], *, clock: Clock = time.perf_counter,
-                 device_clock: bool = True, floor_ms: float | None = None, tolerance: float = 0.06,
+                 device_clock: bool = True, floor_ms: float | None = None, tolerance: float = 0.08,
                  iters: int = 8) -> None:
         self.timer = _Timer(runner, clock, device_clock)
         self.clock = clock
+        self.known_floor_ms = floor_ms
         self.floor_ms = floor_ms
         self.tolerance = tolerance
         self.iters = iters
         self.last_ms = math.nan
-        self.samples = 0
+        self.readings: list[float] = []
         self.runner = runner
+
+    @property
+    def samples(self) -> int:
+        return len(self.readings)
 
     def close(self) -> None:
         close = getattr(self.runner, "close", None)
@@ -310,12 +319,20 @@ class Sentinel:
             close()
 
     def sample(self) -> float:
-        """One reading (the lower quartile of a few iterations, ms); lowers the floor when quieter."""
+        """One reading (the lower quartile of a few iterations, ms).
+
+        The floor is the 5th percentile of every reading so far (never above a floor given
+        at construction): a low quantile rather than the minimum, which would keep falling
+        with the number of readings until no reading is ever quiet."""
         ms = float(np.quantile(self.timer.run(self.iters), ROUND_QUANTILE))
-        self.samples += 1
         self.last_ms = ms
-        if self.floor_ms is None or ms < self.floor_ms:
-            self.floor_ms = ms
+        self.readings.append(ms)
+        n = len(self.readings)
+        if n <= 64 or n % 32 == 0 or (self.floor_ms is not None and ms < self.floor_ms / (1 + self.tolerance)):
+            floor = float(np.quantile(self.readings, FLOOR_QUANTILE))
+            if self.known_floor_ms is not None:
+                floor = min(floor, self.known_floor_ms)
+            self.floor_ms = floor
         return ms
 
     def calibrate(self, seconds: float = 1.0, *, wall: Clock = time.perf_counter) -> float:

@@ -101,7 +101,7 @@ def grid_points(space: PruningSpace) -> dict[Key, Term]:
 def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine, table: LatencyTable,
                   shard: tuple[int, int] = (0, 1), progress: bool = True, seed: int = 0,
                   budget: Budget = PROFILE, sentinel: Callable[[], Sentinel] | None = None,
-                  tries: int = 3, wait_s: float = 10.0, clock: Clock = time.perf_counter) -> ProfileStats:
+                  tries: int = 2, wait_s: float = 1.0, clock: Clock = time.perf_counter) -> ProfileStats:
     """Measure what ``table`` lacks of ``space``'s grid (this shard's part of it).
 
     ``sentinel`` makes the :class:`~profilers.timing.Sentinel` that guards every point (made

@@ -127,3 +127,49 @@ def test_profiling_re_measures_points_taken_in_a_loud_episode(tmp_path: Path) ->
     assert stats.remeasured > 0 and len(got) == 16
     for (a, b), ms in got.items():
         assert ms == pytest.approx(1e-3 * a * b), (a, b)
+
+
+def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Path, monkeypatch) -> None:
+    import timm
+
+    from mdp_trt import apply_plan, space_of
+    from mdp_trt.engine_io import Lab
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.surface import sample_plans
+    from profilers.timing import Comparison
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    space = space_of(model, SpaceConfig(resolution=32, max_choices=4))
+    lab = Lab("onnxruntime", "fp32", 1, 32, 1, tmp_path / "t.sqlite", "resnet18", progress=False)
+
+    def cost(m: nn.Module) -> float:  # a latency that follows the parameter count
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    factors = iter([1.0, 1.3, 0.95])  # the second group is measured 30% slow throughout
+    groups: list[int] = []
+
+    def fake_compare(modules, shape) -> Comparison:
+        f = next(factors)
+        groups.append(len(modules))
+        ms = [f * cost(m) for m in modules]
+        return Comparison(ms=ms, ratios=[ms[0] / v for v in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
+                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
+                          reliable=True)
+
+    monkeypatch.setattr(lab, "compare", fake_compare)
+    plans = sample_plans(space, 6, seed=1)
+    got = lab.measure_plans(model, space, plans[:3]) + lab.measure_plans(model, space, plans[3:])
+    dense = cost(model)
+    assert groups == [4, 4]  # the dense model joins every group
+    assert got == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans])
+    assert lab.measure_plan(model, space, space.full_plan()) == pytest.approx(dense)
+    # a later, quieter group lowers the reference every plan is read against
+    smallest = space.plan({d.name: d.choices[0] for d in space.dims}, ())
+    lab.measure_plans(model, space, [smallest])
+    assert groups == [4, 4, 2]
+    assert lab.measure_plan(model, space, plans[0]) == pytest.approx(0.95 * cost(apply_plan(model, plans[0], space=space)))
+    from mdp_trt.engine_io import plan_key
+
+    points = {plan_key(p): ms for p, ms in lab.measured_points(space)}
+    assert set(points) == {plan_key(p) for p in [*plans, smallest, space.full_plan()]}
+    assert points[plan_key(space.full_plan())] == pytest.approx(0.95 * dense)

@@ -37,6 +37,14 @@ class Run:
     bound: float = float("nan")
     gap: float | None = None
     message: str = ""
+    nodes: int = 0  # HiGHS branch-and-bound nodes and simplex iterations: effort that timing noise leaves alone
+    iterations: int = 0
+
+
+def _effort(h: Any) -> tuple[int, int]:
+    """Branch-and-bound nodes and simplex iterations of a HiGHS run (0 where not reported)."""
+    info = h.getInfo()
+    return max(0, int(info.mip_node_count)), max(0, int(info.simplex_iteration_count))
 
 
 def _rows(m: Matrix, budget: float | None) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -136,6 +144,7 @@ class Relaxation:
     bound_one: np.ndarray
     bound_zero: np.ndarray
     budget_dual: float = 0.0  # the multiplier of the budget row in those bounds (>= 0)
+    iterations: int = 0  # simplex iterations
 
 
 def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -> Relaxation:
@@ -146,8 +155,9 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
     h, a, lo, hi = _highs(m, budget, False, time_limit_s, False, presolve=False, primal=primal)
     status = _status(h)
     empty = np.zeros(0)
+    _, iterations = _effort(h)
     if status != "optimal":
-        return Relaxation(status, empty, float("nan"), empty, empty)
+        return Relaxation(status, empty, float("nan"), empty, empty, iterations=iterations)
     sol = h.getSolution()
     col = np.asarray(sol.col_value)
     best: tuple[float, np.ndarray, float] | None = None
@@ -164,7 +174,7 @@ def relax(m: Matrix, budget: float, time_limit_s: float, primal: bool = False) -
     bound, d, lam = best
     bound += m.value0
     return Relaxation("optimal", col, bound, bound - np.maximum(d, 0.0) + d, bound - np.maximum(d, 0.0),
-                      max(lam, 0.0))
+                      max(lam, 0.0), iterations)
 
 
 def mip(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbose: bool,
@@ -174,14 +184,17 @@ def mip(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbo
         return _cvxpy(m, budget, solver, time_limit_s, verbose)
     h, *_ = _highs(m, budget, True, time_limit_s, verbose, start=start, presolve=presolve)
     status = _status(h)
+    nodes, iterations = _effort(h)
     if status not in ("optimal", "time_limit") or not h.getSolution().value_valid:
         return Run(status if status != "time_limit" else "time_limit", np.zeros(0),
-                   message=f"HiGHS status {h.modelStatusToString(h.getModelStatus())}")
+                   message=f"HiGHS status {h.modelStatusToString(h.getModelStatus())}", nodes=nodes,
+                   iterations=iterations)
     info = h.getInfo()
     const = m.value0 if budget is not None else m.latency0
     gap = float(info.mip_gap)
     return Run(status, np.asarray(h.getSolution().col_value), float(info.objective_function_value) + const,
-               float(info.mip_dual_bound) + const, gap if np.isfinite(gap) else None)
+               float(info.mip_dual_bound) + const, gap if np.isfinite(gap) else None, nodes=nodes,
+               iterations=iterations)
 
 
 def _cvxpy(m: Matrix, budget: float | None, solver: str, time_limit_s: float, verbose: bool) -> Run:

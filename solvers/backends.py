@@ -24,6 +24,11 @@ HIGHS_RESERVE_S = 0.05
 # 20k-column program here): off when less time than this is left.
 PROBING_ABOVE_S = 5.0
 PRESOLVE_PROBING = 1 << 15  # its bit in presolve_rule_off
+# HiGHS's primal heuristics: sub-MIPs and LPs that look for better points. Given a start that
+# is already (near) optimal they are wasted work (resnet50 with block shares at 20% of dense:
+# 31k simplex iterations with them, 13k without, same 47 nodes), so off when a start is given.
+HEURISTICS = ("mip_heuristic_run_rins", "mip_heuristic_run_rens", "mip_heuristic_run_root_reduced_cost",
+              "mip_heuristic_run_feasibility_jump")
 
 
 @dataclass
@@ -112,6 +117,8 @@ def _highs(m: Matrix, budget: float | None, integral: bool, time_limit_s: float,
     if start is not None:
         idx = np.flatnonzero(m.integer)
         h.setSolution(len(idx), idx.astype(np.int32), np.asarray(start, dtype=np.float64)[idx])
+        for name in HEURISTICS:
+            h.setOptionValue(name, False)
     left = float(time_limit_s) - (time.perf_counter() - t_in)  # building the model took some of it
     h.setOptionValue("time_limit", max(1e-3, HIGHS_SHARE * left - HIGHS_RESERVE_S))
     if integral and presolve and left < PROBING_ABOVE_S:

@@ -8,7 +8,8 @@ deit_base_patch16_224 (heads, qk, v, MLP, embedding width, block removal), and o
 widths, a fixed cost per kernel, steps at misaligned widths) and random cumulative importance,
 at each budget of ``--ratios`` (shares of the dense latency). Each line gives the median wall
 time and CPU time (``time.process_time``: on a shared machine wall time measures the other
-jobs too) and whether every solve was proven optimal.
+jobs too), whether every solve was proven optimal, and HiGHS's branch-and-bound nodes and
+simplex iterations for the solve (counts of work that the machine's load leaves alone).
 """
 
 from __future__ import annotations
@@ -187,13 +188,15 @@ def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                     "status": sol.status, "proven_optimal": proven, "solve_s": statistics.median(times),
                     "solve_s_runs": times, "cpu_s": statistics.median(cpu), "cpu_s_runs": cpu,
                     "gap": max((s.gap or 0.0) for s in sols), "objective": sol.objective,
+                    "nodes": sol.nodes, "lp_iterations": sol.lp_iterations,
                     "removed_blocks": len(sol.removed), "predicted_ms": sol.predicted_ms,
                     "budget_ms": ratio * dense})
                 if not args.json:
                     print(f"{name:<24} {ratio:>4.0%} {'reduced' if reduce else 'whole':<8} {sol.status:<9} "
                           f"proven optimal {'yes' if proven else 'NO ':<3}  median {statistics.median(times):6.2f} s "
                           f"(min {min(times):.2f}, max {max(times):.2f}, {len(times)} runs; CPU {statistics.median(cpu):.2f} s)  "
-                          f"gap {sol.gap}  objective {sol.objective:.6f}  {len(sol.removed)} blocks removed  "
+                          f"gap {sol.gap}  objective {sol.objective:.6f}  {sol.nodes} nodes  "
+                          f"{sol.lp_iterations} simplex iterations  {len(sol.removed)} blocks removed  "
                           f"{sol.predicted_ms:.4f}/{ratio * dense:.4f} ms", flush=True)
     out["brute_force_agree"] = brute_force_agree()
     return optimal

@@ -272,6 +272,26 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     ``time_limit`` and its gap, or no point when none was found in time.
     """
     _check_solver(solver)
+    effort = _Effort()
+    sol = _solve(p, budget_ms, solver, time_limit_s, verbose, reduce, effort)
+    sol.nodes, sol.lp_iterations = effort.nodes, effort.iterations
+    return sol
+
+
+class _Effort:
+    """HiGHS's nodes and simplex iterations summed over the calls of one solve."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.iterations = 0
+
+    def add(self, run: backends.Run | backends.Relaxation) -> None:
+        self.nodes += run.nodes if isinstance(run, backends.Run) else 0
+        self.iterations += run.iterations
+
+
+def _solve(p: Problem, budget_ms: float, solver: str, time_limit_s: float, verbose: bool, reduce: bool,
+           effort: _Effort) -> Solution:
     t0 = time.perf_counter()
     clock = _Clock(t0, time_limit_s)
     chain = _Chain(p)
@@ -315,6 +335,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             q = chain.current
             m = build(q)
             rx = backends.relax(m, budget_ms, clock.left(), primal=round_ > 0)
+            effort.add(rx)
             if rx.status == "infeasible":  # no point at all, the LP relaxation proves it
                 return _infeasible(p, solver, t0, clock)
             if rx.status == "time_limit":
@@ -331,6 +352,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
             key = (tuple(d.choices for d in small.dims), tuple(sorted(small.removable())))
             if key != tried and not clock.out():
                 run = backends.mip(ms, budget_ms, solver, min(clock.left(), SUPPORT_MIP_S), False)
+                effort.add(run)
                 tried = key
                 if run.col.size and run.status in ("optimal", "time_limit"):
                     w, rem = lift(q, r, *decode(small, ms, run.col))
@@ -369,6 +391,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
         if incumbent is not None and incumbent[0] > best:  # a better incumbent fixes more
             m = build(q)
             rx = backends.relax(m, budget_ms, clock.left(), primal=True)
+            effort.add(rx)
             if rx.status == "optimal":
                 chain.apply(_fixing(q, m, rx, incumbent[0] - 1e-9 * max(1.0, abs(incumbent[0]))))
                 q = chain.current
@@ -378,6 +401,7 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
         start = encode(q, m, incumbent[1], tuple(b for b in incumbent[2] if b in m.removed_col))
     run = backends.mip(m, budget_ms, solver, clock.left(), verbose, start=start,
                        presolve=m.n > PRESOLVE_ABOVE_COLUMNS or not reduce)
+    effort.add(run)
     point = None
     if run.col.size and run.status in ("optimal", "time_limit"):
         point = chain.lift(*decode(q, m, run.col))

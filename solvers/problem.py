@@ -130,7 +130,9 @@ class Problem:
 class Solution:
     """``status``: ``optimal``, ``infeasible`` (then ``min_latency_ms`` says what is reachable),
     ``time_limit`` or ``error`` (then ``message`` says why). A plan when optimal, and on a time
-    limit the best point found (``gap``: its relative distance to the proven bound), when any."""
+    limit the best point found (``gap``: its relative distance to the proven bound), when any.
+    ``nodes`` and ``lp_iterations``: HiGHS branch-and-bound nodes and simplex iterations over
+    every call of the solve, a measure of its work that does not depend on the machine's load."""
 
     status: str
     widths: dict[str, int] = field(default_factory=dict)
@@ -142,3 +144,5 @@ class Solution:
     solver: str = ""
     min_latency_ms: float | None = None
     message: str = ""
+    nodes: int = 0
+    lp_iterations: int = 0

@@ -179,6 +179,28 @@ def test_value_terms_agree_with_brute_force(seed: int) -> None:
         assert latency_of(p, sol.widths, sol.removed) <= budget
 
 
+@pytest.mark.parametrize(("stages", "per_stage", "k"), [(1, 3, 3), (2, 2, 2)])
+@pytest.mark.parametrize("seed", range(6))
+def test_block_shares_of_bottlenecks_agree_with_brute_force(seed: int, stages: int, per_stage: int, k: int) -> None:
+    """ResNet-like stages (each block's first and last term over the stage width, removable
+    blocks owning a share of it): the optimum at tight and loose budgets, with and without the
+    reductions, and the whole program's solve reports HiGHS's simplex iterations."""
+    p = big_problem(seed, stages, per_stage, k)
+    _, fastest = brute_force(p, 0.0)
+    full = p.latency({d.name: d.choices[-1] for d in p.dims})
+    for share in (0.05, 0.3, 0.7):
+        budget = fastest + share * (full - fastest)
+        expected, _ = brute_force(p, budget)
+        for reduce in (True, False):
+            sol = solve(p, budget, reduce=reduce)
+            assert sol.status == "optimal"
+            assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
+            assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
+            assert latency_of(p, sol.widths, sol.removed) <= budget
+            if not reduce:
+                assert sol.lp_iterations > 0
+
+
 def test_value_terms_change_the_plan() -> None:
     """A block whose share of a shared width outweighs the rest is kept, at the width where the
     share pays; without the value term the same budget removes it (the term is not ignored)."""

@@ -32,18 +32,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	@$(PY) -c "import mdp_trt, profilers, solvers; print('mdp_trt ready:', mdp_trt.__version__)"
+	@$(PY) -c "import mdp_common, mdp_trt, profilers, solvers; print('mdp_trt ready:', mdp_trt.__version__)"
 
-test: $(STAMP)
-	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
-	$(PY) -m mypy profilers/engines/tensorrt.py profilers/engines/openvino.py
+test: lint typecheck
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check mdp_trt profilers solvers benchmarks tests
+	$(PY) -m ruff check mdp_common mdp_trt profilers solvers benchmarks tests
+
+# mypy over the packages (tensorrt untyped there), then the engine against TensorRT's stubs.
+typecheck: $(STAMP)
+	$(PY) -m mypy mdp_common mdp_trt profilers solvers
+	$(PY) tests/typecheck_tensorrt.py
 
 demo: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -1,11 +1,10 @@
 """mdp_trt: latency-constrained multidimensional pruning of timm vision models."""
 
-__version__ = "0.1.0"
-
-from mdp_trt.api import apply_plan, arch_of, create_model, load_pruned, save_pruned, space_of  # noqa: E402
-from mdp_trt.errors import MdpError  # noqa: E402
-from mdp_trt.models.base import Importance, SpaceConfig  # noqa: E402
-from mdp_trt.space import Block, Dim, Plan, PruningSpace, Term  # noqa: E402
+from mdp_common import __version__
+from mdp_trt.api import apply_plan, arch_of, create_model, load_pruned, save_pruned, space_of
+from mdp_trt.errors import MdpError
+from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.space import Block, Dim, Plan, PruningSpace, Term
 
 __all__ = [
     "__version__", "apply_plan", "arch_of", "create_model", "load_pruned", "save_pruned", "space_of",

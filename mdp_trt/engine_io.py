@@ -47,7 +47,8 @@ class Lab:
         kw: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "resolution": resolution}
         if threads is not None:
             kw["threads"] = threads
-        self.engine = get_engine(engine, **kw, **clock_options(engine, clock))
+        kw.update(clock_options(engine, clock))
+        self.engine = get_engine(engine, **kw)
         self.clock = clock_of(self.engine)
         self.identity: dict[str, Any] = asdict(self.engine.identity())
         self.table_path = table_path or default_table_path(device_label(), model_name, engine, precision,

@@ -82,7 +82,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, desc: str = "fin
     device = device_for_rank()
     model.to(device).train()
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if distributed else model
-    sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed) if distributed else None
+    sampler: DistributedSampler[Any] | None = (DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
+                                                if distributed else None)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         generator=g, drop_last=len(dataset) > cfg.batch_size)  # type: ignore[arg-type]

@@ -96,9 +96,12 @@ def prune(args: argparse.Namespace, target: Target, out: Path, log: Log) -> dict
         imp = estimate(args.importance, current, adapter.space(current, config), train_loader,
                        args.importance_batches, seed=args.seed, progress=progress)
         last = step == args.steps
+
+        def budget_of(d: float | None, sb: float = step_budget, last: bool = last) -> float:
+            return target.budget_ms(d) if last and d is not None else sb
+
         plan, pruned, measured, step_rounds, note = _closed_loop(
-            args, lab, current, cur_space, cur_surface, imp, model if last else None,
-            (lambda d, sb=step_budget, last=last: target.budget_ms(d) if last and d is not None else sb),
+            args, lab, current, cur_space, cur_surface, imp, model if last else None, budget_of,
             input_shape, log)
         rounds += [dict(r, step=step) for r in step_rounds]
         plans.append(plan)
@@ -290,8 +293,9 @@ def _num_classes(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
+    timm_model: Any = model  # forward_features and forward_head are timm's, not nn.Module's
     with torch.no_grad():
-        return int(model.forward_head(model.forward_features(torch.zeros(1, 3, 32, 32))).shape[-1])
+        return int(timm_model.forward_head(timm_model.forward_features(torch.zeros(1, 3, 32, 32))).shape[-1])
 
 
 def _blocks(space: PruningSpace, surface: LatencySurface, plan: Plan | None) -> list[dict[str, Any]]:

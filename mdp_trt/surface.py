@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mdp_trt.errors import TableError
 from mdp_trt.space import Plan, PruningSpace, Term
@@ -122,7 +123,7 @@ def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, ...]:
     return tuple(float(c) for c in coef)
 
 
-def pct_err(pred: np.ndarray | Sequence[float], measured: np.ndarray | Sequence[float]) -> np.ndarray:
+def pct_err(pred: ArrayLike, measured: ArrayLike) -> np.ndarray:
     """Absolute percentage error of predictions against measurements."""
     p = np.asarray(pred, dtype=np.float64)
     m = np.asarray(measured, dtype=np.float64)
@@ -415,7 +416,7 @@ def sample_plans(space: PruningSpace, n: int, seed: int) -> list[Plan]:
         widths = {}
         for d in space.dims:
             target = ratio * (0.75 + 0.5 * rng.random()) * d.size
-            widths[d.name] = min(d.choices, key=lambda c, t=target: abs(c - t))
+            widths[d.name] = min((abs(c - target), c) for c in d.choices)[1]  # the nearest, the smaller on a tie
         most = max(0, int(len(removable) * (1 - ratio) * 0.6))
         removed = rng.sample(removable, rng.randint(0, most))
         if i == 0:  # fill up to the most removed blocks without drawing: later plans stay the same
@@ -482,7 +483,7 @@ def _loo_err(raw: Sequence[float], measured: Sequence[float], weights: Sequence[
         def pick(v: Sequence[float] | None, idx: Sequence[int]) -> list[float] | None:
             return None if v is None else [v[j] for j in idx]
 
-        kw = {k: (pick(v, rest) if isinstance(v, list) else v) for k, v in parts.items()}
+        kw: dict[str, Any] = {k: (pick(v, rest) if isinstance(v, list) else v) for k, v in parts.items()}
         cal = Calibration.fit(pick(raw, rest) or [], pick(measured, rest) or [], pick(weights, rest), **kw)
         pred = cal(raw[i], parts["mparams"][i] if "mparams" in parts else 0.0,
                    parts["gflops"][i] if "gflops" in parts else 0.0)

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from mdp_trt.errors import MdpError
+from mdp_common.errors import MdpError
 
 _VENDOR_WORDS = frozenset({"nvidia", "geforce", "tesla", "quadro"})
 _JOINED_PREFIXES = frozenset({"rtx", "gtx", "titan"})
@@ -87,6 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mdp_trt.cli import run_cli
+    from mdp_common.cli import run_cli
 
     sys.exit(run_cli(main))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 
 DEFAULT_OPSET = 17
 

@@ -19,17 +19,18 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from torch import nn
-
-from mdp_trt.errors import TableError
-from mdp_trt.space import PruningSpace, Term
+from mdp_common.errors import TableError
+from mdp_common.space import PruningSpace, Term
 from profilers.engines.base import Engine
 from profilers.table import LatencyTable, in_shard, parse_widths, widths_key
 from profilers.timing import PROFILE, Budget, Clock, Sentinel, Timing, measure
 
-TermModuleFn = Callable[[Term, tuple[int, ...]], tuple[nn.Module, tuple[int, ...]]]
+if TYPE_CHECKING:  # torch is loaded by whoever builds the modules, not by this module
+    from torch import nn
+
+TermModuleFn: TypeAlias = "Callable[[Term, tuple[int, ...]], tuple[nn.Module, tuple[int, ...]]]"
 """``(term, widths) -> (module, input shape without the batch)``."""
 
 Key = tuple[str, tuple[int, ...]]

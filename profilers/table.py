@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mdp_trt.errors import TableError
+from mdp_common.errors import TableError
 from profilers.engines.base import EngineIdentity
 from profilers.timing import Timing
 

@@ -1,79 +1,35 @@
 """The TensorRT engine: type-checked against the TensorRT stubs here, run where TensorRT is.
 
-The ``tensorrt-stubs`` package ships its stubs without a ``py.typed`` marker and with a few
-lines that are not valid Python, so a plain ``mypy profilers/engines/tensorrt.py`` sees
-``tensorrt`` as untyped (everything ``Any``). The first test copies the stubs to a scratch
-folder, repairs those lines, and type-checks the engine against them for real, together
-with a deliberately wrong call that must be caught.
+``make test`` type-checks the engine with :mod:`typecheck_tensorrt` (repaired stubs and a
+canary). The first test shows that check catches a misuse planted in the engine itself, and
+nothing else in it.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from typecheck_tensorrt import ENGINE, check, stub_root
 
 from mdp_trt.errors import EngineError
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _stub_root() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution("tensorrt-stubs")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or ():
-        if str(f).replace("\\", "/") == "tensorrt/__init__.pyi":
-            return Path(str(dist.locate_file(f))).parent.parent
-    return None
-
-
-def _repaired_stubs(dest: Path) -> Path:
-    src = _stub_root()
-    assert src is not None
-    for pkg in ("tensorrt", "tensorrt_bindings"):
-        shutil.copytree(src / pkg, dest / pkg)
-    init = dest / "tensorrt" / "__init__.pyi"
-    init.write_text(re.sub(r"^import tensorrt_libs as tensorrt_libs$", "", init.read_text(), flags=re.M))
-    for pyi in (dest / "tensorrt_bindings").glob("*.pyi"):
-        text = pyi.read_text()
-        text = re.sub(r"\bin: ", "in_: ", text)  # a parameter named `in`
-        text = re.sub(r", channel_axis: int\)", ", channel_axis: int = ...)", text)
-        pyi.write_text(text)
-    return dest
-
-
-@pytest.mark.skipif(_stub_root() is None, reason="tensorrt-stubs is not installed (make setup installs it)")
-def test_tensorrt_engine_type_checks_against_the_stubs(tmp_path: Path) -> None:
-    stubs = _repaired_stubs(tmp_path / "typings")
-    wrong = tmp_path / "wrong_use.py"
-    wrong.write_text(
-        "import tensorrt as trt\n\n\n"
-        "def f(config: trt.IBuilderConfig) -> None:\n"
-        "    config.set_flag('FP16')\n"
-    )
-    cfg = tmp_path / "mypy.ini"
-    cfg.write_text(
-        "[mypy]\npython_version = 3.11\nignore_missing_imports = True\nfollow_imports = silent\n"
-        f"mypy_path = {stubs}\ncache_dir = {ROOT / '.mypy_cache' / 'tensorrt-stubs'}\n"
-        "[mypy-tensorrt.*]\nignore_errors = True\n[mypy-tensorrt_bindings.*]\nignore_errors = True\n"
-    )
-    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(cfg),
-                        "profilers/engines/tensorrt.py", str(wrong)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert "prevented further checking" not in out, out
-    engine_errors = [line for line in out.splitlines() if line.startswith("profilers/engines/tensorrt.py")]
-    assert engine_errors == [], out
-    assert re.search(r"wrong_use\.py:5: error: .*\"set_flag\".*BuilderFlag", out), out
+@pytest.mark.skipif(stub_root() is None, reason="tensorrt-stubs is not installed (make setup installs it)")
+def test_type_check_reports_a_misuse_planted_in_the_engine(tmp_path: Path) -> None:
+    good = "config.set_flag(trt.BuilderFlag.FP16)"
+    text = ENGINE.read_text()
+    assert text.count(good) == 1
+    line = text[:text.index(good)].count("\n") + 1
+    planted = tmp_path / "planted_tensorrt.py"
+    planted.write_text(text.replace(good, 'config.set_flag("FP16")'))
+    errors = [e for e in check([planted]) if ": error: " in e]
+    assert len(errors) == 1, errors
+    # By name: mypy's cache gives a file it has seen with the same content under its first path.
+    assert f"{planted.name}:{line}: error: " in errors[0] and '"set_flag"' in errors[0], errors
+    assert '"str"; expected "BuilderFlag"' in errors[0], errors
 
 
 # -- runtime, where TensorRT and a GPU are present ----------------------------------------------

@@ -1,4 +1,7 @@
-"""The prune command: bad input gives one line and exit 1; a full run writes every output."""
+"""The prune command: bad input gives one line and exit 1; a full run writes every output.
+
+Bad input is run in-process (``main(argv)`` under :func:`run_cli`, as ``python -m`` runs it);
+one case runs as a process to check that wiring, and torchrun starts real processes."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from mdp_trt import load_pruned
+from mdp_trt.cli import run_cli
 from mdp_trt.prune import main as prune_main
 from mdp_trt.report import EXIT_CODES, outcome
 
@@ -20,16 +24,11 @@ TINY = ["--model", "test_resnet", "--resolution", "32", "--max-choices", "4", "-
         "--quiet"]
 
 
-def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mdp_trt.prune", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str) -> None:
+    """The prune command on ``argv`` exits 1 with one line ``error: ...`` holding ``pattern``."""
+    code = run_cli(prune_main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
     assert pattern in lines[0], lines[0]
 
 
@@ -73,47 +72,49 @@ def _umask() -> int:
     return mask
 
 
-def test_existing_output_is_refused(full_run: Path, tmp_path: Path) -> None:
-    proc = run_cli([*TINY, "--engine-target", "1.3x", "--lut", str(full_run / "t.sqlite"),
-                    "--out", str(full_run / "out")], tmp_path)
-    one_line_error(proc, "exists")
+def test_existing_output_is_refused(capsys: pytest.CaptureFixture[str], full_run: Path) -> None:
+    one_line_error(capsys, [*TINY, "--engine-target", "1.3x", "--lut", str(full_run / "t.sqlite"),
+                            "--out", str(full_run / "out")], "exists")
 
 
-def test_unknown_model(tmp_path: Path) -> None:
-    one_line_error(run_cli(["--model", "resnet_nope", "--engine-target", "2x", "--out", "o"], tmp_path),
-                   "unknown timm model")
+def test_unknown_model_as_a_process(tmp_path: Path) -> None:
+    """``python -m mdp_trt.prune`` itself: exit code 1, one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "mdp_trt.prune", "--model", "resnet_nope", "--engine-target", "2x",
+                           "--out", "o"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "unknown timm model" in lines[0] and not (tmp_path / "o").exists()
 
 
-def test_bad_target(tmp_path: Path) -> None:
-    one_line_error(run_cli([*TINY, "--engine-target", "fast", "--out", "o"], tmp_path), "target")
+def test_bad_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    one_line_error(capsys, [*TINY, "--engine-target", "fast", "--out", str(tmp_path / "o")], "target")
 
 
-def test_unreachable_target_says_what_is_achievable(full_run: Path, tmp_path: Path) -> None:
-    proc = run_cli([*TINY, "--engine-target", "500x", "--lut", str(full_run / "t.sqlite"), "--out", "o"],
-                   tmp_path)
-    one_line_error(proc, "fastest")
+def test_unreachable_target_says_what_is_achievable(capsys: pytest.CaptureFixture[str], full_run: Path,
+                                                    tmp_path: Path) -> None:
+    one_line_error(capsys, [*TINY, "--engine-target", "500x", "--lut", str(full_run / "t.sqlite"),
+                            "--out", str(tmp_path / "o")], "fastest")
     assert not (tmp_path / "o").exists()
 
 
-def test_table_of_another_identity_is_refused(full_run: Path, tmp_path: Path) -> None:
-    proc = run_cli([*TINY, "--batch-size", "2", "--engine-target", "2x", "--lut", str(full_run / "t.sqlite"),
-                    "--out", "o"], tmp_path)
-    one_line_error(proc, "identity")
+def test_table_of_another_identity_is_refused(capsys: pytest.CaptureFixture[str], full_run: Path,
+                                              tmp_path: Path) -> None:
+    one_line_error(capsys, [*TINY, "--batch-size", "2", "--engine-target", "2x", "--lut",
+                            str(full_run / "t.sqlite"), "--out", str(tmp_path / "o")], "identity")
 
 
-def test_missing_dataset(tmp_path: Path) -> None:
-    one_line_error(run_cli([*TINY, "--engine-target", "2x", "--data", str(tmp_path / "nope"), "--out", "o"],
-                           tmp_path), "does not exist")
+def test_missing_dataset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    one_line_error(capsys, [*TINY, "--engine-target", "2x", "--data", str(tmp_path / "nope"),
+                            "--out", str(tmp_path / "o")], "does not exist")
 
 
-def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+def test_checkpoint_that_does_not_fit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     torch.save({"conv1.weight": torch.zeros(3, 3)}, bad)
-    proc = run_cli([*TINY, "--engine-target", "2x", "--checkpoint", str(bad), "--out", "o"], tmp_path)
-    one_line_error(proc, "does not fit")
-    missing = run_cli([*TINY, "--engine-target", "2x", "--checkpoint", str(tmp_path / "x.pt"), "--out", "o"],
-                      tmp_path)
-    one_line_error(missing, "does not exist")
+    one_line_error(capsys, [*TINY, "--engine-target", "2x", "--checkpoint", str(bad), "--out", str(tmp_path / "o")],
+                   "does not fit")
+    one_line_error(capsys, [*TINY, "--engine-target", "2x", "--checkpoint", str(tmp_path / "x.pt"),
+                            "--out", str(tmp_path / "o")], "does not exist")
 
 
 def test_torchrun_two_processes_fine_tune_together(full_run: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import inspect
 from types import MappingProxyType
 from typing import Any
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 from profilers.engines.base import Engine, EngineIdentity, HostRunner, Runner
 
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EngineIdentity", "HostRunner", "Runner",

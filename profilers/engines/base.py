@@ -8,11 +8,13 @@ import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from torch import nn
+from mdp_common import __version__
+from mdp_common.errors import EngineError, TableError
 
-from mdp_trt.errors import EngineError, TableError
+if TYPE_CHECKING:  # the engines that prepare modules load torch, not the protocol
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,6 @@ class HostRunner:
 
 
 def mdp_trt_version() -> str:
-    from mdp_trt import __version__
-
     return __version__
 
 

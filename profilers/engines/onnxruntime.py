@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 from profilers.engines.base import (
     EngineIdentity,
     HostRunner,

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 from profilers.engines.base import EngineIdentity, HostRunner, cpu_name, mdp_trt_version
 from profilers.engines.onnxruntime import ThreadTimedRunner, _resolve_shape
 from profilers.export import export_onnx

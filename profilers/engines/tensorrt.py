@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 from profilers.engines.base import (
     EngineIdentity,
     cuda_index,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mdp_trt.errors import EngineError
+from mdp_common.errors import EngineError
 from profilers.engines.base import (
     EngineIdentity,
     HostRunner,

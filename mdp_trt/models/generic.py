@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import timm
 import torch
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d
 from torch import nn
 
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models import rules
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.graph import ChannelGraph, Layer, Unsupported, Val
 from mdp_trt.models.common import arch_name, input_side, top_k
+from mdp_trt.models.graph import ChannelGraph, Layer, Unsupported, Val
 from mdp_trt.models.trace import (
     ADDS,
     Cut,
@@ -236,6 +237,10 @@ class GraphAdapter:
         pool = next((m for m in model.modules() if isinstance(m, SelectAdaptivePool2d)), None)
         if pool is not None and pool.pool_type not in ("avg", ""):
             kwargs["global_pool"] = pool.pool_type
+        why = _rebuild_differs(model, name, kwargs)
+        if why:
+            raise UnsupportedModelError(f"timm.create_model({name!r}, **{kwargs}) would not rebuild this "
+                                        f"{type(model).__name__}: {why}; pass arch= to save_pruned")
         return {"name": name, "kwargs": kwargs}
 
     # -- the space -----------------------------------------------------------------------
@@ -443,7 +448,14 @@ class GraphAdapter:
         for prm in pruned.parameters():
             prm.grad = None
         pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}  # type: ignore[assignment]
-        pruned.mdp_arch = getattr(model, "mdp_arch", None) or self.arch(model)  # type: ignore[assignment]
+        arch = getattr(model, "mdp_arch", None)
+        if arch is None:
+            try:
+                arch = self.arch(model)
+            except UnsupportedModelError:
+                arch = None  # built with options timm's name does not carry: save_pruned needs arch=
+        if arch is not None:
+            pruned.mdp_arch = arch  # type: ignore[assignment]
         return pruned
 
     def _fix_attributes(self, p: Proto, pruned: nn.Module, kept: dict[str, int]) -> None:
@@ -548,3 +560,31 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     if bn.bias is not None:
         shift = shift + bn.bias
     return conv.weight.detach().flatten(1).norm(dim=1) * scale.abs() + shift.abs()
+
+
+_INFERENCE_ALIASES = (nn.Dropout, nn.Dropout2d, DropPath, nn.Identity)  # rates differ, outputs do not
+
+
+@functools.lru_cache(maxsize=32)
+def _layers_of(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, type, str], ...]:
+    """(path, type, extra_repr) of every module ``timm.create_model(name, **kwargs)`` builds."""
+    try:
+        with torch.device("meta"):
+            fresh = timm.create_model(name, pretrained=False, **dict(kwargs))
+    except Exception:  # some models compute at init: build on the CPU instead
+        fresh = timm.create_model(name, pretrained=False, **dict(kwargs))
+    return tuple((path, type(m), m.extra_repr()) for path, m in fresh.named_modules())
+
+
+def _rebuild_differs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> str:
+    """'' when ``timm.create_model(name, **kwargs)`` builds ``model``'s layers, else the first
+    layer that differs (a dilated ResNet, say, whose name does not carry ``output_stride``)."""
+    theirs = {path: (cls, rep) for path, cls, rep in _layers_of(name, tuple(sorted(kwargs.items())))}
+    for path, mod in model.named_modules():
+        cls, rep = theirs.pop(path, (None, ""))
+        if isinstance(mod, _INFERENCE_ALIASES) and cls is not None and issubclass(cls, _INFERENCE_ALIASES):
+            continue
+        if cls is not type(mod) or rep != mod.extra_repr():
+            found = f"{cls.__name__}({rep})" if cls is not None else "nothing"
+            return f"{path or 'the model'} is {type(mod).__name__}({mod.extra_repr()}), timm builds {found}"
+    return f"timm builds {next(iter(theirs))} too" if theirs else ""

@@ -1,5 +1,7 @@
-"""A residual block's share of its stage's width: the ResNet adapter's scores, and the solver's
-problem built from them (removing a block loses its share of the units kept)."""
+"""A residual block's share of its stage's width: the graph adapter's scores (checked on
+resnet18 against folded conv+BN and BN Taylor terms computed here, and on every other family
+for what they must add up to), and the solver's problem built from them (removing a block
+loses its share of the units kept)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,16 @@ from helpers_resnet import SIDE, image, make
 from torch import nn
 
 from mdp_trt.importance import taylor, with_floor
+from mdp_trt.models import adapter_for
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.resnet import ResNetAdapter
+from mdp_trt.models.generic import graph_adapters
 from mdp_trt.optimize import problem, solve_plan
 from mdp_trt.space import PruningSpace
 from mdp_trt.surface import LatencySurface
 
 torch.set_num_threads(1)
 
-A = ResNetAdapter()
+A = next(a for a in graph_adapters() if a.family == "resnet")
 CFG = SpaceConfig(resolution=SIDE)
 # resnet18: the writers of each residual width that no removable block owns
 LOCKED_WRITERS = {"layer1.res": [("conv1", "bn1")],
@@ -144,3 +147,35 @@ def test_a_plan_cut_short_by_the_time_limit_is_kept_with_its_status() -> None:
     plan, sol = solve_plan(sp, zero_surface(sp), A.magnitude(m, sp), 1.0)
     assert sol.status == "optimal" and plan is not None and plan.meta["solver_status"] == "optimal"
     assert plan.widths == {d.name: d.size for d in sp.dims} and not plan.removed  # latency is free here
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "efficientnet_b0", "regnety_002", "resnext26ts", "seresnet18"])
+def test_every_family_gives_shares_that_add_up(name: str) -> None:
+    """On every family, a removable block's shares are per unit of widths it does not own,
+    never more than the units' scores together, and total its ``blocks`` value; Taylor
+    fractions of a width's score split it among its writers (at most 1 in all)."""
+    m = make(name)
+    a = adapter_for(m)
+    sp = a.space(m, CFG)
+    imp = a.magnitude(m, sp)
+    shared = [b for b in removable(sp) if b in imp.block_shares]
+    assert shared, "no removable block writes into a shared width"
+    for b in shared:
+        for d, share in imp.block_shares[b].items():
+            assert sp.dim(d).block != b and share.shape == (sp.dim(d).size,) and (share >= 0).all()
+        assert imp.blocks[b] == pytest.approx(sum(v.sum() for v in imp.block_shares[b].values()))
+    for d in {d for per in imp.block_shares.values() for d in per}:
+        owned = sum(per[d] for per in imp.block_shares.values() if d in per)
+        assert (owned <= imp.units[d] * (1 + 1e-9) + 1e-12).all()
+    torch.manual_seed(0)
+    m.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(m(image(2)), torch.randint(0, 1000, (2,))).backward()
+    units, blocks, fractions = a.taylor_shares(m, sp)
+    m.zero_grad(set_to_none=True)
+    assert set(fractions) == set(shared) and set(blocks) == set(removable(sp))
+    for d in {d for per in fractions.values() for d in per}:
+        total = sum(per[d] for per in fractions.values() if d in per)
+        assert (total <= 1 + 1e-9).all() and total.max() > 0
+    imp = taylor(m, sp, [(image(2), torch.randint(0, 1000, (2,)))], 1)
+    prob = problem(sp, zero_surface(sp), imp)
+    assert {v.block for v in prob.values} == set(shared)

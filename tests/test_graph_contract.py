@@ -41,15 +41,16 @@ FAST = {
     "test_convnext": "convnext", "convnext_atto": "convnext", "convnextv2_atto": "convnext",
     "efficientnet_b0": "efficientnet", "tf_efficientnetv2_b0": "efficientnet",
     "mobilenetv3_large_100": "efficientnet", "mobilenetv3_small_100": "efficientnet",
-    "regnetx_002": "regnet", "regnety_002": "regnet", "resnext26ts": "byobnet", "seresnet18": "resnet-graph",
+    "regnetx_002": "regnet", "regnety_002": "regnet", "resnext26ts": "byobnet", "seresnet18": "resnet",
+    "resnet18": "resnet", "resnet26": "resnet", "resnet50d": "resnet",
 }
 SLOW = {
     "convnext_tiny": "convnext", "convnext_small": "convnext", "convnext_base": "convnext",
     "convnextv2_nano": "convnext", "efficientnet_b1": "efficientnet", "efficientnet_b2": "efficientnet",
     "efficientnet_b3": "efficientnet", "mobilenetv2_100": "efficientnet", "mobilenetv4_conv_small": "efficientnet",
-    "regnety_016": "regnet", "regnetx_016": "regnet", "resnext50_32x4d": "resnet-graph",
-    "seresnet50": "resnet-graph", "ecaresnet50d": "resnet-graph", "seresnext50_32x4d": "resnet-graph",
-    "ecaresnet26t": "resnet-graph", "regnetz_b16": "byobnet", "repvgg_a0": "byobnet",
+    "regnety_016": "regnet", "regnetx_016": "regnet", "resnext50_32x4d": "resnet", "resnet50": "resnet",
+    "seresnet50": "resnet", "ecaresnet50d": "resnet", "seresnext50_32x4d": "resnet",
+    "ecaresnet26t": "resnet", "regnetz_b16": "byobnet", "repvgg_a0": "byobnet",
 }
 MODELS = [pytest.param(n, id=n) for n in FAST] + [pytest.param(n, id=n, marks=pytest.mark.slow) for n in SLOW]
 FAMILY = {**FAST, **SLOW}
@@ -125,7 +126,7 @@ def test_space_found_and_aligned(name: str) -> None:
         assert b.removable or b.reason
         assert all(sp.dim(d).block == b.name for d in b.dims)
     assert len({t.signature for t in sp.terms}) < len(sp.terms)  # repeated blocks share rows
-    if FAMILY[name] in ("convnext", "regnet", "resnet-graph") or name.startswith(("efficientnet", "mobilenet")):
+    if FAMILY[name] in ("convnext", "regnet", "resnet") or name.startswith(("efficientnet", "mobilenet")):
         assert any(b.removable for b in sp.blocks)
 
 
@@ -305,3 +306,39 @@ def test_bad_plans_and_importance_are_refused() -> None:
     if locked is not None:
         with pytest.raises(PlanError, match="cannot be removed"):
             sp.plan(removed=[locked])
+
+
+class _Branchy(nn.Module):
+    """A conv whose output decides the path taken: data-dependent control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.body = _Branchy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x))
+
+
+def test_untraceable_forward_names_the_module() -> None:
+    """What torch.fx cannot trace is named: the innermost module, or the model's own forward."""
+    from mdp_trt.models.graph import Unsupported
+    from mdp_trt.models.trace import trace
+
+    flow = "symbolically traced variables cannot be used as inputs to control flow"
+    with pytest.raises(Unsupported, match=rf"^torch.fx cannot trace module body \(_Branchy\): {flow}$"):
+        trace(_Net(), 16)
+    with pytest.raises(Unsupported, match=rf"^torch.fx cannot trace the forward of _Branchy: {flow}$"):
+        trace(_Branchy(), 16)

@@ -71,13 +71,6 @@ def test_cpu_label() -> None:
         check_label("h100", "cpu")
 
 
-def _adapters_present() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mdp_trt.models.resnet") is not None
-
-
-@pytest.mark.skipif(not _adapters_present(), reason="the ResNet adapter is not in this checkout yet")
 def test_profile_a_tiny_model_then_rerun(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import json
 

@@ -1,8 +1,10 @@
-"""ResNet adapter: the space it discovers, exact surgery, importance, and bad input refused."""
+"""timm ResNets on the channel graph (the ``resnet`` family plugin): the space found, exact
+surgery, importance, and bad input refused."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -22,12 +24,12 @@ from torch import nn
 
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.resnet import ResNetAdapter
+from mdp_trt.models.generic import Proto, graph_adapters
 from mdp_trt.space import PruningSpace
 
 torch.set_num_threads(1)
 
-A = ResNetAdapter()
+A = next(a for a in graph_adapters() if a.family == "resnet")
 CFG = SpaceConfig(resolution=SIDE)
 needs_api = pytest.mark.skipif(not vit_adapter_present(),
                                reason="mdp_trt.api needs mdp_trt.models.vit, not in this checkout yet")
@@ -64,8 +66,9 @@ def test_resnet18_stem_shares_layer1_residual_width() -> None:
     assert "width 64->128" in locked["layer2.0"] and "feature map 16->8" in locked["layer2.0"]
     assert sp.block("layer3.1").dims == ("layer3.1.conv1",)
     assert sp.dim("layer3.1.conv1").block == "layer3.1"
-    stem = next(t for t in sp.terms if t.name == "conv1")
-    assert stem.dims == ("layer1.res",) and stem.const["cin"] == 3 and stem.const["kernel"] == 7
+    stem = next(t for t in sp.terms if t.name == "conv1")  # conv, BN, act and max-pool: one term
+    assert stem.dims == ("layer1.res",) and stem.const["graph"].startswith("in(1, '3', 64, 64)|conv(k(7, 7)")
+    assert "MaxPool2d(3,2,1" in stem.const["graph"]
 
 
 def test_resnet50_space() -> None:
@@ -88,12 +91,14 @@ def test_resnet50_space() -> None:
     assert len({t.signature for t in sp.terms}) <= 25  # repeated blocks share their subgraphs
     t = next(t for t in sp.terms if t.name == "layer3.4.conv3")
     assert t.dims == ("layer3.4.conv2", "layer3.res") and t.block == "layer3.4"
-    assert t.const == {"kernel": 1, "stride": 1, "padding": 0, "in_hw": 14, "act": "relu", "pool": "",
-                       "add": True}
+    # conv + BN + the identity shortcut's add + ReLU: what engines fuse into one kernel
+    assert t.const == {"graph": "in(1, 'd0', 14, 14)|conv(k(1, 1),s(1, 1),p(0, 0),d(1, 1),g1,b0)[in:d0,out:d1]"
+                                "|bn[in:d1,out:d1]|add+ext(1, 'd1', 14, 14)|relu", "in_hw": 14}
     assert next(t for t in sp.terms if t.name == "layer3.5.conv3").signature == t.signature
-    assert [t.name for t in sp.terms if t.block is None] == ["conv1", "maxpool", "head"]
-    head = sp.terms[-1]
-    assert head.dims == ("layer4.res",) and head.const["num_classes"] == 1000 and head.const["in_hw"] == 7
+    assert [t.name for t in sp.terms if t.block is None] == ["conv1", "global_pool", "fc"]
+    pool, head = sp.terms[-2:]
+    assert pool.dims == head.dims == ("layer4.res",) and pool.const["in_hw"] == 7
+    assert head.const["graph"] == "in(1, 'd0')|linear(b1)[in:d0,out:1000]"
     assert sp.config == {"min_step": 8, "max_choices": 16, "head_step": 1, "per_head_step": 8,
                          "resolution": None}
 
@@ -102,15 +107,17 @@ def test_deep_stem_and_avg_down() -> None:
     sp = space_of(make("resnet50d"))
     assert [d.name for d in sp.dims[:3]] == ["conv1.0", "conv1.3", "stem"]
     t0, t1, t2 = (next(t for t in sp.terms if t.name == n) for n in ("conv1.0", "conv1.3", "conv1.6"))
-    assert t0.dims == ("conv1.0",) and t0.const["cin"] == 3
+    assert t0.dims == ("conv1.0",) and t0.const["graph"].startswith("in(1, '3', 64, 64)|conv(k(3, 3),s(2, 2)")
     assert t1.dims == ("conv1.0", "conv1.3") and t2.dims == ("conv1.3", "stem")
     assert sp.dim("stem").layers == ("conv1.6", "bn1", "layer1.0.conv1", "layer1.0.downsample.1")
     assert sp.dim("conv1.3").layers == ("conv1.3", "conv1.4", "conv1.6")
+    pool = next(t for t in sp.terms if t.name == "layer2.0.downsample.0")  # the 2x2 average pool
+    assert pool.dims == ("layer1.res",) and pool.block == "layer2.0" and pool.const["in_hw"] == 16
+    assert pool.const["graph"].endswith("|AvgPool2d(2,2,0,True,False,)")
     ds = next(t for t in sp.terms if t.name == "layer2.0.downsample.1")
-    assert ds.const["pool"] == "avg2" and ds.const["act"] == "none" and ds.const["in_hw"] == 16
-    assert ds.dims == ("layer1.res", "layer2.res")
+    assert ds.dims == ("layer1.res", "layer2.res") and ds.const["in_hw"] == 8
     # layer1's projection has stride 1: timm uses no pooling there
-    assert next(t for t in sp.terms if t.name == "layer1.0.downsample.1").const["pool"] == ""
+    assert not any(t.name == "layer1.0.downsample.0" for t in sp.terms)
 
 
 def test_test_resnet_mixes_block_types() -> None:
@@ -126,35 +133,41 @@ def test_test_resnet_mixes_block_types() -> None:
     assert space_of(m, SpaceConfig()).input_size == (3, 160, 160)  # the model's pretrained_cfg
 
 
-def test_term_constants_match_a_forward_pass() -> None:
-    """in_hw and output shapes of every term agree with what the real layers see."""
+def test_term_modules_reproduce_the_model() -> None:
+    """At full widths every term module computes what its nodes compute in the model: on the
+    model's own input to the term, the same output (a term fed from outside too, a residual
+    add, is checked on its shape), and its input side is the term's ``in_hw``."""
     m = make("resnet50d")
     sp = space_of(m, SpaceConfig(resolution=96))
-    seen: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for t in sp.terms:
-        if t.kind == "conv":
-            name = t.name.rsplit(".", 1)[0] if ".downsample." in t.name else t.name
-            mod = m.get_submodule(name)
-        else:
-            mod = m.get_submodule({"maxpool": "maxpool", "head": "global_pool"}[t.kind])
-        hooks.append(mod.register_forward_hook(
-            lambda mod, i, o, name=t.name: seen.__setitem__(name, (tuple(i[0].shape), tuple(o.shape)))))
+    p = sp.handle
+    assert isinstance(p, Proto)
+    values: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(p.t.gm).run(image(1, 96))
     full = sp.full_plan()
-    x = image(1, 96)
-    run(m, x)
-    for h in hooks:
-        h.remove()
-    for t in sp.terms:
-        in_shape, out_shape = seen[t.name]
-        assert in_shape[-1] == t.const["in_hw"], t.name
+    exact = 0
+    for t, cut in zip(sp.terms, p.cuts, strict=True):
+        assert cut.name == t.name
         module, shape = A.term_module(sp, t, sp.term_widths(t, full))
-        assert shape == in_shape[1:], t.name
-        y = run(module, torch.randn(2, *shape))
-        if t.kind == "head":
-            assert y.shape == (2, 1000)
-        else:
-            assert y.shape[1:] == out_shape[1:], t.name
+        x = values[cut.primary]
+        assert shape == tuple(x.shape[1:]), t.name
+        assert (x.shape[-1] if x.dim() == 4 else 1) == t.const["in_hw"], t.name
+        out = run(module, x)
+        region = set(cut.nodes)
+        wants = [values[n] for n in cut.nodes if any(u.name not in region for u in p.t.nodes[n].users)]
+        for y, want in zip(out if isinstance(out, tuple) else (out,), wants, strict=True):
+            assert y.shape == want.shape, t.name
+            if "+ext" not in t.const["graph"]:
+                assert torch.allclose(y, want, atol=1e-5), t.name
+        exact += "+ext" not in t.const["graph"]
+    assert exact > len(sp.terms) // 2
 
 
 def test_term_modules_at_small_widths_and_onnx() -> None:
@@ -164,14 +177,15 @@ def test_term_modules_at_small_widths_and_onnx() -> None:
     for t in by_sig.values():
         widths = tuple(sp.dim(d).choices[0] for d in t.dims)
         module, shape = A.term_module(sp, t, widths)
-        assert shape[0] == (widths[0] if len(t.dims) == 2 or t.kind != "conv" else t.const["cin"])
+        reads_image = t.const["graph"].startswith("in(1, '3'")
+        assert shape[0] == (3 if reads_image else widths[0])
         x = torch.randn(1, *shape)
         y = run(module, x)
         if t.kind == "conv":
             assert y.shape[1] == widths[-1]
         again, _ = A.term_module(sp, t, widths)
         assert torch.equal(run(again, x), y)  # deterministic weights
-    add = next(t for t in sp.terms if t.const.get("add"))
+    add = next(t for t in sp.terms if "add+ext" in t.const["graph"])
     module, shape = A.term_module(sp, add, (16, 24))
     x = torch.randn(1, *shape)
     assert rel_diff(onnx_run(module, x), run(module, x).numpy()) < 1e-4
@@ -249,7 +263,7 @@ def test_public_api_path() -> None:
     assert state_equal(via_api, direct) and via_api.mdp_plan == plan.to_dict()
     assert mdp_trt.arch_of(m) == A.arch(m)
     # a grouped ResNet goes on to the channel graph; what neither handles is named
-    assert mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16), CFG).family == "resnet-graph"
+    assert mdp_trt.space_of(make("resnet26", cardinality=4, base_width=16), CFG).family == "resnet"
     with pytest.raises(UnsupportedModelError, match="cannot be pruned: layer bn1 .GroupNorm. normalises groups.*Supported:"):
         mdp_trt.space_of(make("resnet18", norm_layer="groupnorm"))
 
@@ -302,11 +316,10 @@ def test_iterative_plans_on_a_pruned_model() -> None:
     assert torch.equal(run(full, image()), run(p1, image()))
 
 
-def test_arch_rebuilds_with_kwargs_and_catavgmax_head() -> None:
-    m = make("test_resnet", num_classes=10, in_chans=1, global_pool="catavgmax")
+def test_arch_rebuilds_with_kwargs_and_max_pool_head() -> None:
+    m = make("test_resnet", num_classes=10, in_chans=1, global_pool="max")
     arch = A.arch(m)
-    assert arch == {"name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1,
-                                                      "global_pool": "catavgmax"}}
+    assert arch == {"name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1, "global_pool": "max"}}
     rebuilt = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in m.state_dict().items()}
@@ -432,7 +445,8 @@ def test_bad_plans_are_refused() -> None:
 
     refused(type(good)(good.model, good.space_id, {**good.widths, "layer9.res": 8}), "unknown dims")
     refused(type(good)(good.model, good.space_id, {**good.widths, "layer2.res": 12}), "not one of its choices")
-    refused(type(good)(good.model, good.space_id, good.widths, ("layer2.0",)), "cannot be removed: first block")
+    refused(type(good)(good.model, good.space_id, good.widths, ("layer2.0",)),
+            "cannot be removed: it changes the width 64->128")
     other = space_of(make("resnet34"))
     refused(other.full_plan(), "plan is for model 'resnet34'")
     with pytest.raises(PlanError, match="not built from this model"):
@@ -445,21 +459,68 @@ def test_bad_plans_are_refused() -> None:
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"name": "resnet26", "cardinality": 4, "base_width": 16}, id="grouped"),
+    pytest.param({"name": "test_resnet", "block_args": {"attn_layer": "se"}}, id="se"),
+    pytest.param({"name": "test_resnet", "replace_stem_pool": True}, id="conv-stem-pool"),
+    pytest.param({"name": "test_resnet", "output_stride": 16}, id="dilated"),
+])
+def test_variants_the_hand_written_adapter_refused(kwargs: dict, tmp_path) -> None:
+    """Grouped, SE, conv-pooled stems and dilated ResNets prune exactly like the rest. Built
+    with options their timm name does not carry, they are not what the name rebuilds: saving
+    asks for ``arch=`` instead of writing a file that would load as another model."""
+    from mdp_trt.api import save_pruned
+
+    m = make(**kwargs)
+    assert A.matches(m) and A.why_not(m) == ""
+    sp = space_of(m)
+    full = A.apply(m, sp, sp.full_plan(), A.magnitude(m, sp))
+    assert torch.equal(run(full, image()), run(m, image()))
+    plan = sp.random_plan(0)
+    pruned = A.apply(m, sp, plan, A.magnitude(m, sp))
+    assert n_params(pruned) == A.param_count(sp, plan) < n_params(m)
+    assert rel_diff(onnx_run(pruned, image()), run(pruned, image()).numpy()) < 1e-4
+    why = r"stride=\(1, 1\).*timm builds.*stride=\(2, 2\)" if "output_stride" in kwargs else ""
+    with pytest.raises(UnsupportedModelError, match=f"would not rebuild this ResNet: .*{why}"):
+        A.arch(m)
+    assert not hasattr(pruned, "mdp_arch")
+    with pytest.raises(MdpError, match="needs the architecture"):
+        save_pruned(tmp_path / "p.pt", pruned, plan)
+
+
+class _Gate(nn.Module):
+    """A block wrapped in data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.inner(x)
+        return x
+
+
 def test_unsupported_models_say_what_blocked_them() -> None:
+    import mdp_trt
+
     assert not A.matches(nn.Sequential(nn.Conv2d(3, 8, 3)))
-    assert "not a timm ResNet" in A.why_not(nn.Sequential())
+    gated = make("resnet18")
+    gated.layer2[1] = _Gate(gated.layer2[1])
     cases = {
-        "grouped convolution layer1.0.conv2 (groups=4": make("resnet26", cardinality=4, base_width=16),
-        "attention layer layer1.0.se": make("test_resnet", block_args={"attn_layer": "se"}),
-        "dilated convolution": make("test_resnet", output_stride=16),
-        "stem pooling is Sequential": make("test_resnet", replace_stem_pool=True),
-        "is GroupNorm, only BatchNorm2d": make("resnet18", norm_layer="groupnorm"),
+        r"layer bn1 \(GroupNorm\) normalises groups of channels": make("resnet18", norm_layer="groupnorm"),
+        r"global pool global_pool \(catavgmax\) concatenates poolings": make("test_resnet", global_pool="catavgmax"),
+        r"torch.fx cannot trace module layer2.1 \(_Gate\): symbolically traced variables cannot be used "
+        r"as inputs to control flow": gated,
     }
     for why, model in cases.items():
         assert A.matches(model)
-        assert why in A.why_not(model), (why, A.why_not(model))
-        with pytest.raises(UnsupportedModelError, match="cannot prune"):
+        assert re.search(why, A.why_not(model)), (why, A.why_not(model))
+        with pytest.raises(UnsupportedModelError, match=f"^cannot prune ResNet: {why}[^\n]*$"):
             A.space(model, CFG)
+        with pytest.raises(UnsupportedModelError, match=f"^ResNet looks like a resnet but cannot be pruned: "
+                                                        f"{why}[^\n]*. Supported: [^\n]*$"):
+            mdp_trt.space_of(model)
     bare = timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, (1, 1, 1, 1))
     assert "pretrained_cfg" in A.why_not(bare)
 
@@ -468,4 +529,4 @@ def test_resolution_override() -> None:
     with pytest.raises(MdpError, match="positive"):
         space_of(make("test_resnet"), SpaceConfig(resolution=0))
     sp = space_of(make("test_resnet"), SpaceConfig(resolution=8))
-    assert sp.terms[-1].const["in_hw"] == 1
+    assert next(t for t in sp.terms if t.name == "global_pool").const["in_hw"] == 1

@@ -9,26 +9,24 @@ from mdp_trt.models.base import Adapter, Importance, SpaceConfig
 
 __all__ = ["Adapter", "Importance", "SpaceConfig", "adapter_for", "adapters", "FAMILIES"]
 
-FAMILIES = ("timm ResNet (BasicBlock / Bottleneck, incl. deep-stem variants such as resnet50d; "
-            "ResNeXt, SE and ECA ResNets), VisionTransformer / DeiT, ConvNeXt v1/v2, "
+FAMILIES = ("VisionTransformer / DeiT, timm ResNet (BasicBlock / Bottleneck, incl. deep-stem variants "
+            "such as resnet50d; ResNeXt, SE and ECA ResNets), ConvNeXt v1/v2, "
             "EfficientNet / MobileNetV2 / MobileNetV3, RegNetX/Y and ByobNet (e.g. resnext26ts)")
 
 
 def adapters() -> list[Adapter]:
     """Every adapter, most specific first: a model goes to the first that takes it."""
     from mdp_trt.models.generic import graph_adapters
-    from mdp_trt.models.resnet import ResNetAdapter
     from mdp_trt.models.vit import ViTAdapter
 
-    return [ResNetAdapter(), ViTAdapter(), *graph_adapters()]
+    return [ViTAdapter(), *graph_adapters()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for ``model``, or one clear error naming what is supported and what blocked it.
 
-    A model the family's own adapter refuses (a grouped or SE ResNet) goes on to the channel
-    graph; when every adapter that recognises it refuses, the last (most general) one's reason
-    is given.
+    When every adapter that recognises the model refuses it, the last (most general) one's
+    reason is given.
     """
     refused: list[tuple[Adapter, str]] = []
     for a in adapters():

@@ -13,7 +13,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.regnet import RegNet
 from timm.models.resnet import ResNet
 
-from mdp_trt.models.generic import Family, family
+from mdp_trt.models.generic import Family, Proto, family
 
 
 @family
@@ -45,13 +45,27 @@ class RegNetFamily(Family):
 
 
 @family
-class ResNetGraphFamily(Family):
-    """timm ResNets the plain ResNet adapter leaves out: ResNeXt (grouped convs), SE and
-    ECA attention (seresnet50, ecaresnet50d, seresnext50_32x4d)."""
+class ResNetFamily(Family):
+    """timm ResNets: BasicBlock and Bottleneck, plain and deep stems, avg-pool shortcuts,
+    ResNeXt (grouped convs), SE and ECA attention.
 
-    name = "resnet-graph"
+    A stage's residual width is named ``layer3.res`` and the stem's output width ``stem``
+    (when it is not layer1's residual width, as it is in resnet18), as the earlier ResNet
+    adapter named them, so plans and space ids made for plain ResNets stay valid.
+    """
+
+    name = "resnet"
     classes = (ResNet,)
     block_parents = ("layer*",)
+
+    def dim_names(self, p: Proto) -> dict[int, str]:
+        stages = [n for n, _ in p.model.named_children() if n.startswith("layer")]
+        out: dict[int, str] = {}
+        for path, name in [*((s, f"{s}.res") for s in stages), ("act1", "stem")]:
+            r = p.output_of(path)
+            if r is not None and r not in out:
+                out[r] = name
+        return out
 
 
 @family

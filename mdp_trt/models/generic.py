@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import timm
 import torch
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d
 from torch import nn
 
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models import rules
 from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.models.common import arch_name, input_side, top_k
 from mdp_trt.models.graph import ChannelGraph, Layer, Unsupported, Val
-from mdp_trt.models.resnet import _arch_name, _side, _top_k
 from mdp_trt.models.trace import (
     ADDS,
     Cut,
@@ -62,6 +63,11 @@ class Family:
     def blocks(self, model: nn.Module) -> list[str]:
         """Qualified names of the residual blocks, in forward order (removed ones left out)."""
         return children_of(model, self.block_parents)
+
+    def dim_names(self, p: Proto) -> dict[int, str]:
+        """Names the family gives some dims (root var -> name), where the graph's default
+        (the layer that writes the width) would hide what the width is."""
+        return {}
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -116,6 +122,13 @@ class Proto:
     def layer_block(self, layer: Layer) -> str | None:
         return self.node_block.get(layer.node)
 
+    def output_of(self, path: str) -> int | None:
+        """Root width variable of what module ``path`` returns (its last node's), if it has one."""
+        last = [n for n, paths in self.t.stack.items() if any(q == path or q.startswith(path + ".")
+                                                              for q in paths)]
+        v = self.t.vals.get(last[-1]) if last else None
+        return self.root(v.var) if isinstance(v, Val) else None
+
 
 def _build(model: nn.Module, plugin: Family, side: int) -> Proto:
     t = trace(model, side)
@@ -125,8 +138,12 @@ def _build(model: nn.Module, plugin: Family, side: int) -> Proto:
     g = t.graph
     if t.output is not None and int(getattr(model, "num_classes", 0) or 0) > 0:
         g.fix(t.output.var, f"the task has {g.var(t.output.var).size} classes")
-    names: set[str] = set()
-    for root, layers in g.classes().items():
+    classes = g.classes()
+    p.dim_of = {r: n for r, n in plugin.dim_names(p).items() if r in classes}
+    names = set(p.dim_of.values())
+    for root, layers in classes.items():
+        if root in p.dim_of:
+            continue
         writer = next((la for la in layers if g.find(la.vars.get("out", -1)) == root
                        and g.find(la.vars.get("in", -1)) != root), None)
         inner = next((la for la in layers if g.find(la.vars.get("inner", -1)) == root), None)
@@ -151,8 +168,12 @@ def _removable(p: Proto, block: str) -> tuple[bool, str]:
     if len(ins) != 1 or not nodes:
         return False, f"block {block} has {len(ins)} inputs"
     x, out = ins[0], nodes[-1]
-    if t.shapes.get(out) != t.shapes.get(x):
-        return False, f"it changes the shape {t.shapes[x][1:]} -> {t.shapes[out][1:]}: no identity shortcut to keep"
+    a, b = t.shapes.get(x, ()), t.shapes.get(out, ())
+    if a != b:
+        changes = [f"the width {a[1]}->{b[1]}"] if len(a) > 1 and len(b) > 1 and a[1] != b[1] else []
+        changes += [f"the feature map {a[2]}->{b[2]}"] if len(a) == len(b) == 4 and a[2:] != b[2:] else []
+        what = " and ".join(changes) or f"the shape {a[1:]}->{b[1:]}"
+        return False, f"it changes {what}: no identity shortcut to keep"
 
     def alias_of_input(n: str) -> bool:
         node = t.nodes[n]
@@ -182,7 +203,7 @@ class GraphAdapter:
         return self.plugin.matches(model)
 
     def why_not(self, model: nn.Module) -> str:
-        if _arch_name(model) is None:
+        if arch_name(model) is None:
             return ("it has no timm pretrained_cfg naming its architecture "
                     "(create it with timm.create_model so that it can be rebuilt)")
         why = self.plugin.check(model)
@@ -197,7 +218,7 @@ class GraphAdapter:
         return ""
 
     def _proto(self, model: nn.Module, side: int) -> Proto:
-        why = "" if _arch_name(model) else self.why_not(model)
+        why = "" if arch_name(model) else self.why_not(model)
         why = why or self.plugin.check(model)
         if why:
             raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {why}")
@@ -207,7 +228,7 @@ class GraphAdapter:
             raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {exc}") from exc
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
-        name = _arch_name(model)
+        name = arch_name(model)
         if name is None:
             raise UnsupportedModelError(self.why_not(model))
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -216,12 +237,16 @@ class GraphAdapter:
         pool = next((m for m in model.modules() if isinstance(m, SelectAdaptivePool2d)), None)
         if pool is not None and pool.pool_type not in ("avg", ""):
             kwargs["global_pool"] = pool.pool_type
+        why = _rebuild_differs(model, name, kwargs)
+        if why:
+            raise UnsupportedModelError(f"timm.create_model({name!r}, **{kwargs}) would not rebuild this "
+                                        f"{type(model).__name__}: {why}; pass arch= to save_pruned")
         return {"name": name, "kwargs": kwargs}
 
     # -- the space -----------------------------------------------------------------------
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
-        side = _side(model, config)
+        side = input_side(model, config)
         p = self._proto(model, side)
         g = p.t.graph
         classes = g.classes()
@@ -255,7 +280,7 @@ class GraphAdapter:
         locked = [(b.name, b.reason) for b in blocks if not b.removable]
         fixed = dict.fromkeys(g.vars[g.find(i)].fixed for i in range(len(g.vars)) if g.var(i).fixed)
         locked += [("fixed width", why) for why in fixed]
-        space = PruningSpace(_arch_name(model) or "", self.family, dims, blocks, terms,
+        space = PruningSpace(arch_name(model) or "", self.family, dims, blocks, terms,
                              (p.t.in_chans, side, side), locked, dataclasses.asdict(config))
         space.handle = p
         return space
@@ -268,9 +293,9 @@ class GraphAdapter:
         p = self._proto(model, space.input_size[1])
         mine = sorted((n, p.t.graph.vars[r].size) for r, n in p.dim_of.items())
         theirs = sorted((d.name, d.size) for d in space.dims)
-        if mine != theirs or _arch_name(model) != space.model:
+        if mine != theirs or arch_name(model) != space.model:
             raise PlanError(f"the pruning space (of {space.model}, id {space.space_id}) was not built "
-                            f"from this model ({_arch_name(model)}, {len(mine)} dims)")
+                            f"from this model ({arch_name(model)}, {len(mine)} dims)")
         return p
 
     def term_module(self, space: PruningSpace, term: Term, widths: tuple[int, ...]
@@ -294,63 +319,97 @@ class GraphAdapter:
 
     # -- importance ----------------------------------------------------------------------
 
-    def _scores(self, model: nn.Module, space: PruningSpace,
-                unit: Callable[[nn.Module, Layer, str, rules.Slot], torch.Tensor | None],
-                norms_only: bool) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Per unit of every dim, the sum over its layers of ``unit`` per slot; per removable
-        block, the sum of its own layers' contributions to widths it shares."""
-        p = self._fitting(model, space)
+    def _scores(self, p: Proto, space: PruningSpace,
+                unit: Callable[[nn.Module, Layer], dict[str, torch.Tensor]], norms_only: bool) -> _Scores:
+        """Per unit of every dim, the sum over its layers of their part (``unit``: one vector
+        per role, the units of that role's width); per removable block, its own layers' part of
+        every width it shares, which goes with the block."""
         g = p.t.graph
         classes = g.classes()
         use_norm = {p.dim_of[r]: norms_only and any(la.rule.norm for la in ls) for r, ls in classes.items()}
-        units = {d.name: np.zeros(d.size) for d in space.dims}
-        blocks = {b.name: 0.0 for b in space.blocks if b.removable}
+        sc = _Scores({d.name: np.zeros(d.size) for d in space.dims}, {d.name: np.zeros(d.size) for d in space.dims})
+        removable = {b.name for b in space.blocks if b.removable}
         with torch.no_grad():
             for layer in g.layers:
-                mod = p.t.gm.get_submodule(layer.name)
-                for s in layer.rule.slots(mod, layer.attr):
-                    d = p.dim(layer.vars[s.role])
+                for role, v in unit(p.t.gm.get_submodule(layer.name), layer).items():
+                    d = p.dim(layer.vars[role])
                     if d is None or (use_norm[d] and not layer.rule.norm):
                         continue
-                    v = unit(mod, layer, s.role, s)
-                    if v is None:
-                        continue
-                    units[d] += v.double().cpu().numpy()
+                    part = v.double().cpu().numpy()
+                    sc.units[d] += part
+                    sc.spread[d] += np.abs(part)
                     b = p.layer_block(layer)
-                    if b in blocks and space.dim(d).block != b:
-                        blocks[b] += float(v.sum())
+                    if b in removable and space.dim(d).block != b:
+                        for store, x in ((sc.own, part), (sc.own_abs, np.abs(part))):
+                            store.setdefault(b, {}).setdefault(d, np.zeros(len(part)))[:] += x
         for root, d in p.dim_of.items():
             gran = g.vars[root].gran
-            if gran > 1:
-                units[d] = np.repeat(units[d].reshape(-1, gran).mean(1), gran)
-        return units, blocks
+            if gran > 1:  # whole groups go: one score per group
+                for arr in (sc.units[d], sc.spread[d], *(per[d] for per in (*sc.own.values(), *sc.own_abs.values())
+                                                         if d in per)):
+                    arr[:] = np.repeat(arr.reshape(-1, gran).mean(1), gran)
+        return sc
 
     def magnitude(self, model: nn.Module, space: PruningSpace) -> Importance:
         """Per unit: the norm of everything a layer writes for it (filters, biases, norm
-        parameters and means), summed over its layers; a unit whose writers are all zero
-        scores exactly 0. A block: the same over its layers on the widths it shares."""
+        parameters and means), summed over its layers; a conv followed by a BatchNorm counts
+        once, folded (|folded filter|_2 + |folded bias|: the filter the engine runs). A unit
+        whose writers are all zero scores exactly 0. A removable block owns its layers' part of
+        each width it shares (``block_shares``: a residual block's last layer on its stage's
+        width); ``blocks`` holds their totals."""
+        p = self._fitting(model, space)
+        folds = _bn_folds(p)
+        folded = {conv.key for conv in folds.values()}
 
-        def unit(mod: nn.Module, layer: Layer, role: str, s: rules.Slot) -> torch.Tensor | None:
-            t = rules.get_tensor(mod, s.path)
-            if role == "in" or t is None or s.path.endswith("running_var"):
-                return None
-            return _per_unit(t.detach(), s.axis).pow(2).sum(1).sqrt()
+        def unit(mod: nn.Module, layer: Layer) -> dict[str, torch.Tensor]:
+            if layer.key in folded:
+                return {}
+            if layer.key in folds:
+                conv = p.t.gm.get_submodule(folds[layer.key].name)
+                assert isinstance(conv, nn.Conv2d) and isinstance(mod, nn.BatchNorm2d)
+                return {"out": _folded(conv, mod)}
+            out: dict[str, torch.Tensor] = {}
+            for s in layer.rule.slots(mod, layer.attr):
+                t = rules.get_tensor(mod, s.path)
+                if s.role == "in" or t is None or s.path.endswith("running_var"):
+                    continue
+                v = _per_unit(t.detach(), s.axis).pow(2).sum(1).sqrt()
+                out[s.role] = out[s.role] + v if s.role in out else v
+            return out
 
-        units, blocks = self._scores(model, space, unit, norms_only=False)
-        return Importance(units, blocks)
+        sc = self._scores(p, space, unit, norms_only=False)
+        return Importance(sc.units, sc.block_totals(space), sc.own)
 
     def taylor_terms(self, model: nn.Module, space: PruningSpace
                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Signed sum of w * dL/dw per unit: over the norms' affine parameters for a width that
-        has norms, over every weight touching it otherwise (MLP and gate widths)."""
+        has norms, over every weight touching it otherwise (MLP and gate widths). A removable
+        block scores its own layers' part of the widths it shares."""
+        units, blocks, _ = self.taylor_shares(model, space)
+        return units, blocks
 
-        def unit(mod: nn.Module, layer: Layer, role: str, s: rules.Slot) -> torch.Tensor | None:
-            t = rules.get_tensor(mod, s.path)
-            if not isinstance(t, nn.Parameter) or t.grad is None:
-                return None
-            return _per_unit(t.detach().double() * t.grad.double(), s.axis).sum(1)
+    def taylor_shares(self, model: nn.Module, space: PruningSpace
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, dict[str, np.ndarray]]]:
+        """:meth:`taylor_terms`, and per removable block the fraction of each unit's score on
+        a width it shares that is its own: its layers' |part| over the sum of every layer's
+        |part| on that width (0 where all are 0). The caller splits each batch's unit scores
+        (absolute values of the sums) by these fractions and accumulates the block's share."""
+        p = self._fitting(model, space)
 
-        return self._scores(model, space, unit, norms_only=True)
+        def unit(mod: nn.Module, layer: Layer) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            for s in layer.rule.slots(mod, layer.attr):
+                t = rules.get_tensor(mod, s.path)
+                if not isinstance(t, nn.Parameter) or t.grad is None:
+                    continue
+                v = _per_unit(t.detach().double() * t.grad.double(), s.axis).sum(1)
+                out[s.role] = out[s.role] + v if s.role in out else v
+            return out
+
+        sc = self._scores(p, space, unit, norms_only=True)
+        fractions = {b: {d: np.divide(own, sc.spread[d], out=np.zeros_like(own), where=sc.spread[d] > 0)
+                         for d, own in per.items()} for b, per in sc.own_abs.items()}
+        return sc.units, sc.block_totals(space), fractions
 
     # -- surgery -------------------------------------------------------------------------
 
@@ -369,7 +428,7 @@ class GraphAdapter:
             if scores.shape != (d.size,):
                 raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
             gran = next(g.vars[r].gran for r, n in p.dim_of.items() if n == d.name)
-            groups = _top_k(scores.reshape(-1, gran).sum(1), plan.widths[d.name] // gran)
+            groups = top_k(scores.reshape(-1, gran).sum(1), plan.widths[d.name] // gran)
             keep[d.name] = (groups[:, None] * gran + np.arange(gran)).reshape(-1)
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=ref.device) for k, v in keep.items()}
         removed = set(plan.removed)
@@ -389,7 +448,14 @@ class GraphAdapter:
         for prm in pruned.parameters():
             prm.grad = None
         pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}  # type: ignore[assignment]
-        pruned.mdp_arch = getattr(model, "mdp_arch", None) or self.arch(model)  # type: ignore[assignment]
+        arch = getattr(model, "mdp_arch", None)
+        if arch is None:
+            try:
+                arch = self.arch(model)
+            except UnsupportedModelError:
+                arch = None  # built with options timm's name does not carry: save_pruned needs arch=
+        if arch is not None:
+            pruned.mdp_arch = arch  # type: ignore[assignment]
         return pruned
 
     def _fix_attributes(self, p: Proto, pruned: nn.Module, kept: dict[str, int]) -> None:
@@ -412,11 +478,9 @@ class GraphAdapter:
             setattr(pruned, "head_hidden_size", new(head[-1].vars["in"]))  # noqa: B010
         for info in getattr(pruned, "feature_info", []) or []:
             mod = info.get("module") if isinstance(info, dict) else None
-            last = [n for n, paths in t.stack.items() if mod and any(q == mod or q.startswith(mod + ".")
-                                                                    for q in paths)]
-            v = t.vals.get(last[-1]) if last else None
-            if isinstance(v, Val) and info.get("num_chs") == g.var(v.var).size:
-                info["num_chs"] = new(v.var)
+            r = p.output_of(mod) if mod else None
+            if r is not None and info.get("num_chs") == g.vars[r].size:
+                info["num_chs"] = new(r)
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:
         """Every parameter of every kept layer, at the plan's widths (from the rules' slots)."""
@@ -452,3 +516,75 @@ def _per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
 def _symbol(g: ChannelGraph, sym: dict[int, str], v: int) -> str:
     """A term's name for width variable ``v``: its dim's place, or its size when fixed."""
     return sym.get(g.find(v), str(g.var(v).size))
+
+
+@dataclass
+class _Scores:
+    """Per-unit scores of every dim, the sum of |each layer's part| (``spread``), and per
+    removable block its layers' signed and absolute parts of the widths it shares."""
+
+    units: dict[str, np.ndarray]
+    spread: dict[str, np.ndarray]
+    own: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    own_abs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def block_totals(self, space: PruningSpace) -> dict[str, float]:
+        """Every removable block's value: the total of its parts (0 if it shares no width)."""
+        return {b.name: float(sum(v.sum() for v in self.own.get(b.name, {}).values()))
+                for b in space.blocks if b.removable}
+
+
+def _bn_folds(p: Proto) -> dict[str, Layer]:
+    """BatchNorm layer key -> the conv layer it folds into: the BN reads only that conv's
+    output, the conv feeds nothing else, and the BN has its running statistics."""
+    t = p.t
+    convs = {la.node: la for la in t.graph.layers if not la.attr and la.rule.kind == "conv"}
+    out: dict[str, Layer] = {}
+    for la in t.graph.layers:
+        mod = t.gm.get_submodule(la.name) if not la.attr else None
+        if not isinstance(mod, nn.BatchNorm2d) or mod.running_mean is None or mod.running_var is None:
+            continue
+        src = t.nodes[la.node].all_input_nodes
+        if len(src) == 1 and src[0].name in convs and len(src[0].users) == 1:
+            out[la.key] = convs[src[0].name]
+    return out
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """|folded filter|_2 + |folded bias| per output channel of conv followed by BN."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return conv.weight.detach().flatten(1).norm(dim=1) * scale.abs() + shift.abs()
+
+
+_INFERENCE_ALIASES = (nn.Dropout, nn.Dropout2d, DropPath, nn.Identity)  # rates differ, outputs do not
+
+
+@functools.lru_cache(maxsize=32)
+def _layers_of(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, type, str], ...]:
+    """(path, type, extra_repr) of every module ``timm.create_model(name, **kwargs)`` builds."""
+    try:
+        with torch.device("meta"):
+            fresh = timm.create_model(name, pretrained=False, **dict(kwargs))
+    except Exception:  # some models compute at init: build on the CPU instead
+        fresh = timm.create_model(name, pretrained=False, **dict(kwargs))
+    return tuple((path, type(m), m.extra_repr()) for path, m in fresh.named_modules())
+
+
+def _rebuild_differs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> str:
+    """'' when ``timm.create_model(name, **kwargs)`` builds ``model``'s layers, else the first
+    layer that differs (a dilated ResNet, say, whose name does not carry ``output_stride``)."""
+    theirs = {path: (cls, rep) for path, cls, rep in _layers_of(name, tuple(sorted(kwargs.items())))}
+    for path, mod in model.named_modules():
+        cls, rep = theirs.pop(path, (None, ""))
+        if isinstance(mod, _INFERENCE_ALIASES) and cls is not None and issubclass(cls, _INFERENCE_ALIASES):
+            continue
+        if cls is not type(mod) or rep != mod.extra_repr():
+            found = f"{cls.__name__}({rep})" if cls is not None else "nothing"
+            return f"{path or 'the model'} is {type(mod).__name__}({mod.extra_repr()}), timm builds {found}"
+    return f"timm builds {next(iter(theirs))} too" if theirs else ""

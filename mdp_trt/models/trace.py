@@ -45,14 +45,25 @@ _SPLITS = {torch.split, torch.chunk, torch.cat, torch.stack, torch.concat, "spli
 
 
 class _Tracer(fx.Tracer):
-    """Keeps timm's no-trace modules and every module type with a rule as leaves."""
+    """Keeps timm's no-trace modules and every module type with a rule as leaves, and
+    remembers the innermost module whose forward could not be traced."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self.failed_in: tuple[str, nn.Module] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (rules.lookup(m) is not None or is_notrace_module(type(m))
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), m)
+            raise
 
 
 @dataclass
@@ -95,11 +106,14 @@ def trace(model: nn.Module, side: int) -> Traced:
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None:
         raise Unsupported("the model has no Conv2d to read its input channels from")
+    tracer = _Tracer()
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
+        gm = fx.GraphModule(model, tracer.trace(model))
     except Exception as exc:  # fx raises many types for code it cannot trace
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise Unsupported(f"torch.fx cannot trace {type(model).__name__}: {line[:200]}") from exc
+        path, mod = tracer.failed_in or ("", model)
+        where = f"module {path} ({type(mod).__name__})" if path else f"the forward of {type(mod).__name__}"
+        raise Unsupported(f"torch.fx cannot trace {where}: {line[:200]}") from exc
     ref = next(model.parameters())
     was = model.training
     model.eval()

@@ -36,6 +36,7 @@ from torch import nn
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models.attention import AttnQKTerm, AttnVTerm, PrunedAttention, qkv_rows
 from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.models.common import arch_name, top_k
 from mdp_trt.space import Block as SpaceBlock
 from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choices_for
 
@@ -124,12 +125,6 @@ def _pair(v: Any) -> tuple[int, int]:
 
 def _scalar_or_pair(v: tuple[int, int]) -> int | tuple[int, int]:
     return v[0] if v[0] == v[1] else v
-
-
-def _arch_name(model: nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    name = cfg.get("architecture") if isinstance(cfg, dict) else None
-    return str(name) if name else None
 
 
 def _norm_kind(model: nn.Module, name: str, width: int) -> str | None:
@@ -260,7 +255,7 @@ def _read(model: nn.Module) -> _Vit:
         raise _Unsupported(
             f"{type(model).__name__} subclasses VisionTransformer with its own behaviour"
         )
-    name = _arch_name(model)
+    name = arch_name(model)
     if name is None:
         raise _Unsupported(
             "it has no timm pretrained_cfg naming its architecture "
@@ -622,12 +617,6 @@ class _HeadTerm(nn.Module):
 # -- surgery helpers ------------------------------------------------------------------------
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
-    return np.sort(np.argsort(-s, kind="stable")[:k])
-
-
 def _new(p: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.clone(), requires_grad=p.requires_grad)
 
@@ -966,7 +955,7 @@ class ViTAdapter:
                 raise PlanError(
                     f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units"
                 )
-            keep[d.name] = _top_k(scores, plan.widths[d.name])
+            keep[d.name] = top_k(scores, plan.widths[d.name])
         if not isinstance(model, VisionTransformer):  # _fitting has read it as one
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
         arch = self.arch(model)

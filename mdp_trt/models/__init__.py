@@ -10,7 +10,7 @@ from mdp_trt.models.base import Adapter, Importance, SpaceConfig
 __all__ = ["Adapter", "Importance", "SpaceConfig", "adapter_for", "adapters", "FAMILIES"]
 
 FAMILIES = ("timm ResNet (BasicBlock / Bottleneck, incl. deep-stem variants such as resnet50d; "
-            "ResNeXt, SE and ECA ResNets), VisionTransformer / DeiT, ConvNeXt v1/v2, "
+            "ResNeXt, SE and ECA ResNets), VisionTransformer / DeiT, Swin Transformer v1/v2, ConvNeXt v1/v2, "
             "EfficientNet / MobileNetV2 / MobileNetV3, RegNetX/Y and ByobNet (e.g. resnext26ts)")
 
 
@@ -18,9 +18,10 @@ def adapters() -> list[Adapter]:
     """Every adapter, most specific first: a model goes to the first that takes it."""
     from mdp_trt.models.generic import graph_adapters
     from mdp_trt.models.resnet import ResNetAdapter
+    from mdp_trt.models.swin import SwinAdapter
     from mdp_trt.models.vit import ViTAdapter
 
-    return [ResNetAdapter(), ViTAdapter(), *graph_adapters()]
+    return [ResNetAdapter(), ViTAdapter(), SwinAdapter(), *graph_adapters()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

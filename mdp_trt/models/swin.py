@@ -803,8 +803,10 @@ class SwinAdapter:
         for name, kind, size, block in _dim_names(info):
             if kind in ("embed", "mlp"):
                 step, _ = aligned_choices(size, config.min_step, config.max_choices)
+            elif kind == "heads":  # later stages have up to 48 heads: max_choices bounds them too
+                step = min(size, max(config.head_step, math.ceil(size / config.max_choices)))
             else:
-                step = min(size, config.head_step if kind == "heads" else config.per_head_step)
+                step = min(size, config.per_head_step)
             dims.append(Dim(name, kind, size, step, choices_for(size, step), block, layers[name]))
         blocks = [Block(b.name, j > 0, "" if j else f"the only block kept for sure in stage layers.{s}: "
                         f"the first block of a stage stays so that the stage is never empty",

@@ -41,7 +41,9 @@ SMALL = {"img_size": 64, "window_size": 4}
 # id -> (timm name, kwargs); the second group is heavy and runs with -m slow
 FAST: dict[str, tuple[str, dict[str, Any]]] = {
     "swin_tiny@64": ("swin_tiny_patch4_window7_224", SMALL),
-    "swin_tiny@56-padded": ("swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 4}),
+    # a narrow swin_tiny at 56 px: stage grids 14 and 7 are padded to whole windows
+    "swin_tiny-narrow@56": ("swin_tiny_patch4_window7_224",
+                            {"img_size": 56, "window_size": 4, "embed_dim": 32, "num_heads": (1, 2, 4, 8)}),
     "swinv2_tiny@64": ("swinv2_tiny_window8_256", SMALL),
 }
 SLOW: dict[str, tuple[str, dict[str, Any]]] = {
@@ -157,6 +159,12 @@ def test_random_plan_contract(key: str, tmp_path) -> None:
     assert n_params(pruned) == A.param_count(sp, plan) < n_params(m)
     for b in plan.removed:
         assert isinstance(pruned.get_submodule(b), nn.Identity)
+    keep = {k: torch.tensor(v) for k, v in pruned.mdp_indices.items()}
+    for s in range(1, len(m.layers)):  # a merging reads the kept channels in each of its four copies
+        prev, e, width = keep[f"layers.{s - 1}.embed"], keep[f"layers.{s}.embed"], sp.dim(f"layers.{s - 1}.embed").size
+        four = torch.cat([prev + c * width for c in range(4)])
+        dense_red = m.get_submodule(f"layers.{s}.downsample.reduction").weight
+        assert torch.equal(pruned.get_submodule(f"layers.{s}.downsample.reduction").weight, dense_red[e][:, four])
     feats = pruned.forward_features(x)
     assert pruned.num_features == feats.shape[-1] == plan.widths[f"layers.{len(m.layers) - 1}.embed"]
     assert rel_diff(ort_run(pruned, x), y.numpy()) < 1e-4

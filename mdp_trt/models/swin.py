@@ -45,9 +45,9 @@ from timm.models import swin_transformer_v2 as sw2
 from torch import nn
 
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
+from mdp_trt.models import vit
 from mdp_trt.models.attention import qkv_rows
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models import vit
 from mdp_trt.models.vit import (
     _arch_name,
     _cols,
@@ -406,7 +406,7 @@ def _read(model: nn.Module) -> _Swin:
         num_classes = fc.out_features
     info = _Swin(name, v2, conv.in_channels, _pair(pe.img_size), patch, embed_norm, tuple(stages),
                  pool, num_classes)
-    known = {p for p, _ in _owned_params(info)}
+    known = set(_param_names(info))
     extra = [p for p, _ in model.named_parameters() if p not in known]
     if extra:
         raise _Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
@@ -495,30 +495,24 @@ def _owners(info: _Swin) -> dict[str, list[tuple[str, Reducer]]]:
     return own
 
 
-def _owned_params(info: _Swin) -> list[tuple[str, str]]:
-    """(parameter, term) of every parameter of the model, the term that holds it."""
-    out = [("patch_embed.proj.weight", "patch_embed"), ("patch_embed.proj.bias", "patch_embed")]
-    if info.embed_norm:
-        out += [("patch_embed.norm.weight", "patch_embed"), ("patch_embed.norm.bias", "patch_embed")]
+def _param_names(info: _Swin) -> list[str]:
+    """Every parameter a model read as ``info`` has: anything else is refused."""
+    out = ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    out += ["patch_embed.norm.weight", "patch_embed.norm.bias"] if info.embed_norm else []
     for s, st in enumerate(info.stages):
         if s > 0:
-            ds = f"layers.{s}.downsample"
-            out += [(f"{ds}.{p}", ds) for p in ("reduction.weight", "norm.weight", "norm.bias")]
+            out += [f"layers.{s}.downsample.{p}" for p in ("reduction.weight", "norm.weight", "norm.bias")]
         for b in st.blocks:
-            n = b.name
-            qk = ["attn.qkv.weight"] + (["attn.q_bias", "attn.logit_scale", "attn.cpb_mlp.0.weight",
-                                         "attn.cpb_mlp.0.bias", "attn.cpb_mlp.2.weight"] if info.v2
-                                        else ["attn.relative_position_bias_table", "norm1.weight", "norm1.bias"])
-            qk += ["attn.qkv.bias"] if b.qkv_bias and not info.v2 else []
-            vv = ["attn.proj.weight", "attn.proj.bias"] + (["norm1.weight", "norm1.bias"] if info.v2 else [])
-            out += [(f"{n}.{p}", f"{n}.attn_qk") for p in qk if p != "attn.q_bias" or b.qkv_bias]
-            out += [(f"{n}.{p}", f"{n}.attn_v") for p in vv]
-            out += [(f"{n}.attn.v_bias", f"{n}.attn_v")] if info.v2 and b.qkv_bias else []
-            out += [(f"{n}.{p}", f"{n}.mlp") for p in (
-                "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
-    out += [("norm.weight", "head"), ("norm.bias", "head")]
-    if info.num_classes:
-        out += [("head.fc.weight", "head"), ("head.fc.bias", "head")]
+            own = ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.qkv.weight",
+                   "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+                   "mlp.fc2.bias"]
+            if info.v2:
+                own += ["attn.logit_scale", "attn.cpb_mlp.0.weight", "attn.cpb_mlp.0.bias", "attn.cpb_mlp.2.weight"]
+                own += ["attn.q_bias", "attn.v_bias"] if b.qkv_bias else []
+            else:
+                own += ["attn.relative_position_bias_table"] + (["attn.qkv.bias"] if b.qkv_bias else [])
+            out += [f"{b.name}.{p}" for p in own]
+    out += ["norm.weight", "norm.bias"] + (["head.fc.weight", "head.fc.bias"] if info.num_classes else [])
     return out
 
 
@@ -550,7 +544,7 @@ def _branch_outputs(info: _Swin, b: _Blk) -> list[str]:
 
 
 @torch.no_grad()
-def _cut_attn(src: nn.Module, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
+def _cut_attn(src: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
               qk: torch.Tensor, v: torch.Tensor) -> _WindowAttention:
     """A pruned attention holding the kept rows and columns of ``src``'s weights."""
     rows, cols = qkv_rows(heads, qk, v, b.heads, b.qk, b.v)
@@ -582,7 +576,7 @@ def _cut_attn(src: nn.Module, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.T
 
 
 @torch.no_grad()
-def _cut_block(blk: nn.Module, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
+def _cut_block(blk: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
                qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor) -> None:
     for part in ("norm1", "norm2"):
         _slice_vector(blk.get_submodule(part), ("weight", "bias"), e)
@@ -593,7 +587,7 @@ def _cut_block(blk: nn.Module, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.
 
 
 @torch.no_grad()
-def _cut_merge(ds: nn.Module, v2: bool, prev: torch.Tensor, prev_size: int, e: torch.Tensor) -> None:
+def _cut_merge(ds: Any, v2: bool, prev: torch.Tensor, prev_size: int, e: torch.Tensor) -> None:
     """Patch merging from a stage of ``prev_size`` channels (``prev`` kept) to ``e``."""
     four = torch.cat([prev + c * prev_size for c in range(4)])
     _slice_linear(ds.get_submodule("reduction"), e, four)
@@ -602,7 +596,7 @@ def _cut_merge(ds: nn.Module, v2: bool, prev: torch.Tensor, prev_size: int, e: t
 
 
 @torch.no_grad()
-def _cut_patch_embed(pe: nn.Module, e: torch.Tensor) -> None:
+def _cut_patch_embed(pe: Any, e: torch.Tensor) -> None:
     conv = pe.get_submodule("proj")
     conv.weight = _new(conv.weight, conv.weight.index_select(0, e))
     conv.bias = _new(conv.bias, conv.bias.index_select(0, e))
@@ -611,7 +605,7 @@ def _cut_patch_embed(pe: nn.Module, e: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _cut_head(norm: nn.Module, head: nn.Module, e: torch.Tensor) -> None:
+def _cut_head(norm: nn.Module, head: Any, e: torch.Tensor) -> None:
     _slice_vector(norm, ("weight", "bias"), e)
     fc = head.get_submodule("fc")
     if isinstance(fc, nn.Linear):
@@ -642,7 +636,7 @@ def _merge(x: torch.Tensor, window: Pair, shift: Pair, res: Pair) -> torch.Tenso
 class _QKTerm(nn.Module):
     """attn_qk: v1's norm1, shift, window partition, q/k projections, scores, softmax."""
 
-    def __init__(self, blk: nn.Module, attn: _WindowAttention, b: _Blk, v2: bool) -> None:
+    def __init__(self, blk: Any, attn: _WindowAttention, b: _Blk, v2: bool) -> None:
         super().__init__()
         h, dq = attn.num_heads, attn.qk_dim
         self.window, self.shift, self.v2 = b.window, b.shift, v2
@@ -675,7 +669,7 @@ class _VTerm(nn.Module):
     post-norm, residual add, window merge, reverse shift. Input: the windows ``(b, windows,
     tokens, c)``."""
 
-    def __init__(self, blk: nn.Module, attn: _WindowAttention, b: _Blk, res: Pair, v2: bool,
+    def __init__(self, blk: Any, attn: _WindowAttention, b: _Blk, res: Pair, v2: bool,
                  gen: torch.Generator) -> None:
         super().__init__()
         h, dq, dv = attn.num_heads, attn.qk_dim, attn.v_dim
@@ -844,7 +838,7 @@ class SwinAdapter:
 
     def _term_module(self, h: _Handle, term: Term, first: Callable[[str], torch.Tensor],
                      gen: torch.Generator) -> tuple[nn.Module, tuple[int, ...]]:
-        info, model, c = h.info, h.model, term.const
+        info, model = h.info, h.model
         module: nn.Module
         if term.kind == "patch_embed":
             module = copy.deepcopy(model.get_submodule("patch_embed"))
@@ -867,9 +861,9 @@ class SwinAdapter:
         st = info.stages[s]
         b = next(b for b in st.blocks if b.name == term.block)
         e = first(f"layers.{s}.embed")
-        src = model.get_submodule(term.block)
+        src: Any = model.get_submodule(term.block)
         if term.kind == "mlp":
-            part = nn.Module()
+            part: Any = nn.Module()
             part.norm2, part.mlp = copy.deepcopy(src.norm2), copy.deepcopy(src.mlp)
             _slice_vector(part.norm2, ("weight", "bias"), e)
             m = first(f"{b.name}.mlp")
@@ -962,11 +956,11 @@ class SwinAdapter:
         device = next(model.parameters()).device
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in keep.items()}
         removed = set(plan.removed)
-        pruned = copy.deepcopy(model)
+        pruned: Any = copy.deepcopy(model)
         _cut_patch_embed(pruned.patch_embed, idx["layers.0.embed"])
         for s, st in enumerate(info.stages):
             e = idx[f"layers.{s}.embed"]
-            stage = pruned.get_submodule(f"layers.{s}")
+            stage: Any = pruned.get_submodule(f"layers.{s}")
             if s > 0:
                 _cut_merge(stage.downsample, info.v2, idx[f"layers.{s - 1}.embed"], info.stages[s - 1].width, e)
             for b in st.blocks:

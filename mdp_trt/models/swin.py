@@ -33,7 +33,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,6 +83,8 @@ class _Unsupported(Exception):
 class _WindowAttention(nn.Module):
     """What the v1 and v2 pruned attentions share: ``qkv`` writes ``[q | k | v]`` (head-major,
     ``qk_dim`` query/key and ``v_dim`` value channels per head), ``proj`` reads the values."""
+
+    relative_position_index: torch.Tensor
 
     def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, window_size: Pair,
                  qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
@@ -189,6 +191,9 @@ class PrunedWindowAttentionV2(_WindowAttention):
     row per head), ``proj``.
     """
 
+    k_bias: torch.Tensor | None
+    relative_coords_table: torch.Tensor
+
     def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, window_size: Pair,
                  qkv_bias: bool = True, cpb_hidden: int = 512, qkv_bias_separate: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
@@ -279,7 +284,7 @@ def _layernorm(model: nn.Module, name: str, width: int) -> None:
 def _read_attn(model: nn.Module, n: str, width: int, v2: bool) -> tuple[int, int, int, float, bool, int]:
     """Heads, qk and v per head, v1's softmax scale, whether q/k/v have biases and v2's
     position-bias MLP width."""
-    a = model.get_submodule(f"{n}.attn")
+    a: Any = model.get_submodule(f"{n}.attn")
     timm_cls = sw2.WindowAttention if v2 else sw1.WindowAttention
     mine = PrunedWindowAttentionV2 if v2 else PrunedWindowAttention
     if type(a) is mine:
@@ -306,14 +311,14 @@ def _read_attn(model: nn.Module, n: str, width: int, v2: bool) -> tuple[int, int
 
 
 def _read_block(model: nn.Module, n: str, width: int, res: Pair, v2: bool) -> _Blk:
-    blk = model.get_submodule(n)
+    blk: Any = model.get_submodule(n)
     cls = sw2.SwinTransformerV2Block if v2 else sw1.SwinTransformerBlock
     if type(blk) is not cls:
         raise _Unsupported(f"block {n} is {type(blk).__name__}, expected {cls.__name__}")
     if blk.dynamic_mask:
         raise _Unsupported(f"block {n} builds its shift mask on every forward (dynamic_mask)")
-    if tuple(blk.input_resolution) != res:
-        raise _Unsupported(f"block {n} is built for a {tuple(blk.input_resolution)} grid, its stage has {res}")
+    if _pair(blk.input_resolution) != res:
+        raise _Unsupported(f"block {n} is built for a {_pair(blk.input_resolution)} grid, its stage has {res}")
     for norm in ("norm1", "norm2"):
         _layernorm(model, f"{n}.{norm}", width)
     heads, qk, v, scale, bias, cpb = _read_attn(model, n, width, v2)
@@ -370,7 +375,8 @@ def _read(model: nn.Module) -> _Swin:
     merge_cls = sw2.PatchMerging if v2 else sw1.PatchMerging
     res = _pair(pe.grid_size)
     stages = []
-    for s, st in enumerate(model.layers):
+    layers: Any = model.layers
+    for s, st in enumerate(layers):
         n = f"layers.{s}"
         if type(st) is not stage_cls:
             raise _Unsupported(f"stage {n} is {type(st).__name__}, expected {stage_cls.__name__}")
@@ -555,7 +561,7 @@ def _cut_attn(src: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
                                       bool(src.qkv_bias_separate), *drops)
         new.logit_scale = _new(src.logit_scale, src.logit_scale.index_select(0, heads))
         new.cpb_mlp = copy.deepcopy(src.cpb_mlp)
-        _slice_linear(new.cpb_mlp[2], heads)
+        _slice_linear(cast(nn.Linear, new.cpb_mlp[2]), heads)
         if b.qkv_bias:
             q_rows = rows[: len(heads) * len(qk)]
             new.q_bias = _new(src.q_bias, src.q_bias.index_select(0, q_rows))
@@ -635,6 +641,8 @@ def _merge(x: torch.Tensor, window: Pair, shift: Pair, res: Pair) -> torch.Tenso
 
 class _QKTerm(nn.Module):
     """attn_qk: v1's norm1, shift, window partition, q/k projections, scores, softmax."""
+
+    mask: torch.Tensor | None
 
     def __init__(self, blk: Any, attn: _WindowAttention, b: _Blk, v2: bool) -> None:
         super().__init__()

@@ -9,17 +9,18 @@ from mdp_trt.models.base import Adapter, Importance, SpaceConfig
 
 __all__ = ["Adapter", "Importance", "SpaceConfig", "adapter_for", "adapters", "FAMILIES"]
 
-FAMILIES = ("VisionTransformer / DeiT, timm ResNet (BasicBlock / Bottleneck, incl. deep-stem variants "
-            "such as resnet50d; ResNeXt, SE and ECA ResNets), ConvNeXt v1/v2, "
+FAMILIES = ("VisionTransformer / DeiT, Swin Transformer v1/v2, timm ResNet (BasicBlock / "
+            "Bottleneck, incl. deep-stem variants such as resnet50d; ResNeXt, SE and ECA ResNets), ConvNeXt v1/v2, "
             "EfficientNet / MobileNetV2 / MobileNetV3, RegNetX/Y and ByobNet (e.g. resnext26ts)")
 
 
 def adapters() -> list[Adapter]:
     """Every adapter, most specific first: a model goes to the first that takes it."""
     from mdp_trt.models.generic import graph_adapters
+    from mdp_trt.models.swin import SwinAdapter
     from mdp_trt.models.vit import ViTAdapter
 
-    return [ViTAdapter(), *graph_adapters()]
+    return [ViTAdapter(), SwinAdapter(), *graph_adapters()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -48,8 +48,9 @@ from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models import vit
 from mdp_trt.models.attention import qkv_rows
 from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.models.common import arch_name as _arch_name
+from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.vit import (
-    _arch_name,
     _cols,
     _heads_proj,
     _heads_qkv,
@@ -61,7 +62,6 @@ from mdp_trt.models.vit import (
     _scalar_or_pair,
     _slice_linear,
     _slice_vector,
-    _top_k,
     _v_proj,
     _v_qkv,
 )

@@ -10,17 +10,19 @@ from mdp_trt.models.base import Adapter, Importance, SpaceConfig
 __all__ = ["Adapter", "Importance", "SpaceConfig", "adapter_for", "adapters", "FAMILIES"]
 
 FAMILIES = ("timm ResNet (BasicBlock / Bottleneck, incl. deep-stem variants such as resnet50d; "
-            "ResNeXt, SE and ECA ResNets), VisionTransformer / DeiT, ConvNeXt v1/v2, "
+            "ResNeXt, SE and ECA ResNets), VisionTransformer / DeiT (incl. qk_norm, layer scale, register "
+            "tokens), EVA-02 (Eva: rotary embeddings, SwiGLU), BEiT, ConvNeXt v1/v2, "
             "EfficientNet / MobileNetV2 / MobileNetV3, RegNetX/Y and ByobNet (e.g. resnext26ts)")
 
 
 def adapters() -> list[Adapter]:
     """Every adapter, most specific first: a model goes to the first that takes it."""
+    from mdp_trt.models.eva import BeitAdapter, EvaAdapter
     from mdp_trt.models.generic import graph_adapters
     from mdp_trt.models.resnet import ResNetAdapter
     from mdp_trt.models.vit import ViTAdapter
 
-    return [ResNetAdapter(), ViTAdapter(), *graph_adapters()]
+    return [ResNetAdapter(), ViTAdapter(), EvaAdapter(), BeitAdapter(), *graph_adapters()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

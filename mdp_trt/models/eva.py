@@ -39,6 +39,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, PatchEmbed, RotaryEmbeddingCat, SwiGLU, apply_rot_embed_cat
+from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
 from timm.models.eva import Eva, EvaAttention, EvaBlock
@@ -129,7 +130,7 @@ def _attn_of(model: nn.Module, n: str, embed: int) -> tuple[int, int, int, float
     attn = model.get_submodule(f"{n}.attn")
     if type(attn) is PrunedEvaAttention:
         heads, qk, v, fused = attn.num_heads, attn.qk_dim, attn.v_dim, attn.fused
-    elif type(attn) in (EvaAttention, timm.models.beit.Attention):
+    elif type(attn) in (EvaAttention, BeitAttention):
         if type(getattr(attn, "norm", nn.Identity())) is not nn.Identity:
             raise _Unsupported(f"{n}.attn normalizes its output before the projection (scale_attn_inner)")
         if getattr(attn, "gate", None) is not None:
@@ -226,7 +227,7 @@ def _read_block(model: nn.Module, info_kind: str, i: int, embed: int, norms: set
 
 def _read(model: nn.Module) -> _Info:
     """Read ``model`` into an :class:`_Info`; raises ``_Unsupported`` with what blocked it."""
-    kind = {Eva: "eva", Beit: "beit"}.get(type(model))  # type: ignore[call-overload]
+    kind = "eva" if type(model) is Eva else "beit" if type(model) is Beit else None
     if kind is None:
         raise _Unsupported(f"{type(model).__name__} is not a timm Eva or Beit")
     name = _arch_name(model)
@@ -738,6 +739,11 @@ class EvaAdapter:
                 no_embed_class=info.pos == "patches", use_rot_pos_emb=bool(info.rope),
                 use_pre_transformer_norm=info.pre_norm, use_post_transformer_norm=info.final == "norm",
             )
+            r = getattr(model, "rope", None)
+            if info.rope and isinstance(r, RotaryEmbeddingCat):  # the rotation's frequencies and grid
+                kw.update(rope_rotate_half=info.rope_half, rope_temperature=float(r.temperature),
+                          rope_grid_offset=float(r.grid_offset), rope_grid_indexing=str(r.grid_indexing),
+                          ref_feat_shape=None if r.ref_feat_shape is None else tuple(r.ref_feat_shape))
             if info.blocks:
                 b = info.blocks[0]
                 kw.update(qkv_fused=b.fused, qk_norm=b.qk_norm is not None,

@@ -666,7 +666,7 @@ def test_unsupported_models_say_what_blocked_them() -> None:
     assert "not a timm VisionTransformer" in A.why_not(nn.Sequential())
     cases = {
         "attention pooling head (global_pool='map')": make("test_vit3"),
-        "qk_norm": make("test_vit", qk_norm=True),
+        "scale_norm": make("test_vit", scale_attn_norm=True),
         "DiffAttention": make("test_vit", attn_layer="diff"),
         "ParallelScalingBlock": make(
             "test_vit", block_fn=timm.models.vision_transformer.ParallelScalingBlock

@@ -9,18 +9,20 @@ from mdp_trt.models.base import Adapter, Importance, SpaceConfig
 
 __all__ = ["Adapter", "Importance", "SpaceConfig", "adapter_for", "adapters", "FAMILIES"]
 
-FAMILIES = ("VisionTransformer / DeiT, Swin Transformer v1/v2, timm ResNet (BasicBlock / "
+FAMILIES = ("VisionTransformer / DeiT (incl. qk_norm, layer scale, register tokens), EVA-02 (Eva: "
+            "rotary embeddings, SwiGLU), BEiT, Swin Transformer v1/v2, timm ResNet (BasicBlock / "
             "Bottleneck, incl. deep-stem variants such as resnet50d; ResNeXt, SE and ECA ResNets), ConvNeXt v1/v2, "
             "EfficientNet / MobileNetV2 / MobileNetV3, RegNetX/Y and ByobNet (e.g. resnext26ts)")
 
 
 def adapters() -> list[Adapter]:
     """Every adapter, most specific first: a model goes to the first that takes it."""
+    from mdp_trt.models.eva import BeitAdapter, EvaAdapter
     from mdp_trt.models.generic import graph_adapters
     from mdp_trt.models.swin import SwinAdapter
     from mdp_trt.models.vit import ViTAdapter
 
-    return [ViTAdapter(), SwinAdapter(), *graph_adapters()]
+    return [ViTAdapter(), EvaAdapter(), BeitAdapter(), SwinAdapter(), *graph_adapters()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -22,6 +22,7 @@ class PrunedAttention(nn.Module):
 
     ``qkv`` writes ``[q | k | v]``: ``num_heads * qk_dim`` query rows (head-major), as many key
     rows, then ``num_heads * v_dim`` value rows; ``proj`` reads ``num_heads * v_dim`` channels.
+    ``q_norm`` / ``k_norm`` (timm's ``qk_norm``) normalise each head's ``qk_dim`` channels.
     """
 
     def __init__(
@@ -36,6 +37,8 @@ class PrunedAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         dim_out: int | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -43,6 +46,8 @@ class PrunedAttention(nn.Module):
         self.v_dim = v_dim
         self.scale = float(scale)
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -56,6 +61,7 @@ class PrunedAttention(nn.Module):
         q = q.reshape(b, n, h, dq).transpose(1, 2)
         k = k.reshape(b, n, h, dq).transpose(1, 2)
         v = v.reshape(b, n, h, dv).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -95,17 +101,25 @@ class AttnQKTerm(nn.Module):
     """Latency term ``attn_qk``: norm, query and key projections, scaled ``q @ k^T``, softmax.
 
     Input ``(batch, tokens, dim)``; output the attention probabilities
-    ``(batch, heads, tokens, tokens)``.
+    ``(batch, heads, tokens, tokens)``. ``qk_norm`` is the norm each head's queries and keys
+    go through (timm's ``qk_norm``), one module per projection.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qk_dim: int, norm: nn.Module, qkv_bias: bool = True
+        self,
+        dim: int,
+        num_heads: int,
+        qk_dim: int,
+        norm: nn.Module,
+        qkv_bias: bool = True,
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.qk_dim = num_heads, qk_dim
         self.scale = qk_dim**-0.5
         self.norm = norm
         self.qk = nn.Linear(dim, 2 * num_heads * qk_dim, bias=qkv_bias)
+        self.q_norm, self.k_norm = qk_norm if qk_norm is not None else (nn.Identity(), nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -115,6 +129,7 @@ class AttnQKTerm(nn.Module):
             .permute(2, 0, 3, 1, 4)
             .unbind(0)
         )
+        q, k = self.q_norm(q), self.k_norm(k)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 

@@ -53,6 +53,7 @@ ACTIVATIONS: tuple[tuple[type[nn.Module], tuple[tuple[str, Any], ...], str], ...
 )
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 EMBED_NORMS = ("patch_embed.norm", "norm_pre", "norm", "fc_norm")
+QK_NORM_PARAMS = tuple(f"attn.{m}_norm.{p}" for m in "qk" for p in ("weight", "bias"))
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -76,6 +77,7 @@ class _Blk:
     ls1: bool
     ls2: bool
     act: str
+    qk_norm: str | None = None  # norm kind of the per-head query/key norms (timm's qk_norm)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def _norm_kind(model: nn.Module, name: str, width: int) -> str | None:
         )
     shape = tuple(getattr(m, "normalized_shape", ()))
     if shape != (width,):
-        raise _Unsupported(f"{name} normalizes {shape}, the embedding is {width} wide")
+        raise _Unsupported(f"{name} normalizes {shape}, expected ({width},)")
     return kind
 
 
@@ -203,9 +205,6 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
         norms.add(kind)
     attn = blk.attn
     if type(attn) is Attention:
-        for sub in ("q_norm", "k_norm"):
-            if type(getattr(attn, sub, nn.Identity())) is not nn.Identity:
-                raise _Unsupported(f"{n}.attn normalizes queries and keys (qk_norm)")
         if type(getattr(attn, "norm", nn.Identity())) is not nn.Identity:
             raise _Unsupported(f"{n}.attn normalizes its output before the projection (scale_norm)")
         if getattr(attn, "gate", None) is not None:
@@ -219,6 +218,9 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
             f"attention {n}.attn is {type(attn).__name__}; handled: timm Attention "
             f"(no relative position, rotary, differential or fused variants)"
         )
+    qk_norms = {_norm_kind(model, f"{n}.attn.{sub}", qk) for sub in ("q_norm", "k_norm")}
+    if len(qk_norms) > 1:
+        raise _Unsupported(f"{n}.attn normalizes queries and keys differently ({qk_norms})")
     qkv = _linear(model, f"{n}.attn.qkv", embed, heads * (2 * qk + v))
     proj = _linear(model, f"{n}.attn.proj", heads * v, embed)
     mlp = blk.mlp
@@ -244,6 +246,7 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
         _layer_scale(model, f"{n}.ls1", embed),
         _layer_scale(model, f"{n}.ls2", embed),
         _act_name(mlp.act, f"{n}.mlp.act"),
+        qk_norms.pop(),
     )
 
 
@@ -359,7 +362,8 @@ def _read(model: nn.Module) -> _Vit:
     for i in range(len(blks)):
         known |= {
             f"blocks.{i}.{m}"
-            for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "ls1", "ls2", "mlp.fc1", "mlp.fc2")
+            for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "ls1", "ls2", "mlp.fc1", "mlp.fc2",
+                      "attn.q_norm", "attn.k_norm")
         }
     extra = [
         p
@@ -457,7 +461,7 @@ def _owners(model: nn.Module, info: _Vit) -> dict[str, list[tuple[str, Reducer]]
     """
     e = info.embed
     reads = ("attn.qkv.weight", "mlp.fc1.weight", "head.weight", "head_dist.weight")
-    skip = ("attn.qkv.bias", "mlp.fc1.bias", "head.bias", "head_dist.bias")
+    skip = ("attn.qkv.bias", "mlp.fc1.bias", "head.bias", "head_dist.bias", *QK_NORM_PARAMS)
     own: dict[str, list[tuple[str, Reducer]]] = {"embed": []}
     for pname, _ in model.named_parameters():
         if pname.endswith(skip):
@@ -472,7 +476,9 @@ def _owners(model: nn.Module, info: _Vit) -> dict[str, list[tuple[str, Reducer]]
         own[f"{n}.heads"] = [(p, _heads_qkv(b.heads, b.qk)) for p in qkv] + [
             (proj, _heads_proj(b.heads))
         ]
-        own[f"{n}.qk"] = [(p, _qk_qkv(b.heads, b.qk)) for p in qkv]
+        own[f"{n}.qk"] = [(p, _qk_qkv(b.heads, b.qk)) for p in qkv] + [
+            (f"{n}.{p}", _rows(b.qk)) for p in QK_NORM_PARAMS if f"{n}.{p}" in params
+        ]
         own[f"{n}.v"] = [(p, _v_qkv(b.heads, b.qk, b.v)) for p in qkv] + [
             (proj, _v_proj(b.heads, b.v))
         ]
@@ -672,6 +678,10 @@ def _pruned_attention(
         attn_drop=float(getattr(drop, "p", 0.0)),
         proj_drop=float(getattr(out_drop, "p", 0.0)),
     )
+    for sub in ("q_norm", "k_norm"):
+        norm = copy.deepcopy(attn.get_submodule(sub))
+        _slice_vector(norm, ("weight", "bias"), qk)
+        setattr(new, sub, norm)
     new.qkv = copy.deepcopy(_sub(attn, "qkv", nn.Linear))
     new.proj = copy.deepcopy(_sub(attn, "proj", nn.Linear))
     _slice_linear(new.qkv, rows, e)
@@ -753,6 +763,8 @@ class ViTAdapter:
             kwargs.update(
                 num_heads=b.heads, mlp_ratio=ratio, qkv_bias=b.qkv_bias, proj_bias=b.proj_bias
             )
+            if b.qk_norm:
+                kwargs["qk_norm"] = True
             if b.ls1 or b.ls2:
                 gamma = model.get_parameter("blocks.0.ls1.gamma" if b.ls1 else "blocks.0.ls2.gamma")
                 kwargs["init_values"] = float(gamma.detach().flatten()[0]) or 1e-5
@@ -843,6 +855,9 @@ class ViTAdapter:
                     qk,
                     _norm(str(c.get("norm", "layernorm")), e),
                     qkv_bias=bool(c.get("qkv_bias", True)),
+                    qk_norm=(_norm(str(c["qk_norm"]), qk), _norm(str(c["qk_norm"]), qk))
+                    if c.get("qk_norm")
+                    else None,
                 ),
                 (tokens, e),
             )
@@ -1032,6 +1047,8 @@ class ViTAdapter:
             elif t.kind == "attn_qk":
                 e, heads, qk = w
                 total += k * e + 2 * heads * qk * (e + int(bool(c.get("qkv_bias", True))))
+                if c.get("qk_norm"):
+                    total += 2 * qk * (1 if c["qk_norm"] == "rmsnorm" else 2)
             elif t.kind == "attn_v":
                 e, heads, v = w
                 total += heads * v * (e + int(bool(c.get("qkv_bias", True))))
@@ -1079,7 +1096,9 @@ def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:
             for m in ("norm1", "attn.qkv", "attn.proj", "ls1", "norm2", "mlp.fc1", "mlp.fc2", "ls2")
         ]
         out[f"{n}.heads"] = (f"{n}.attn.qkv", f"{n}.attn.proj")
-        out[f"{n}.qk"] = (f"{n}.attn.qkv",)
+        out[f"{n}.qk"] = (f"{n}.attn.qkv",) + tuple(
+            f"{n}.attn.{m}" for m in ("q_norm", "k_norm") if f"{n}.attn.{m}" in present
+        )
         out[f"{n}.v"] = (f"{n}.attn.qkv", f"{n}.attn.proj")
         out[f"{n}.mlp"] = (f"{n}.mlp.fc1", f"{n}.mlp.fc2")
     embed += ["norm", "fc_norm", "head", "head_dist"]
@@ -1115,7 +1134,7 @@ def _terms(info: _Vit) -> list[Term]:
     for i, b in enumerate(info.blocks):
         n = f"blocks.{i}"
         qkv_bias: list[tuple[str, Any]] = [] if b.qkv_bias else [("qkv_bias", False)]
-        qk_c = [tokens, *qkv_bias, *norm]
+        qk_c = [tokens, *qkv_bias, *norm] + ([("qk_norm", b.qk_norm)] if b.qk_norm else [])
         v_c = (
             [tokens, *qkv_bias]
             + ([] if b.proj_bias else [("bias", False)])

@@ -182,7 +182,8 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     return adapter_for(model).arch(model)
 
 
-def prune(model: nn.Module | str, target: str, *, engine: str = "onnxruntime", data: Iterable[Any] | None = None,
+def prune(model: nn.Module | str, target: str, *, engine: str = "onnxruntime",
+          data: Iterable[Any] | str | None = None,
           loss_fn: LossFn | None = None, input_size: tuple[int, int, int] | None = None, part: str | None = None,
           out: str | Path | None = None, log: Callable[[str], None] | None = None,
           **options: Any) -> PruneResult:
@@ -201,11 +202,14 @@ def prune(model: nn.Module | str, target: str, *, engine: str = "onnxruntime", d
     from mdp_trt.part import Subject
     from mdp_trt.pipeline import Data, build_model, run
 
+    if isinstance(data, str | Path):  # the command's dataset option: fashion-mnist, synthetic or a directory
+        options["data"], data = str(data), None
     config = PruneConfig.from_options(**options, target=target, engine=engine)
     if input_size is not None:
         if len(input_size) != 3 or input_size[1] != input_size[2]:
             raise MdpError(f"input_size {tuple(input_size)}: give (channels, side, side) of a square input")
         config.resolution = int(input_size[1])
+    torch.manual_seed(config.seed)  # as the command: a named model's initial weights, the data's order
     if isinstance(model, str):
         config.model = model
         if input_size is not None and config.in_chans is None:
@@ -223,7 +227,6 @@ def prune(model: nn.Module | str, target: str, *, engine: str = "onnxruntime", d
                        "importance is taken from the whole model's loss")
     if data is None and loss_fn is not None:
         raise MdpError("loss_fn= needs data= to take the loss on")
-    torch.manual_seed(config.seed)
     result = run(config, subject, Data(data, loss_fn) if data is not None else None, log=log or (lambda s: None))
     if out is not None:
         result.save(out, force=config.force)

@@ -142,7 +142,8 @@ def run(config: PruneConfig, subject: Subject, data: Data | None = None, log: Lo
     dense_pred = surface.predict(space.full_plan())
 
     # Data, accuracy of the dense model.
-    data = data or command_data(config, model, space.input_size)
+    if data is None:  # a user's model has no classes to draw synthetic labels for
+        data = command_data(config, model, space.input_size) if subject.part is None else Data(None)
     if config.finetune_epochs > 0 and data.train_loader is None:
         raise MdpError("fine-tuning (finetune_epochs) takes the command's data option; with your own data, "
                        "fine-tune the returned model in your training code")

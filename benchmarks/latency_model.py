@@ -50,19 +50,22 @@ def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mdp_trt.api import create_model
     from mdp_trt.engine_io import Lab, plan_key
-    from mdp_trt.models import SpaceConfig, adapter_for
+    from mdp_trt.latency import LinearModel, SurfaceModel, calibrated, calibration_plans
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
 
     model = create_model(args.model, resolution=args.resolution).eval()
-    space = adapter_for(model).space(model, SpaceConfig(max_choices=args.max_choices, resolution=args.resolution))
+    subject = Subject(model)
+    space = subject.full_space(SpaceConfig(max_choices=args.max_choices, resolution=args.resolution))
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
     lab = Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads, args.lut,
               args.model, progress=not args.json, log=log, clock=args.clock)
-    surface = lab.surface(model, space, calibration_plans=args.calibration_plans, seed=args.seed)
+    surface = calibrated(lab, subject, space, SurfaceModel(), n_plans=args.calibration_plans, seed=args.seed)
 
-    cal_plans = Lab.calibration_plans(space, args.calibration_plans, args.seed)
+    cal_plans = calibration_plans(space, args.calibration_plans, args.seed)
     cal_keys = {plan_key(p) for p in cal_plans}
     eval_plans = [p for p in sample_plans(space, args.plans, seed=args.seed) if plan_key(p) not in cal_keys]
-    cal_ms = lab.measure_plans(model, space, cal_plans)
+    cal_ms = lab.measure_plans(subject, space, cal_plans)
     # Refit from the (cached) calibration measurements, so the figures follow the current fit
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)
@@ -70,10 +73,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     affine = fit_calibration(surface, cal_plans, cal_ms, traffic=False, flops=False)
     measured: list[float] = []
     for i in range(0, len(eval_plans), len(cal_plans)):  # in groups the size of the calibration set
-        measured += lab.measure_plans(model, space, eval_plans[i:i + len(cal_plans)])
+        measured += lab.measure_plans(subject, space, eval_plans[i:i + len(cal_plans)])
         log(f"plans {i + 1}-{len(measured)} of {len(eval_plans)} measured")
 
-    linear = lab.linear(model, space, surface, args.calibration_plans, args.seed)  # on the same plans
+    linear = calibrated(lab, subject, space, LinearModel(), n_plans=args.calibration_plans,
+                        seed=args.seed)  # on the same plans
     cal_flops = np.array([plan_flops(model, space, p) for p in cal_plans], dtype=np.float64)
     rel = cal_flops / np.asarray(cal_ms)  # least relative error, the criterion every predictor is fitted by
     k = float(rel.sum() / np.dot(rel, rel))

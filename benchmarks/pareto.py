@@ -9,7 +9,7 @@ measured on the engine beside the dense model, meets the target; then every prun
 gets the same fine-tuning (epochs, batch size, learning rate, seed, data) and is evaluated on
 the same test images. Methods:
 
-- ``mdp``: ``python -m mdp_trt.prune`` as shipped (all dim kinds, block removal, surface);
+- ``mdp``: ``mdp_trt.prune`` as shipped (all dim kinds, block removal, surface);
 - ``mdp-channels``: channel widths only, no block removal (CNN: ``--kinds channels``; ViT:
   ``--kinds mlp,embed``, i.e. MLP and embedding widths, no attention dims);
 - ``mdp-linear``: the full space with the linear latency model (``--latency-model linear``);
@@ -22,7 +22,7 @@ the same test images. Methods:
 Equal latency: before any row, the dense model is measured ``3 x --repeats`` times (a new
 engine session each time) and the median is the model's dense reference, stored with the
 results and reused on a rerun. Each target speedup becomes one latency in milliseconds
-(reference / speedup) that every method is given: ``--engine-target <ms>ms`` for mdp_trt,
+(reference / speedup) that every method is given: a ``<ms>ms`` target for ``mdp_trt.prune``,
 the bisection goal for the baselines. So the methods meet the same absolute latency, and a
 drift of the dense model's own timing (a memory-bound dense model on a shared host moves
 by 10-20% from one session to the next) cannot give one method an easier target than another.
@@ -357,32 +357,30 @@ def _speedup(target: str) -> float:
 
 
 def run_mdp(b: Bench, method: str, target: str) -> dict[str, Any]:
-    from mdp_trt import prune
-    from mdp_trt.api import load_pruned
+    import mdp_trt
 
     t0 = time.time()
     a = b.args
     out = b.dir / f"{method}-{target}-s{b.seed}"
-    argv = ["--model", b.name, "--checkpoint", str(b.ckpt), "--num-classes", "10", "--in-chans", "1",
-            "--resolution", str(b.res), "--engine", a.engine, "--engine-target", f"{b.target_ms(target):.5f}ms",
-            "--data", a.data, "--train-limit", str(a.train_limit), "--val-limit", str(a.val_limit),
-            "--importance-batches", str(a.importance_batches), "--max-choices", str(a.max_choices),
-            "--finetune-epochs", str(a.finetune_epochs), "--train-batch-size", str(a.batch_size),
-            "--lr", str(a.finetune_lr), "--tolerance", str(a.tolerance), "--seed", str(b.seed),
-            "--clock", a.clock, "--lut", str(b.lut), "--out", str(out), "--force", "--quiet"]
+    options: dict[str, Any] = {
+        "checkpoint": b.ckpt, "num_classes": 10, "in_chans": 1, "resolution": b.res, "data": a.data,
+        "train_limit": a.train_limit, "val_limit": a.val_limit, "importance_batches": a.importance_batches,
+        "max_choices": a.max_choices, "finetune_epochs": a.finetune_epochs, "train_batch_size": a.batch_size,
+        "lr": a.finetune_lr, "tolerance": a.tolerance, "seed": b.seed, "clock": a.clock, "lut": b.lut,
+        "force": True, "quiet": True}
     if method == "mdp-channels":
-        argv += ["--kinds", "mlp,embed" if b.is_vit() else "channels", "--no-block-removal"]
+        options.update(kinds=("mlp", "embed") if b.is_vit() else ("channels",), no_block_removal=True)
     elif method == "mdp-linear":
-        argv += ["--latency-model", "linear"]
-    prune.run(prune.build_parser().parse_args(argv))
-    report = json.loads((out / "report.json").read_text())
-    pruned = load_pruned(out / "pruned.pt")
+        options["latency_model"] = "linear"
+    result = mdp_trt.prune(b.name, f"{b.target_ms(target):.5f}ms", engine=a.engine, out=out, **options)
+    report = result.report.to_dict()
+    pruned = result.model
     acc = report["accuracy"]
     search = {"matched_ms": report["pruned_ms"], "pipeline_dense_ms": report["dense_ms"],
               "pipeline_speedup": report["speedup"], "target_met": report["target_met"],
               "rounds": len(report["rounds"]), "predicted_ms": report["predicted_ms"],
-              "removed_blocks": len(json.loads((out / "plan.json").read_text())["removed"]),
-              "argv": argv, "note": report.get("note", "")}
+              "removed_blocks": len(result.plan.removed),
+              "options": {k: str(v) for k, v in options.items()}, "note": report.get("note", "")}
     before = acc.get("pruned_before_finetune")
     if before is None:  # no fine-tuning asked: evaluated once, after pruning
         before = acc.get("pruned_no_finetune", acc.get("pruned"))

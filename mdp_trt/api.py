@@ -1,20 +1,25 @@
-"""Public entry points: describe a model's pruning space, apply a plan, save and load results."""
+"""Public entry points: prune a model to a latency target, describe its pruning space, apply a
+plan, save and load results."""
 
 from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from torch import nn
 
 from mdp_trt.errors import MdpError, PlanError
-from mdp_trt.models import Importance, SpaceConfig, adapter_for
+from mdp_trt.models import Adapter, Importance, SpaceConfig, adapter_for
 from mdp_trt.space import Plan, PruningSpace
+
+if TYPE_CHECKING:
+    from mdp_trt.importance import LossFn
+    from mdp_trt.pipeline import PruneResult
 
 PRUNED_FORMAT = 1
 
@@ -94,7 +99,12 @@ def apply_plan(model: nn.Module, plan: Plan, importance: Importance | None = Non
     With ``importance`` the highest-scoring units of every dim survive; without it, the
     units with the largest weight norm.
     """
-    adapter = adapter_for(model)
+    return apply_with(adapter_for(model), model, plan, importance, space)
+
+
+def apply_with(adapter: Adapter, model: nn.Module, plan: Plan, importance: Importance | None = None,
+               space: PruningSpace | None = None) -> nn.Module:
+    """:func:`apply_plan` with the model's adapter already looked up."""
     if space is None:
         space = adapter.space(model, _config_of(plan))
     space.validate(plan)
@@ -170,3 +180,54 @@ def load_pruned(path: str | Path) -> nn.Module:
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
     return adapter_for(model).arch(model)
+
+
+def prune(model: nn.Module | str, target: str, *, engine: str = "onnxruntime",
+          data: Iterable[Any] | str | None = None,
+          loss_fn: LossFn | None = None, input_size: tuple[int, int, int] | None = None, part: str | None = None,
+          out: str | Path | None = None, log: Callable[[str], None] | None = None,
+          **options: Any) -> PruneResult:
+    """Prune ``model`` (a timm model, its name, or a user's model holding one as ``part``) to
+    ``target`` (``2x``, ``50%`` or ``3.2ms``) measured on ``engine``.
+
+    ``data``: any iterable of batches (a DataLoader, a list of ``(x, y)``), from which
+    importance is taken with ``loss_fn(model, batch)`` (default: cross-entropy on ``(x, y)``;
+    for a part, the loss of the whole model). Without ``data``, the command's ``data`` option
+    (``synthetic`` by default). ``input_size``: (channels, height, width) of the input, square.
+    ``options``: any other option of the command (:class:`mdp_trt.config.PruneConfig`), e.g.
+    ``lut=``, ``max_choices=``, ``tolerance=``. With ``out``, the command's files are written
+    there (:meth:`PruneResult.save`). ``log``: progress lines (default: none).
+    """
+    from mdp_trt.config import PruneConfig
+    from mdp_trt.part import Subject
+    from mdp_trt.pipeline import Data, build_model, run
+
+    if isinstance(data, str | Path):  # the command's dataset option: fashion-mnist, synthetic or a directory
+        options["data"], data = str(data), None
+    config = PruneConfig.from_options(**options, target=target, engine=engine)
+    if input_size is not None:
+        if len(input_size) != 3 or input_size[1] != input_size[2]:
+            raise MdpError(f"input_size {tuple(input_size)}: give (channels, side, side) of a square input")
+        config.resolution = int(input_size[1])
+    torch.manual_seed(config.seed)  # as the command: a named model's initial weights, the data's order
+    if isinstance(model, str):
+        config.model = model
+        if input_size is not None and config.in_chans is None:
+            config.in_chans = int(input_size[0])
+        model = build_model(config)
+    elif not isinstance(model, nn.Module):
+        raise MdpError(f"model must be an nn.Module or a timm model name, not {type(model).__name__}")
+    subject = Subject(model, part)
+    if input_size is not None:
+        chans = subject.full_space(SpaceConfig(max_choices=2, resolution=config.resolution)).input_size[0]
+        if chans != input_size[0]:
+            raise MdpError(f"input_size has {input_size[0]} channels, the model takes {chans}")
+    if data is None and part is not None and config.importance == "taylor":
+        raise MdpError(f"part={part!r} needs data= (and loss_fn= for a task other than classification): "
+                       "importance is taken from the whole model's loss")
+    if data is None and loss_fn is not None:
+        raise MdpError("loss_fn= needs data= to take the loss on")
+    result = run(config, subject, Data(data, loss_fn) if data is not None else None, log=log or (lambda s: None))
+    if out is not None:
+        result.save(out, force=config.force)
+    return result

@@ -34,9 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "or cpu")
     args = ap.parse_args(argv)
 
-    from mdp_trt import prune
     from mdp_trt.api import create_model
     from mdp_trt.finetune import TrainConfig, train
+    from mdp_trt.prune_command import main as prune_main
     from profilers.table import default_table_path
 
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dense model trained: top-1 {evaluate(model, val_loader):.2f}% on 2000 test images",
               file=sys.stderr)
         torch.save(model.state_dict(), ckpt)
-    code = prune.main([
+    code = prune_main([
         "--model", MODEL, "--checkpoint", str(ckpt), "--num-classes", "10", "--in-chans", "1",
         "--resolution", str(RESOLUTION), "--engine", "onnxruntime", "--clock", args.clock,
         "--engine-target", args.target,

@@ -1,4 +1,7 @@
-"""Everything the prune job asks of the target engine: tables, profiling, whole-model timing, export."""
+"""Everything the prune job asks of the target engine: tables, profiling, whole-model timing, export.
+
+Calibration, what the measurements are fitted to, lives with the latency models
+(:mod:`mdp_trt.latency`)."""
 
 from __future__ import annotations
 
@@ -8,21 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from mdp_trt.errors import PlanError
-from mdp_trt.models import adapter_for
+from mdp_trt.models import Adapter
 from mdp_trt.space import Plan, PruningSpace
-from mdp_trt.surface import (
-    Calibration,
-    LatencySurface,
-    fit_calibration,
-    linear_surface,
-    sample_plans,
-)
 from profilers.timing import Comparison
+
+if TYPE_CHECKING:
+    from mdp_trt.part import Subject
 
 PROTOCOL = "rounds-q25-sentinel-dense-v3"
 """Whole-model measurements kept in a table are reused only when taken by this protocol."""
@@ -68,12 +67,10 @@ class Lab:
             self._sentinel = make_sentinel(self.engine)
         return self._sentinel
 
-    def surface(self, model: nn.Module, space: PruningSpace, calibration: Calibration | None = None,
-                calibration_plans: int = 8, seed: int = 0) -> LatencySurface:
-        """Profile what the table lacks for ``space``, build the surface, calibrate it (once per space)."""
+    def points(self, adapter: Adapter, space: PruningSpace) -> dict[str, dict[tuple[int, ...], float]]:
+        """Profile what the table lacks for ``space``; every term signature's measured points."""
         from profilers.profile import profile_space, term_points
 
-        adapter = adapter_for(model)
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
                               progress=self.progress, sentinel=lambda: self.sentinel)
         self.log(f"latency table {self.table_path}: {stats}")
@@ -81,43 +78,10 @@ class Lab:
         if note and not self._noted:  # said once, and only when the table serves (it lacks nothing)
             print(note, file=sys.stderr, flush=True)
             self._noted = True
-        points = {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
-        surf = LatencySurface.from_points(space, points)
-        if calibration is not None:
-            surf.calibration = calibration
-            return surf
-        # Whole-model measurements are kept in the table, so the fit is redone every time (it
-        # follows the current calibration code) and only unmeasured plans cost engine time.
-        plans = self.calibration_plans(space, calibration_plans, seed)
-        cal = fit_calibration(surf, plans, self.measure_plans(model, space, plans))
-        surf.calibration = cal
-        self.table.kv_set(f"calibration/{space.space_id}", cal.to_dict())  # for inspection
-        traffic = f" {cal.ms_per_mparam:+.3f} ms per M weights" if cal.ms_per_mparam else ""
-        traffic += f" {cal.ms_per_gflop:+.3f} ms per GFLOP" if cal.ms_per_gflop else ""
-        self.log(f"calibration ({cal.form}) on {cal.plans} plans: x{cal.scale:.3f}{traffic} {cal.offset:+.3f} ms, "
-                 f"median error {cal.raw_median_abs_pct_err:.1f}% raw -> {cal.fit_median_abs_pct_err:.1f}% fitted")
-        return surf
+        return {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
 
-    def linear(self, model: nn.Module, space: PruningSpace, surface: LatencySurface, calibration_plans: int = 8,
-               seed: int = 0) -> LatencySurface:
-        """The linear latency model on the same measurements, calibrated on the same plans."""
-        lin = linear_surface(surface)
-        plans = self.calibration_plans(space, calibration_plans, seed)
-        lin.calibration = fit_calibration(lin, plans, self.measure_plans(model, space, plans), traffic=False,
-                                          flops=False)
-        return lin
-
-    @staticmethod
-    def calibration_plans(space: PruningSpace, n: int, seed: int = 0) -> list[Plan]:
-        """The dense plan and ``n - 1`` spread plans (seeds apart from any evaluation plans)."""
-        return [space.full_plan(), *sample_plans(space, max(1, n - 1), seed=10_000 + seed)]
-
-    def measure_plan(self, model: nn.Module, space: PruningSpace, plan: Plan) -> float:
-        """Whole-model latency of ``plan`` applied to ``model``; cached in the table."""
-        return self.measure_plans(model, space, [plan])[0]
-
-    def measure_plans(self, model: nn.Module, space: PruningSpace, plans: Sequence[Plan]) -> list[float]:
-        """Whole-model latency of each plan, cached in the table.
+    def measure_plans(self, subject: Subject, space: PruningSpace, plans: Sequence[Plan]) -> list[float]:
+        """Whole-model latency of each plan applied to ``subject``, cached in the table.
 
         The ones not measured yet are measured together, side by side in the same rounds
         (:meth:`compare`), with the dense model among them: each plan is kept as its speedup
@@ -126,9 +90,7 @@ class Lab:
         the machine was slower throughout (an episode that no spread reveals: on the 2-vCPU
         Xeon VM one group of eight resnet50 plans read 30% slow while the others agreed
         within 5%) then moves no plan against the others."""
-        from mdp_trt.api import apply_plan
-
-        prefix = f"model/{space.space_id}/"
+        prefix = f"model/{subject.tag}{space.space_id}/"
         full = space.full_plan()
         keys = [prefix + plan_key(p) for p in plans]
         found: dict[str, float] = {}  # key -> speedup over the dense model
@@ -142,8 +104,7 @@ class Lab:
         ref = self.table.kv_get(ref_key)
         if todo or not isinstance(ref, dict) or ref.get("protocol") != PROTOCOL:
             shape = (self.engine.identity().batch_size, *space.input_size)
-            comp = self.compare([apply_plan(model, p, space=space) for p in [full, *(p for _, p in todo)]],
-                                shape)
+            comp = self.compare([subject.cut(p, space=space) for p in [full, *(p for _, p in todo)]], shape)
             for (key, plan), speedup, ms in zip(todo, comp.ratios[1:], comp.ms[1:], strict=True):
                 found[key] = speedup
                 self.table.kv_set(key, {"speedup": speedup, "median_ms": ms, "widths": plan.widths,
@@ -156,9 +117,9 @@ class Lab:
         dense_ms = float(ref["median_ms"])
         return [dense_ms / found[k] for k in keys]
 
-    def measured_points(self, space: PruningSpace) -> list[tuple[Plan, float]]:
-        """(plan, measured ms) of every whole model of this space measured so far."""
-        prefix = f"model/{space.space_id}/"
+    def measured_points(self, space: PruningSpace, tag: str = "") -> list[tuple[Plan, float]]:
+        """(plan, measured ms) of every whole model of this space (and subject ``tag``) measured so far."""
+        prefix = f"model/{tag}{space.space_id}/"
         ref = self.table.kv_get(prefix + "dense-reference")
         if not isinstance(ref, dict) or ref.get("protocol") != PROTOCOL:
             return []

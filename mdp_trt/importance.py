@@ -10,34 +10,48 @@ removing the block loses its share of the units kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from mdp_trt.errors import MdpError
-from mdp_trt.models import Importance, adapter_for
+from mdp_trt.models import Adapter, Importance, adapter_for
 from mdp_trt.space import PruningSpace
 
 METHODS = ("taylor", "magnitude", "random")
 
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss_fn(model, batch)``: the scalar loss of one batch."""
 
-def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-           num_batches: int, progress: bool = False) -> Importance:
+
+def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The default loss: classification of ``(images, labels)`` batches."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[Any], num_batches: int,
+           progress: bool = False, *, adapter: Adapter | None = None, root: nn.Module | None = None,
+           loss_fn: LossFn | None = None) -> Importance:
     """Average over ``num_batches`` of the per-batch absolute Taylor terms.
 
-    The model's weights and normalisation statistics are left as they were: gradients are
-    taken in eval mode and cleared afterwards.
+    The loss is ``loss_fn(root, batch)`` (default: cross-entropy on ``(x, y)`` batches);
+    ``root`` is the whole model when ``model`` is a part of it, so the gradients on the
+    part's weights are those of the user's task. The model's weights and normalisation
+    statistics are left as they were: gradients are taken in eval mode and cleared afterwards.
     """
-    adapter = adapter_for(model)
+    adapter = adapter or adapter_for(model)
+    whole = model if root is None else root
+    loss_of = loss_fn or cross_entropy
     with_shares = getattr(adapter, "taylor_shares", None)  # adapters whose blocks own part of a shared width
-    was_training = model.training
-    model.eval()
+    was_training = whole.training
+    whole.eval()
     units = {d.name: np.zeros(d.size) for d in space.dims}
     blocks = {b.name: 0.0 for b in space.blocks if b.removable}
     shares: dict[str, dict[str, np.ndarray]] = {}
-    loss_fn = nn.CrossEntropyLoss()
     seen = 0
     it = iter(batches)
     bar = None
@@ -50,11 +64,14 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.
     try:
         while seen < num_batches:
             try:
-                x, y = next(it)
+                batch = next(it)
             except StopIteration:
                 break
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            whole.zero_grad(set_to_none=True)
+            loss = loss_of(whole, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise MdpError("loss_fn(model, batch) must return a scalar tensor that depends on the model")
+            loss.backward()
             if with_shares is not None:
                 u, b, fractions = with_shares(model, space)
             else:
@@ -73,8 +90,8 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[tuple[torch.
     finally:
         if bar is not None:
             bar.stop()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        whole.zero_grad(set_to_none=True)
+        whole.train(was_training)
     if seen == 0:
         raise MdpError("no data to estimate importance from")
     block_shares = {b: {d: v / seen for d, v in per_dim.items()} for b, per_dim in shares.items()}
@@ -91,16 +108,17 @@ def random_importance(space: PruningSpace, seed: int = 0) -> Importance:
     )
 
 
-def estimate(method: str, model: nn.Module, space: PruningSpace,
-             batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-             num_batches: int = 0, seed: int = 0, progress: bool = False) -> Importance:
-    """Importance by ``method`` (one of :data:`METHODS`)."""
+def estimate(method: str, model: nn.Module, space: PruningSpace, batches: Iterable[Any] | None = None,
+             num_batches: int = 0, seed: int = 0, progress: bool = False, *, adapter: Adapter | None = None,
+             root: nn.Module | None = None, loss_fn: LossFn | None = None) -> Importance:
+    """Importance by ``method`` (one of :data:`METHODS`); ``root`` and ``loss_fn`` as in :func:`taylor`."""
     if method == "taylor":
         if batches is None:
             raise MdpError("taylor importance needs data")
-        imp = taylor(model, space, batches, num_batches, progress=progress)
+        imp = taylor(model, space, batches, num_batches, progress=progress, adapter=adapter, root=root,
+                     loss_fn=loss_fn)
     elif method == "magnitude":
-        imp = adapter_for(model).magnitude(model, space)
+        imp = (adapter or adapter_for(model)).magnitude(model, space)
     elif method == "random":
         imp = random_importance(space, seed)
     else:

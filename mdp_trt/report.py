@@ -3,8 +3,70 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class Report:
+    """What a prune job found, as ``report.json`` holds it (:meth:`to_json`, same keys, same order)."""
+
+    model: str
+    target: dict[str, Any]
+    engine: dict[str, Any]
+    dense_ms: float
+    dense_predicted_ms: float
+    pruned_ms: float
+    predicted_ms: float
+    speedup: float
+    target_met: bool
+    measurement: dict[str, Any]
+    tolerance_pct: float
+    prediction_error_pct: float
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    accuracy: dict[str, float]
+    importance: str
+    finetune: dict[str, Any]
+    steps: int
+    rounds: list[dict[str, Any]]
+    calibration: dict[str, Any]
+    interpolated_points: int
+    blocks: list[dict[str, Any]]
+    dims: list[dict[str, Any]]
+    table: str
+    wall_s: float
+    files: list[str] = field(default_factory=list)
+    """What :meth:`write` put beside the report (empty until then)."""
+    note: str = ""
+    part: str | None = None
+    """The submodule pruned inside a user's model (``None``: the whole timm model)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["part"] is None:  # reports of whole timm models keep the keys they always had
+            del d["part"]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_markdown(self) -> str:
+        return markdown(self.to_dict())
+
+    @property
+    def outcome(self) -> str:
+        return outcome(self.to_dict())
+
+    def write(self, out: Path) -> None:
+        """``report.json``, ``report.md`` and the plots into ``out``; their names join :attr:`files`."""
+        self.files += plots(self.to_dict(), out)
+        self.files += ["report.json", "report.md"]
+        (out / "report.json").write_text(self.to_json())
+        (out / "report.md").write_text(self.to_markdown())
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -171,12 +233,3 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         written.append("widths.png")
     return written
-
-
-def write(r: dict[str, Any], out: Path) -> None:
-    """Write ``report.json``, ``report.md`` and the plots into ``out``."""
-    r.setdefault("files", [])
-    r["files"] += plots(r, out)
-    r["files"] += ["report.json", "report.md"]
-    (out / "report.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(r))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -10,9 +9,11 @@ import pytest
 import torch
 
 from mdp_trt.api import create_model
+from mdp_trt.closed_loop import REFITS, ClosedLoop, _secant
 from mdp_trt.importance import random_importance, with_floor
-from mdp_trt.models import SpaceConfig, adapter_for
-from mdp_trt.pipeline import REFITS, _closed_loop, _secant
+from mdp_trt.latency import SurfaceModel
+from mdp_trt.models import SpaceConfig
+from mdp_trt.part import Subject
 from mdp_trt.surface import LatencySurface, grid
 from profilers.timing import Comparison
 
@@ -41,7 +42,7 @@ class CurvedEngine:
     def __init__(self) -> None:
         self.calls = 0
 
-    def measured_points(self, space: object) -> list:
+    def measured_points(self, space: object, tag: str = "") -> list:
         return []
 
     def measure(self, modules: list[torch.nn.Module], input_shape: tuple[int, ...]) -> list[float]:
@@ -58,21 +59,23 @@ class CurvedEngine:
 @pytest.mark.parametrize("share", [0.45, 0.6, 0.75])
 def test_closed_loop_lands_the_budget_on_a_curved_engine(share: float) -> None:
     model = create_model("test_resnet").eval()
-    space = adapter_for(model).space(model, SpaceConfig(max_choices=16, resolution=32))
+    subject = Subject(model)
+    space = subject.space(SpaceConfig(max_choices=16, resolution=32))
     points = {t.signature: {w: 1e-5 * math.prod(w) + 0.002 for w in grid(space, t)} for t in space.terms}
     surface = LatencySurface.from_points(space, points)
     imp = with_floor(random_importance(space, seed=0))
     lab = CurvedEngine()
     dense_ms = lab.measure([model], (1, 3, 32, 32))[0]
     budget = share * dense_ms
-    args = argparse.Namespace(tolerance=3.0, max_rounds=8, solver="HIGHS", latency_model="mdp")
-    plan, pruned, measured, rounds, note = _closed_loop(
-        args, lab, model, space, surface, imp, model, lambda d: budget, (1, 3, 32, 32), lambda s: None)
+    loop = ClosedLoop(lab, subject, space, surface, imp, SurfaceModel(), (1, 3, 32, 32), tolerance_pct=3.0,
+                      max_rounds=8)
+    out = loop.run(lambda d: budget, model)
+    pruned, measured, rounds, note = out.model, out.measured_ms, out.rounds, out.note
     assert abs(measured / budget - 1) <= 0.03, (rounds, note)
     assert note == ""
     assert measured == pytest.approx(lab.measure([pruned], (1, 3, 32, 32))[0])
     chosen = [r for r in rounds if r.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["measured_ms"] == measured
-    assert len(rounds) <= args.max_rounds and np.isfinite([r["solve_budget_ms"] for r in rounds]).all()
+    assert len(rounds) <= loop.max_rounds and np.isfinite([r["solve_budget_ms"] for r in rounds]).all()
     if len(rounds) > REFITS + 1:  # past the refits, the solve budget moved off the budget
         assert rounds[-1]["solve_budget_ms"] != pytest.approx(budget)

@@ -135,6 +135,7 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     from mdp_trt import apply_plan, space_of
     from mdp_trt.engine_io import Lab
     from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
     from mdp_trt.surface import sample_plans
     from profilers.timing import Comparison
 
@@ -158,16 +159,17 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
 
     monkeypatch.setattr(lab, "compare", fake_compare)
     plans = sample_plans(space, 6, seed=1)
-    got = lab.measure_plans(model, space, plans[:3]) + lab.measure_plans(model, space, plans[3:])
+    subject = Subject(model)
+    got = lab.measure_plans(subject, space, plans[:3]) + lab.measure_plans(subject, space, plans[3:])
     dense = cost(model)
     assert groups == [4, 4]  # the dense model joins every group
     assert got == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans])
-    assert lab.measure_plan(model, space, space.full_plan()) == pytest.approx(dense)
+    assert lab.measure_plans(subject, space, [space.full_plan()])[0] == pytest.approx(dense)
     # a later, quieter group lowers the reference every plan is read against
     smallest = space.plan({d.name: d.choices[0] for d in space.dims}, ())
-    lab.measure_plans(model, space, [smallest])
+    lab.measure_plans(subject, space, [smallest])
     assert groups == [4, 4, 2]
-    assert lab.measure_plan(model, space, plans[0]) == pytest.approx(0.95 * cost(apply_plan(model, plans[0], space=space)))
+    assert lab.measure_plans(subject, space, [plans[0]])[0] == pytest.approx(0.95 * cost(apply_plan(model, plans[0], space=space)))
     from mdp_trt.engine_io import plan_key
 
     points = {plan_key(p): ms for p, ms in lab.measured_points(space)}

@@ -235,7 +235,7 @@ class GraphAdapter:
         kwargs: dict[str, Any] = {"num_classes": int(getattr(model, "num_classes", 0) or 0),
                                   "in_chans": first.in_channels}
         pool = next((m for m in model.modules() if isinstance(m, SelectAdaptivePool2d)), None)
-        if pool is not None and pool.pool_type not in ("avg", ""):
+        if pool is not None and pool.pool_type != "avg":  # "" too: a backbone returning its feature map
             kwargs["global_pool"] = pool.pool_type
         why = _rebuild_differs(model, name, kwargs)
         if why:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -173,14 +174,16 @@ def plot(result: SweepResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if r.predicted_ms is not None and r.importance_kept is not None]
+    # the reached targets: (target, predicted ms, importance kept, measured ms)
+    rows = [(r.target, ms, kept, r.measured_ms) for r in result.rows
+            if (ms := r.predicted_ms) is not None and (kept := r.importance_kept) is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.predicted_ms for r in rows], [r.importance_kept for r in rows], "o-", label="predicted")
-    if any(r.measured_ms is not None for r in rows):
-        ax.plot([r.measured_ms for r in rows], [r.importance_kept for r in rows], "s--", label="measured")
-    for r in rows:
-        ax.annotate(r.target, (r.predicted_ms, r.importance_kept), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+    ax.plot([ms for _, ms, _, _ in rows], [kept for _, _, kept, _ in rows], "o-", label="predicted")
+    if any(measured is not None for *_, measured in rows):
+        ax.plot([math.nan if measured is None else measured for *_, measured in rows],  # NaN: a gap
+                [kept for _, _, kept, _ in rows], "s--", label="measured")
+    for target, ms, kept, _ in rows:
+        ax.annotate(target, (ms, kept), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axvline(result.dense_ms, color="grey", lw=0.8, ls=":", label="dense")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("importance kept (share of dense)")

@@ -127,7 +127,7 @@ class _Info:
 
 def _attn_of(model: nn.Module, n: str, embed: int) -> tuple[int, int, int, float, bool, bool, bool]:
     """(heads, qk, v, scale, fused, qv_bias, proj_bias) of block ``n``'s attention."""
-    attn = model.get_submodule(f"{n}.attn")
+    attn: Any = model.get_submodule(f"{n}.attn")  # timm's classes: read by name, told apart by type
     if type(attn) is PrunedEvaAttention:
         heads, qk, v, fused = attn.num_heads, attn.qk_dim, attn.v_dim, attn.fused
     elif type(attn) in (EvaAttention, BeitAttention):
@@ -227,8 +227,11 @@ def _read_block(model: nn.Module, info_kind: str, i: int, embed: int, norms: set
 
 def _read(model: nn.Module) -> _Info:
     """Read ``model`` into an :class:`_Info`; raises ``_Unsupported`` with what blocked it."""
-    kind = "eva" if type(model) is Eva else "beit" if type(model) is Beit else None
-    if kind is None:
+    if type(model) is Eva:
+        kind = "eva"
+    elif type(model) is Beit:
+        kind = "beit"
+    else:
         raise _Unsupported(f"{type(model).__name__} is not a timm Eva or Beit")
     name = _arch_name(model)
     if name is None:
@@ -483,6 +486,9 @@ class _AttnQKTerm(nn.Module):
     """``attn_qk``: norm1, q and k projections (query bias only), q/k norms, rotary embedding of
     the patch tokens, scaled ``q @ k^T`` plus the relative position bias, softmax."""
 
+    rope: torch.Tensor | None
+    index: torch.Tensor  # registered with the table only
+
     def __init__(self, c: dict[str, Any], e: int, heads: int, qk: int) -> None:
         super().__init__()
         tokens, prefix = int(c["tokens"]), int(c.get("prefix", 1))
@@ -493,7 +499,7 @@ class _AttnQKTerm(nn.Module):
         kind = c.get("qk_norm")
         self.q_norm = _norm(str(kind), qk) if kind else nn.Identity()
         self.k_norm = _norm(str(kind), qk) if kind else nn.Identity()
-        self.half = c.get("rope") == "half"
+        self.rope_half = c.get("rope") == "half"
         self.register_buffer("rope", torch.randn(tokens - prefix, 2 * qk) if c.get("rope") else None)
         self.table: nn.Parameter | None = None
         if c.get("rel_pos"):
@@ -510,8 +516,8 @@ class _AttnQKTerm(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             p = self.prefix
-            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], self.rope, half=self.half)], 2)
-            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], self.rope, half=self.half)], 2)
+            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], self.rope, half=self.rope_half)], 2)
+            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], self.rope, half=self.rope_half)], 2)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.table is not None:
             attn = attn + self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
@@ -621,7 +627,7 @@ def _keep_qk(scores: np.ndarray, k: int, info: _Info) -> np.ndarray:
 def _pruned_attention(model: nn.Module, info: _Info, i: int, e: torch.Tensor, heads: torch.Tensor,
                       qk: torch.Tensor, v: torch.Tensor) -> PrunedEvaAttention:
     b = info.blocks[i]
-    attn = model.get_submodule(f"blocks.{i}.attn")
+    attn: Any = model.get_submodule(f"blocks.{i}.attn")  # timm's or a pruned one, as _attn_of read it
     q_rows = (heads[:, None] * b.qk + qk[None, :]).flatten()
     v_rows = (heads[:, None] * b.v + v[None, :]).flatten()
     rope_idx = None
@@ -665,7 +671,8 @@ def _pruned_attention(model: nn.Module, info: _Info, i: int, e: torch.Tensor, he
 
 
 @torch.no_grad()
-def _slice_mlp(mlp: nn.Module, b: _Blk, e: torch.Tensor, hidden: torch.Tensor) -> None:
+def _slice_mlp(mlp: Any, b: _Blk, e: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Slice timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` (``b.mlp_kind`` names which) in place."""
     if b.mlp_kind == "swiglu":
         _slice_linear(mlp.fc1_g, hidden, e)
         _slice_linear(mlp.fc1_x, hidden, e)
@@ -911,7 +918,7 @@ class EvaAdapter:
         device = next(model.parameters()).device
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in keep.items()}
         e = idx["embed"]
-        pruned = copy.deepcopy(model)
+        pruned: Any = copy.deepcopy(model)  # an Eva or Beit, as _fitting read it
         with torch.no_grad():
             conv = pruned.patch_embed.proj
             _slice_conv_out(conv, e)
@@ -946,8 +953,8 @@ class EvaAdapter:
                                for i in range(len(blocks))]
         for p in pruned.parameters():
             p.grad = None
-        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}  # type: ignore[assignment]
-        pruned.mdp_arch = arch  # type: ignore[assignment]
+        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}
+        pruned.mdp_arch = arch
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:

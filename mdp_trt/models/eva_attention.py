@@ -27,6 +27,10 @@ class PrunedEvaAttention(nn.Module):
     ``relative_position_index``. Rotary embeddings skip the ``num_prefix_tokens`` first tokens.
     """
 
+    k_bias: torch.Tensor  # registered with q_bias / v_bias only
+    rope_idx: torch.Tensor | None
+    relative_position_index: torch.Tensor  # registered with relative_position_bias_table only
+
     def __init__(
         self,
         dim: int,

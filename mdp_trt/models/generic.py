@@ -566,7 +566,9 @@ _INFERENCE_ALIASES = (nn.Dropout, nn.Dropout2d, DropPath, nn.Identity)  # rates 
 
 
 @functools.lru_cache(maxsize=32)
-def _layers_of(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, type, str], ...]:
+def _layers_of(
+    name: str, kwargs: tuple[tuple[str, Any], ...]
+) -> tuple[tuple[str, type[nn.Module], str], ...]:
     """(path, type, extra_repr) of every module ``timm.create_model(name, **kwargs)`` builds."""
     try:
         with torch.device("meta"):

@@ -1,8 +1,12 @@
-"""Helpers every adapter shares: a timm model's name and input side, and top-k selection."""
+"""Helpers every adapter shares: a timm model's name and input side, top-k selection, and
+Taylor sums of ``w * dL/dw``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+import torch
 from torch import nn
 
 from mdp_trt.errors import MdpError
@@ -33,3 +37,19 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
     return np.sort(np.argsort(-s, kind="stable")[:k])
+
+
+def weight_grad(p: nn.Parameter) -> torch.Tensor | None:
+    """``w * dL/dw`` in double precision, or None where the parameter has no gradient."""
+    return None if p.grad is None else p.detach().double() * p.grad.double()
+
+
+def signed_taylor(model: nn.Module, names: Iterable[str | None]) -> float:
+    """The signed sum of ``w * dL/dw`` over the named parameters of ``model`` (a None name,
+    or a parameter without a gradient, adds nothing)."""
+    total = 0.0
+    for name in names:
+        t = None if name is None else weight_grad(model.get_parameter(name))
+        if t is not None:
+            total += float(t.sum())
+    return total

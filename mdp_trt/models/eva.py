@@ -49,6 +49,7 @@ from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models.attention import AttnVTerm
 from mdp_trt.models.base import Importance, SpaceConfig
 from mdp_trt.models.common import arch_name as _arch_name
+from mdp_trt.models.common import signed_taylor, weight_grad
 from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.eva_attention import PrunedEvaAttention
 from mdp_trt.models.vit import (
@@ -882,19 +883,9 @@ class EvaAdapter:
         (linear, so the first-order change when both residual branches are zeroed)."""
         info = self._fitting(model, space)
 
-        def wg(p: nn.Parameter) -> torch.Tensor | None:
-            return None if p.grad is None else p.detach().double() * p.grad.double()
-
-        units = _unit_sums(model, info, wg)
-        blocks = {}
-        for i in range(len(info.blocks)):
-            total = 0.0
-            for w, b, _ in _branch_outputs(info, i):
-                for name in (w, b):
-                    t = None if name is None else wg(model.get_parameter(name))
-                    if t is not None:
-                        total += float(t.sum())
-            blocks[f"blocks.{i}"] = total
+        units = _unit_sums(model, info, weight_grad)
+        blocks = {f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+                  for i in range(len(info.blocks))}
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------

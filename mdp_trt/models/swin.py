@@ -49,6 +49,7 @@ from mdp_trt.models import vit
 from mdp_trt.models.attention import qkv_rows
 from mdp_trt.models.base import Importance, SpaceConfig
 from mdp_trt.models.common import arch_name as _arch_name
+from mdp_trt.models.common import signed_taylor, weight_grad
 from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.vit import (
     _cols,
@@ -922,18 +923,8 @@ class SwinAdapter:
         """
         info = self._fitting(model, space)
 
-        def wg(p: nn.Parameter) -> torch.Tensor | None:
-            return None if p.grad is None else p.detach().double() * p.grad.double()
-
-        units = _unit_sums(model, info, wg)
-        blocks = {}
-        for st in info.stages:
-            for b in st.blocks:
-                total = 0.0
-                for name in _branch_outputs(info, b):
-                    t = wg(model.get_parameter(name))
-                    total += 0.0 if t is None else float(t.sum())
-                blocks[b.name] = total
+        units = _unit_sums(model, info, weight_grad)
+        blocks = {b.name: signed_taylor(model, _branch_outputs(info, b)) for st in info.stages for b in st.blocks}
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch import nn
 from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
 from mdp_trt.models.attention import AttnQKTerm, AttnVTerm, PrunedAttention, qkv_rows
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.common import arch_name, top_k
+from mdp_trt.models.common import arch_name, signed_taylor, top_k, weight_grad
 from mdp_trt.space import Block as SpaceBlock
 from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choices_for
 
@@ -921,19 +921,9 @@ class ViTAdapter:
         """
         info = self._fitting(model, space)
 
-        def wg(p: nn.Parameter) -> torch.Tensor | None:
-            return None if p.grad is None else p.detach().double() * p.grad.double()
-
-        units = _unit_sums(model, info, wg)
-        blocks = {}
-        for i in range(len(info.blocks)):
-            total = 0.0
-            for w, b, _ in _branch_outputs(info, i):
-                for name in (w, b):
-                    t = None if name is None else wg(model.get_parameter(name))
-                    if t is not None:
-                        total += float(t.sum())
-            blocks[f"blocks.{i}"] = total
+        units = _unit_sums(model, info, weight_grad)
+        blocks = {f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+                  for i in range(len(info.blocks))}
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------

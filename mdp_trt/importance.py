@@ -79,7 +79,8 @@ def taylor(model: nn.Module, space: PruningSpace, batches: Iterable[Any], num_ba
             for k, v in u.items():
                 units[k] += np.abs(v)
             for k, v in b.items():
-                blocks[k] += abs(float(v))
+                if k in blocks:  # adapters may score blocks that cannot be removed: no use here
+                    blocks[k] += abs(float(v))
             for blk, per_dim in fractions.items():  # the block's part of this batch's unit scores
                 for d, frac in per_dim.items():
                     own = shares.setdefault(blk, {}).setdefault(d, np.zeros(len(frac)))

@@ -146,7 +146,8 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     def cost(m: nn.Module) -> float:  # a latency that follows the parameter count
         return sum(p.numel() for p in m.parameters()) / 1e6
 
-    factors = iter([1.0, 1.3, 0.95])  # the second group is measured 30% slow throughout
+    # the second group is measured 30% slow throughout, so it is measured again (at 1.0)
+    factors = iter([1.0, 1.3, 1.0, 0.95])
     groups: list[int] = []
 
     def fake_compare(modules, shape) -> Comparison:
@@ -162,16 +163,60 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     subject = Subject(model)
     got = lab.measure_plans(subject, space, plans[:3]) + lab.measure_plans(subject, space, plans[3:])
     dense = cost(model)
-    assert groups == [4, 4]  # the dense model joins every group
+    assert groups == [4, 4, 4]  # the dense model joins every group
     assert got == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans])
     assert lab.measure_plans(subject, space, [space.full_plan()])[0] == pytest.approx(dense)
     # a later, quieter group lowers the reference every plan is read against
     smallest = space.plan({d.name: d.choices[0] for d in space.dims}, ())
     lab.measure_plans(subject, space, [smallest])
-    assert groups == [4, 4, 2]
+    assert groups == [4, 4, 4, 2]
     assert lab.measure_plans(subject, space, [plans[0]])[0] == pytest.approx(0.95 * cost(apply_plan(model, plans[0], space=space)))
     from mdp_trt.engine_io import plan_key
 
     points = {plan_key(p): ms for p, ms in lab.measured_points(space)}
     assert set(points) == {plan_key(p) for p in [*plans, smallest, space.full_plan()]}
     assert points[plan_key(space.full_plan())] == pytest.approx(0.95 * dense)
+
+
+def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_kept(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """A loud episode that slows the plans more than the dense model (so their speedup is
+    wrong too): the plans are measured again while their group's dense model reads more than
+    the tolerance above the reference, at most DENSE_TRIES groups in all, the quietest kept."""
+    import timm
+
+    from mdp_trt import apply_plan, space_of
+    from mdp_trt.engine_io import DENSE_TRIES, Lab
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
+    from mdp_trt.surface import sample_plans
+    from profilers.timing import Comparison
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    space = space_of(model, SpaceConfig(resolution=32, max_choices=4))
+    lab = Lab("onnxruntime", "fp32", 1, 32, 1, tmp_path / "t.sqlite", "resnet18", progress=False)
+
+    def cost(m: nn.Module) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    factors = iter([1.0, 1.5, 1.3, 1.4, 1.2])
+    groups: list[int] = []
+
+    def fake_compare(modules, shape) -> Comparison:
+        f = next(factors)
+        groups.append(len(modules))
+        ms = [f * cost(modules[0])] + [f * f * cost(m) for m in modules[1:]]  # plans slowed by f squared
+        return Comparison(ms=ms, ratios=[ms[0] / v for v in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
+                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
+                          reliable=True)
+
+    monkeypatch.setattr(lab, "compare", fake_compare)
+    plans = sample_plans(space, 4, seed=2)
+    subject = Subject(model)
+    quiet = lab.measure_plans(subject, space, plans[:2])
+    assert quiet == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans[:2]])
+    loud = lab.measure_plans(subject, space, plans[2:])
+    assert DENSE_TRIES == 3 and groups == [3, 3, 3, 3]  # 1.5, then 1.3 (kept), then 1.4 (not kept)
+    assert loud == pytest.approx([1.3 * cost(apply_plan(model, p, space=space)) for p in plans[2:]])
+    assert lab.measure_plans(subject, space, plans) == pytest.approx(quiet + loud)  # no tries left
+    assert groups == [3, 3, 3, 3]

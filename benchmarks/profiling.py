@@ -1,7 +1,7 @@
 """What profiling costs: a complete latency table from scratch, then a rerun over it.
 
     python -m benchmarks.profiling [--models resnet50 deit_small_patch16_224]
-        [--engine onnxruntime] [--resolution 224] [--batch-size 1] [--out DIR]
+        [--engine onnxruntime] [--resolution 224] [--batch-size 1] [--max-choices 16] [--out DIR]
 
 For each model: wall time of a profile into an empty table, with the number of latency
 terms, distinct signatures (subgraphs actually measured), grid points and measurements,
@@ -27,7 +27,8 @@ DEFAULT_MODELS = ("resnet50", "deit_small_patch16_224")
 
 
 def profile_cost(model_name: str, engine_name: str, out_dir: Path, resolution: int = 224,
-                 batch_size: int = 1, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 batch_size: int = 1, threads: int | None = None, progress: bool = True,
+                 max_choices: int = 16) -> dict[str, Any]:
     """Profile one model into a fresh table under ``out_dir``, then again over the full table."""
     import torch
 
@@ -40,7 +41,7 @@ def profile_cost(model_name: str, engine_name: str, out_dir: Path, resolution: i
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model = create_model(model_name, pretrained=False, resolution=resolution).eval()
-    space = space_of(model, SpaceConfig(resolution=resolution))
+    space = space_of(model, SpaceConfig(resolution=resolution, max_choices=max_choices))
     adapter = adapter_for(model)
     setup_s = time.perf_counter() - t0
     engine = get_engine(engine_name, batch_size=batch_size, resolution=resolution, threads=threads)
@@ -62,6 +63,7 @@ def profile_cost(model_name: str, engine_name: str, out_dir: Path, resolution: i
         "engine": engine.identity().describe(),
         "setup_s": setup_s,
         "first": first.to_dict(),
+        "max_choices": max_choices,
         "rerun_s": rerun_s,
         "rerun_measured": again.measured,
         "table_rows": rows,
@@ -77,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-choices", type=int, default=16, help="at most this many widths per dim (the prune default)")
     p.add_argument("--out", type=Path, default=None, help="keep the tables in this folder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             r = profile_cost(name, args.engine, out, args.resolution, args.batch_size, args.threads,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, max_choices=args.max_choices)
             results.append(r)
             f = r["first"]
             print(f"{name} on {r['engine']} ({platform.node()}, {platform.processor() or platform.machine()}):")

@@ -101,7 +101,7 @@ class Data:
 
 def command_data(config: PruneConfig, model: nn.Module, input_size: tuple[int, ...]) -> Data:
     """The command's ``--data`` (``synthetic``, ``fashion-mnist`` or an ImageFolder directory)."""
-    spec = DataSpec(input_size[0], input_size[1], _num_classes(model))
+    spec = DataSpec(input_size[0], input_size[1], _num_classes(model, input_size))
     train_loader, val_loader = loaders(config.data, spec, config.train_batch_size, config.train_limit,
                                        config.val_limit, seed=config.seed)
     return Data(train_loader, None, train_loader, val_loader if config.data != "synthetic" else None, spec)
@@ -263,13 +263,17 @@ def follow(config: PruneConfig) -> None:
         train(model, datasets[spec], cfg, desc=desc)
 
 
-def _num_classes(model: nn.Module) -> int:
+def _num_classes(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """The model's classes; for a model without a classifier (``num_classes=0``, e.g. timm's
+    masked-image-modelling EVA-02 weights), the width of its pooled output, which the
+    synthetic labels then index. Run at the model's input size: ViT-like models take no other."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
     timm_model: Any = model  # forward_features and forward_head are timm's, not nn.Module's
     with torch.no_grad():
-        return int(timm_model.forward_head(timm_model.forward_features(torch.zeros(1, 3, 32, 32))).shape[-1])
+        out = timm_model.forward_head(timm_model.forward_features(torch.zeros(1, *input_size)))
+    return int(out.shape[-1])
 
 
 def _blocks(space: PruningSpace, surface: LatencySurface, plan: Plan | None) -> list[dict[str, Any]]:

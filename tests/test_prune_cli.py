@@ -133,3 +133,15 @@ def test_torchrun_two_processes_fine_tune_together(full_run: Path, tmp_path: Pat
     assert proc.stdout.count("report:") == 1, proc.stdout
     assert rep["finetune"] == {"epochs": 1.0, "processes": 2}
     assert load_pruned(out / "pruned.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_synthetic_labels_of_a_model_without_classifier_at_its_own_input_size() -> None:
+    """A ViT-like model with ``num_classes=0`` (timm's EVA-02 MIM weights) takes only its own
+    input size: the label count is its pooled width, read at that size."""
+    import timm
+
+    from mdp_trt.pipeline import _num_classes
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=48, num_classes=0, depth=2).eval()
+    assert _num_classes(vit, (3, 48, 48)) == vit.embed_dim
+    assert _num_classes(timm.create_model("resnet18", num_classes=7), (3, 32, 32)) == 7

@@ -1,27 +1,33 @@
-"""Exact solve by enumeration, for a problem whose shared dims have few choices left.
+"""Exact solve by enumeration over the shared widths.
 
 Once every dim that no block owns (a shared width) has a choice, the rest falls apart into
 independent parts: the dims and removable blocks linked by terms (a block's private widths,
 its removal, the latency and value terms over them). Each part is a list of options (every
 combination of its blocks' fates and its dims' choices) with a latency and an importance,
 and the whole problem is to pick one option per part within the budget: a multiple-choice
-knapsack, solved exactly by merging the parts' Pareto fronts (latency up, importance up)
-one part at a time, in two halves that meet in the middle (each point of one half takes the
-best point of the other that fits).
+knapsack, solved exactly by merging the parts' Pareto fronts (latency up, importance up).
+
+The shared widths are not enumerated jointly: one of them (the core, the width most parts
+depend on) is, and every other one is eliminated around it, the fewest cells first (a
+stage's blocks merged once per stage width, then the width maximised out: the union of the
+fronts over its choices, a front over the widths that remain). In a chain of stage widths
+that leaves fronts over the core width only. Each core choice is then solved by merging the
+fronts in two halves that meet in the middle (each point of one half takes the best point of
+the other that fits).
 
 Pruning keeps it exact: an option that is slower and keeps no more importance than another of
 its part is never needed; a partial point is dropped when even the rest's fastest options
 break the budget, or when a valid upper bound on what it can reach does not beat the best
-point known. The bound is Lagrangian: for any ``lam >= 0`` the rest keeps at most
-``sum over parts of max(value - lam * latency) + lam * (budget left)``; the whole grid of
-shared assignments is bounded at once at a few multipliers, and each assignment visited gets
-its own best multiplier. Assignments are visited in the order of that bound and the search
-stops when it cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an
-optimum it proves is within that of the true one.
+point known: a Lagrangian one while eliminating (``sum over the rest of max(value - lam *
+latency) + lam * budget left``, the rest maximised over the widths still free), and at a core
+choice the LP relaxation of the rest at the latency left (its fronts' hulls, steepest segment
+first). Core choices are visited in the order of their bound and the search stops when it
+cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an optimum it
+proves is within that of the true one.
 
-It is used where it is small (few shared assignments, small parts, fronts that stay small,
-few assignments worth merging) and says so otherwise (``too_big``, with the best point it
-found), so the caller falls back to the MIP.
+It is used where it is small (small parts, fronts that stay small, few core choices worth
+merging) and says so otherwise (``too_big``, with the best point it found), so the caller
+falls back to the MIP.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import numpy as np
 
 from solvers.problem import Problem
 
-MAX_SHARED = 2_000_000  # shared assignments
 MAX_OPTIONS = 50000  # options of one part
 MAX_FRONT = 200000  # partial points kept after one merge
 MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is the better bet
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
+MAX_CELLS = 1 << 16  # assignments of the axes one elimination step spans
 MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
 
@@ -239,22 +245,58 @@ def _best_multiplier(fronts: list[tuple[np.ndarray, np.ndarray]], room: float, l
     return best_mu, best_b
 
 
+def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The fastest point of a front (latency up, importance up) and the segments of its upper
+    concave hull from there (latency and importance steps, steepest first)."""
+    if not len(fl):
+        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
+    last = np.append(fl[1:] != fl[:-1], True)  # of equal latencies the last (most importance) only
+    xs, ys = fl[last], fv[last]
+    hull = [0]
+    for i in range(1, len(xs)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (ys[b] - ys[a]) * (xs[i] - xs[a]) <= (ys[i] - ys[a]) * (xs[b] - xs[a]):
+                hull.pop()
+            else:
+                break
+        if ys[i] > ys[hull[-1]]:
+            hull.append(i)
+    h = np.array(hull)
+    return float(xs[0]), float(ys[0]), np.diff(xs[h]), np.diff(ys[h])
+
+
+class _Relaxed:
+    """The LP relaxation of picking one point of each of some fronts: the most importance
+    within a latency, for any latency at once (the fastest points, then the hull segments of
+    all fronts, steepest first). An upper bound on every choice of one point per front."""
+
+    def __init__(self, hulls: list[tuple[float, float, np.ndarray, np.ndarray]]) -> None:
+        self.base_l = sum(h[0] for h in hulls)
+        self.base_v = sum(h[1] for h in hulls)
+        dl = np.concatenate([h[2] for h in hulls]) if hulls else np.zeros(0)
+        dv = np.concatenate([h[3] for h in hulls]) if hulls else np.zeros(0)
+        order = np.argsort(-dv / dl, kind="stable")
+        self.cum_l = np.concatenate([[0.0], np.cumsum(dl[order])])
+        self.cum_v = np.concatenate([[0.0], np.cumsum(dv[order])])
+
+    def __call__(self, room: np.ndarray) -> np.ndarray:
+        x = np.asarray(room, dtype=np.float64) - self.base_l
+        out = self.base_v + np.interp(x, self.cum_l, self.cum_v)
+        return np.where(x >= 0, out, -np.inf)
+
+
 class _OutOfTime(Exception):
     """The deadline passed in the middle of a merge."""
 
 
 def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]], others: list[int],
-           mu: float, room: float, thr: float, max_front: int, deadline: float
-           ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+           hulls: list[tuple[float, float, np.ndarray, np.ndarray]], room: float, thr: float, max_front: int,
+           deadline: float) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
     """The Pareto front of the parts ``half`` together (latency, importance, back pointers),
-    without points that the rest (the parts still to come and ``others``) cannot lift above
-    ``thr`` within ``room``; ``None`` when it grows past the cap."""
-    fast_o = sum(float(pf[k][0].min()) for k in others) if all(len(pf[k][0]) for k in others) else np.inf
-    lag_o = sum(float(np.max(pf[k][1] - mu * pf[k][0])) for k in others) if np.isfinite(fast_o) else -np.inf
-    fast_k = [float(pf[k][0].min()) if len(pf[k][0]) else np.inf for k in half]
-    lag_k = [float(np.max(pf[k][1] - mu * pf[k][0])) if len(pf[k][0]) else -np.inf for k in half]
-    rest_fast = np.concatenate([np.cumsum(fast_k[::-1])[::-1], [0.0]]) + fast_o
-    rest_lag = np.concatenate([np.cumsum(lag_k[::-1])[::-1], [0.0]]) + lag_o
+    without points that the rest (the parts still to come and ``others``, bounded by their LP
+    relaxation at the latency left) cannot lift above ``thr`` within ``room``; ``None`` when it
+    grows past the cap."""
     lat, val = np.zeros(1), np.zeros(1)
     trail: list[tuple[np.ndarray, np.ndarray]] = []
     for step, k in enumerate(half):
@@ -263,10 +305,11 @@ def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
             return None
         if time.perf_counter() > deadline:
             raise _OutOfTime
+        rest = _Relaxed([hulls[j] for j in half[step + 1:] + others])
         cl = (lat[:, None] + fl[None, :]).ravel()
         cv = (val[:, None] + fv[None, :]).ravel()
-        ok = (cl + rest_fast[step + 1] <= room) & (cv - mu * cl + rest_lag[step + 1] + mu * room > thr)
-        pick = np.flatnonzero(ok)
+        pick = np.flatnonzero(cl + rest.base_l <= room)
+        pick = pick[cv[pick] + rest(room - cl[pick]) > thr]
         pick = pick[_front(cl[pick], cv[pick], room)]
         if len(pick) > max_front:
             return None
@@ -277,9 +320,9 @@ def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     return lat, val, trail
 
 
-def _trace(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-           trail: list[tuple[np.ndarray, np.ndarray]], j: int) -> dict[int, int]:
-    """The option of every part of ``half`` behind point ``j`` of its merged front."""
+def _refs(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+          trail: list[tuple[np.ndarray, np.ndarray]], j: int) -> dict[int, int]:
+    """The reference of every factor of ``half`` behind point ``j`` of its merged front."""
     picks: dict[int, int] = {}
     for step in range(len(half) - 1, -1, -1):
         parent, option = trail[step]
@@ -291,6 +334,193 @@ def _trace(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
 def _beat(best: float) -> float:
     """What a point must exceed to count as better than ``best``."""
     return best + REL_TOL * max(1.0, abs(best)) if np.isfinite(best) else best
+
+
+@dataclass
+class _Factor:
+    """Pareto fronts (latency, importance, reference) over the assignments of some shared axes
+    (ascending). A part's options (``part``; the reference is the option), the latency and
+    importance of the shared dims alone (one point per assignment), or ``members`` merged with
+    ``axis`` maximised out (-1: none; the reference is the point's position, ``picks`` says which
+    value of ``axis`` and which point of each member it comes from). ``covers``: the leaves in it."""
+
+    axes: tuple[int, ...]
+    fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    covers: frozenset[int]
+    part: int | None = None
+    axis: int = -1
+    members: list[_Factor] = field(default_factory=list)
+    picks: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = field(default_factory=dict)
+
+    def table(self, sizes: tuple[int, ...], mu: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per assignment: the best ``importance - mu * latency`` and the least latency."""
+        g = np.full([sizes[a] for a in self.axes], -np.inf)
+        f = np.full([sizes[a] for a in self.axes], np.inf)
+        for key, (fl, fv, _) in self.fronts.items():
+            if len(fl):
+                g[key], f[key] = float(np.max(fv - mu * fl)), float(fl.min())
+        return g, f
+
+
+def _spread(ax: tuple[int, ...], arr: np.ndarray, onto: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
+    """An array over axes ``ax`` (a subsequence of ``onto``) broadcast onto ``onto``."""
+    return np.reshape(arr, [sizes[a] if a in ax else 1 for a in onto])
+
+
+def _optimum(tables: list[tuple[tuple[int, ...], np.ndarray]], keep: tuple[int, ...], sizes: tuple[int, ...],
+             maximise: bool) -> np.ndarray | None:
+    """The max (or min) of the sum of ``tables`` over every axis not in ``keep``, as an array
+    over ``keep``, by eliminating one axis at a time; ``None`` when a step spans too many cells."""
+    by_axes: dict[tuple[int, ...], np.ndarray] = {}
+    for ax, arr in tables:
+        by_axes[ax] = by_axes[ax] + arr if ax in by_axes else arr
+    work = list(by_axes.items())
+    free = sorted({a for ax, _ in work for a in ax} - set(keep))
+
+    def span(a: int) -> tuple[int, ...]:
+        return tuple(sorted({b for ax, _ in work if a in ax for b in ax}))
+
+    while free:
+        a = min(free, key=lambda x: int(np.prod([sizes[b] for b in span(x)])))
+        onto = span(a)
+        if int(np.prod([sizes[b] for b in onto])) > MAX_CELLS:
+            return None
+        total = sum((_spread(ax, arr, onto, sizes) for ax, arr in work if a in ax), np.zeros([1] * len(onto)))
+        reduced = (np.max if maximise else np.min)(total, axis=onto.index(a))
+        work = [(ax, arr) for ax, arr in work if a not in ax] + [(tuple(b for b in onto if b != a), reduced)]
+        free.remove(a)
+    out = np.zeros([sizes[a] for a in keep])
+    for ax, arr in work:
+        out = out + _spread(ax, arr, keep, sizes)
+    return out
+
+
+def _combine(fronts: list[tuple[np.ndarray, np.ndarray]], rest_fast: float, rest_lag: float, mu: float,
+             cap: float, thr: float, max_front: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """The Pareto front of the sum of ``fronts`` (one point of each), without points that the
+    rest (fastest ``rest_fast``, Lagrangian ``rest_lag`` at ``mu``) cannot lift above ``thr``
+    within ``cap``: latency, importance and the point of each front; ``None`` past ``max_front``."""
+    order = sorted(range(len(fronts)), key=lambda k: len(fronts[k][0]))
+    none = np.zeros(0, dtype=np.int64)
+    if any(not len(fronts[k][0]) for k in order):
+        return np.zeros(0), np.zeros(0), [none] * len(fronts)
+    fast = [float(fronts[k][0].min()) for k in order]
+    lag = [float(np.max(fronts[k][1] - mu * fronts[k][0])) for k in order]
+    after_fast = np.concatenate([np.cumsum(fast[::-1])[::-1], [0.0]]) + rest_fast
+    after_lag = np.concatenate([np.cumsum(lag[::-1])[::-1], [0.0]]) + rest_lag
+    lat, val = np.zeros(1), np.zeros(1)
+    idx: dict[int, np.ndarray] = {}
+    for step, k in enumerate(order):
+        fl, fv = fronts[k]
+        if len(lat) * len(fl) > 20 * max_front:
+            return None
+        cl = (lat[:, None] + fl[None, :]).ravel()
+        cv = (val[:, None] + fv[None, :]).ravel()
+        ok = (cl + after_fast[step + 1] <= cap) & (cv - mu * cl + after_lag[step + 1] + mu * cap > thr)
+        pick = np.flatnonzero(ok)
+        pick = pick[_front(cl[pick], cv[pick], cap)]
+        if len(pick) > max_front:
+            return None
+        idx = {j: arr[pick // len(fl)] for j, arr in idx.items()}
+        idx[k] = pick % len(fl)
+        lat, val = cl[pick], cv[pick]
+    return lat, val, [idx[k] for k in range(len(fronts))]
+
+
+def _join(members: list[_Factor], axis: int, leaves: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]],
+          sizes: tuple[int, ...], mu: float, cap: float, thr: float, max_front: int, deadline: float
+          ) -> _Factor | None:
+    """``members`` merged at every assignment of their axes, then ``axis`` maximised out (a
+    union of fronts; -1: none). Points that the leaves outside the members cannot lift above
+    ``thr`` are dropped. ``None`` when too big."""
+    span = tuple(sorted({a for m in members for a in m.axes}))
+    if int(np.prod([sizes[a] for a in span])) > MAX_CELLS:
+        return None
+    covers = frozenset().union(*(m.covers for m in members))
+    rest = [leaves[i] for i in range(len(leaves)) if i not in covers]
+    lag = _optimum([(ax, g) for ax, g, _ in rest], span, sizes, True)
+    fast = _optimum([(ax, f) for ax, _, f in rest], span, sizes, False)
+    if lag is None or fast is None:
+        return None
+    out_axes = tuple(a for a in span if a != axis)
+    gathered: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, list[np.ndarray]]]] = {}
+    for key in itertools.product(*[range(sizes[a]) for a in span]):
+        if time.perf_counter() > deadline:
+            raise _OutOfTime
+        full = dict(zip(span, key, strict=True))
+        here = [m.fronts[tuple(full[a] for a in m.axes)] for m in members]
+        res = _combine([(h[0], h[1]) for h in here], float(fast[key]), float(lag[key]), mu, cap, thr, max_front)
+        if res is None:
+            return None
+        gathered.setdefault(tuple(full[a] for a in out_axes), []).append((full.get(axis, -1), *res))
+    fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    picks: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = {}
+    for key, items in gathered.items():
+        lat = np.concatenate([it[1] for it in items])
+        val = np.concatenate([it[2] for it in items])
+        which = np.concatenate([np.full(len(it[1]), it[0]) for it in items])
+        pts = [np.concatenate([it[3][j] for it in items]) for j in range(len(members))]
+        keep = _front(lat, val, cap)
+        if len(keep) > max_front:
+            return None
+        fronts[key] = (lat[keep], val[keep], np.arange(len(keep)))
+        picks[key] = (which[keep], [x[keep] for x in pts])
+    return _Factor(out_axes, fronts, covers, axis=axis, members=members, picks=picks)
+
+
+def _trace(f: _Factor, key: tuple[int, ...], ref: int, shared: dict[int, int], options: dict[int, int]) -> None:
+    """The shared axes' values and the parts' options behind point ``ref`` of ``f`` at ``key``."""
+    if f.part is not None:
+        options[f.part] = ref
+        return
+    if not f.members:
+        return
+    full = dict(zip(f.axes, key, strict=True))
+    which, pts = f.picks[key]
+    if f.axis >= 0:
+        full[f.axis] = shared[f.axis] = int(which[ref])
+    for m, pt in zip(f.members, pts, strict=True):
+        mkey = tuple(full[a] for a in m.axes)
+        _trace(m, mkey, int(m.fronts[mkey][2][int(pt[ref])]), shared, options)
+
+
+def _core(factors: list[_Factor], n_axes: int) -> int:
+    """The shared axis most parts depend on: the others are eliminated around it."""
+    count = [sum(a in f.axes for f in factors if f.part is not None) for a in range(n_axes)]
+    return int(np.argmax(count))
+
+
+def _eliminate(factors: list[_Factor], core: tuple[int, ...], leaves: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]],
+               sizes: tuple[int, ...], mu: float, cap: float, thr: float, max_front: int, deadline: float
+               ) -> list[_Factor] | None:
+    """Every axis outside ``core`` maximised out of the factors, the fewest cells first; factors
+    over the same axes are merged first (a stage's blocks once per width, not once per
+    assignment of the other widths)."""
+    work = list(factors)
+    free = sorted({a for f in work for a in f.axes} - set(core))
+
+    def span(a: int) -> int:
+        return int(np.prod([sizes[b] for b in {b for f in work if a in f.axes for b in f.axes}]))
+
+    while free:
+        a = min(free, key=span)
+        bucket = [f for f in work if a in f.axes]
+        work = [f for f in work if a not in f.axes]
+        groups: dict[tuple[int, ...], list[_Factor]] = {}
+        for f in bucket:
+            groups.setdefault(f.axes, []).append(f)
+        joined = []
+        for group in groups.values():
+            one = group[0] if len(group) == 1 else _join(group, -1, leaves, sizes, mu, cap, thr, max_front, deadline)
+            if one is None:
+                return None
+            joined.append(one)
+        message = _join(joined, a, leaves, sizes, mu, cap, thr, max_front, deadline)
+        if message is None:
+            return None
+        work.append(message)
+        free.remove(a)
+    return work
 
 
 def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0.0,
@@ -308,23 +538,12 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     shared, parts, fixed_lat, fixed_val = split
     dims_by = {d.name: d for d in p.dims}
     sizes = tuple(len(dims_by[n].choices) for n in shared)
-    if int(np.prod(sizes)) > MAX_SHARED:
-        return Result("too_big")
     cap = (budget - p.offset) / p.scale - p.fixed_ms  # the budget on the unscaled sum of terms
-
-    def spread(ax: tuple[int, ...], arr: np.ndarray) -> np.ndarray:
-        """An array over some shared axes (ascending) as one over the whole grid."""
-        return np.reshape(arr, [sizes[i] if i in ax else 1 for i in range(len(sizes))])
-
-    # fronts of each part for each assignment of the shared axes it depends on
-    fronts: list[dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float, float]]] = []
-    fast = np.zeros(sizes)
-    lag = np.zeros(sizes)
-    for part in parts:
-        table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = {}
-        sub = [sizes[a] for a in part.axes]
-        f_arr, g_arr = np.zeros(sub), np.zeros(sub)
-        for key in itertools.product(*[range(k) for k in sub]):
+    thr0 = _beat(best)
+    factors: list[_Factor] = []
+    for k, part in enumerate(parts):
+        table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for key in itertools.product(*[range(sizes[a]) for a in part.axes]):
             full = dict(zip(part.axes, key, strict=True))
             lat, val = np.zeros(len(part.value)), part.value
             for ax, arr in part.lat:
@@ -332,35 +551,61 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
             for ax, arr in part.val:
                 val = val + arr[tuple(full[a] for a in ax)]
             idx = _front(lat, val, cap)
-            fl, fv = lat[idx], val[idx]
-            fa = float(fl.min()) if len(fl) else np.inf
-            ga = float(np.max(fv - lam * fl)) if len(fl) else -np.inf
-            table[key] = (fl, fv, idx, fa, ga)
-            f_arr[key], g_arr[key] = fa, ga
-        fronts.append(table)
-        fast = fast + spread(part.axes, f_arr)
-        lag = lag + spread(part.axes, g_arr)
+            table[key] = (lat[idx], val[idx], idx)
+        factors.append(_Factor(part.axes, table, frozenset({k}), part=k))
         if time.perf_counter() > deadline:
             return Result("time_limit")
-    lat0 = np.zeros(sizes)
-    val0 = np.zeros(sizes)
-    for ax, arr in fixed_lat:
-        lat0 = lat0 + spread(ax, arr)
-    for ax, arr in fixed_val:
-        val0 = val0 + spread(ax, arr)
-    for i, n in enumerate(shared):
-        val0 = val0 + spread((i,), np.asarray(dims_by[n].value, dtype=np.float64))
-    fast = fast + lat0
+    # the latency and importance of the shared dims alone, one table per set of axes
+    scalar: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+    for ax, arr, is_value in ([(ax, arr, False) for ax, arr in fixed_lat] + [(ax, arr, True) for ax, arr in fixed_val]
+                              + [((i,), np.asarray(dims_by[n].value, dtype=np.float64), True)
+                                 for i, n in enumerate(shared)]):
+        lat, val = scalar.get(ax, (np.zeros([sizes[a] for a in ax]), np.zeros([sizes[a] for a in ax])))
+        scalar[ax] = (lat + arr, val) if not is_value else (lat, val + arr)
+    core = (_core(factors, len(shared)),) if shared else ()
+    lat0, val0 = np.zeros([sizes[a] for a in core]), np.zeros([sizes[a] for a in core])
+    for ax, (lat, val) in scalar.items():
+        if set(ax) <= set(core):
+            lat0, val0 = lat0 + _spread(ax, lat, core, sizes), val0 + _spread(ax, val, core, sizes)
+            continue
+        one = {key: (np.array([lat[key]]), np.array([val[key]]), np.zeros(1, dtype=np.int64))
+               for key in itertools.product(*[range(sizes[a]) for a in ax])}
+        factors.append(_Factor(ax, one, frozenset({len(factors)})))
+    # bounds on what lies outside a merge: every factor, and the shared dims of the core alone
+    leaves = [(f.axes, *f.table(sizes, lam)) for f in factors] + [(core, val0 - lam * lat0, lat0)]
+    try:
+        elim = _eliminate(factors, core, leaves, sizes, lam, cap, thr0, max_front, deadline)
+    except _OutOfTime:
+        return Result("time_limit")
+    if elim is None:
+        return Result("too_big")
+    return _heads(p, shared, parts, core, elim, lat0, val0, sizes, cap, best, lam, deadline, max_front, max_heads)
+
+
+def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, ...], factors: list[_Factor], lat0: np.ndarray,
+           val0: np.ndarray, all_sizes: tuple[int, ...], cap: float, best: float, lam: float, deadline: float,
+           max_front: int, max_heads: int) -> Result:
+    """Every assignment of the ``core`` axes worth it, best bound first: the factors' fronts
+    merged in two halves that meet in the middle."""
+    dims_by = {d.name: d for d in p.dims}
+    sizes = tuple(all_sizes[a] for a in core)
+    pos = {a: i for i, a in enumerate(core)}
+    axes = [tuple(pos[a] for a in f.axes) for f in factors]
+
+    def spread(ax: tuple[int, ...], arr: np.ndarray) -> np.ndarray:
+        return _spread(ax, arr, tuple(range(len(sizes))), sizes)
+
+    fast = lat0.copy()
+    lag = np.zeros(sizes)
+    for f, ax in zip(factors, axes, strict=True):
+        g, fa = f.table(all_sizes, lam)
+        fast, lag = fast + spread(ax, fa), lag + spread(ax, g)
     # the Lagrangian bound of every assignment at a few multipliers around lam, the least kept
     bound = val0 + lag + lam * (cap - lat0)
     for mu in (lam * MU_STEPS if lam > 0 else ()):
         at_mu = val0 + mu * (cap - lat0)
-        for k, part in enumerate(parts):
-            g = np.full([sizes[a] for a in part.axes], -np.inf)
-            for key, (fl, fv, _, _, _) in fronts[k].items():
-                if len(fl):
-                    g[key] = float(np.max(fv - mu * fl))
-            at_mu = at_mu + spread(part.axes, g)
+        for f, ax in zip(factors, axes, strict=True):
+            at_mu = at_mu + spread(ax, f.table(all_sizes, mu)[0])
         bound = np.minimum(bound, at_mu)
     feasible = fast <= cap
     if not feasible.any():
@@ -368,6 +613,7 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     heads = np.flatnonzero(feasible.ravel() & (bound.ravel() > _beat(best)))
     heads = heads[np.argsort(-bound.ravel()[heads], kind="stable")]
     found: Result | None = None
+
     def cut_short(status: str) -> Result:
         """Nothing proven; the best point found so far comes along (an incumbent for the caller)."""
         return Result(status, found.widths, found.removed, found.value) if found is not None else Result(status)
@@ -381,23 +627,24 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         if done >= max_heads:
             return cut_short("too_big")
         room = cap - float(lat0[s])
-        here = [fronts[k][tuple(s[a] for a in part.axes)] for k, part in enumerate(parts)]
+        here = [f.fronts[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
         mu, tight = _best_multiplier([(h[0], h[1]) for h in here], room, lam)
         tight += float(val0[s])
         if tight <= _beat(best):
             continue
-        slack = tight - _beat(best)  # what the parts may lose against their best together
-        pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for fl, fv, idx, fa, _ in here:
-            # an option slower than the room the others leave, or losing more than the slack, is never used
-            ga = float(np.max(fv - mu * fl)) if len(fl) else -np.inf
-            keep = (fl <= room - (float(fast[s]) - float(lat0[s]) - fa)) & (fv - mu * fl > ga - slack)
-            pf.append((fl[keep], fv[keep], idx[keep]))
-        order = sorted(range(len(parts)), key=lambda k: len(pf[k][0]))
-        halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
         thr = _beat(best) - float(val0[s])
+        hulls = [_hull(h[0], h[1]) for h in here]
+        pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for k, (fl, fv, ref) in enumerate(here):
+            # an option that the others cannot lift above the best within the room left is never used
+            others = _Relaxed(hulls[:k] + hulls[k + 1:])
+            keep = (fl + others.base_l <= room) & (fv + others(room - fl) > thr)
+            pf.append((fl[keep], fv[keep], ref[keep]))
+        hulls = [_hull(f[0], f[1]) for f in pf]
+        order = sorted(range(len(factors)), key=lambda k: len(pf[k][0]))
+        halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
         try:
-            merged = [_merge(half, pf, [k for k in order if k not in half], mu, room, thr, max_front, deadline)
+            merged = [_merge(half, pf, [k for k in order if k not in half], hulls, room, thr, max_front, deadline)
                       for half in halves]
         except _OutOfTime:
             return cut_short("time_limit")
@@ -416,10 +663,14 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         total = float(val0[s]) + float(tot[pick])
         if total <= _beat(best):
             continue
-        picks = _trace(halves[0], pf, ta, int(ok[pick])) | _trace(halves[1], pf, tb, int(jb[ok[pick]]))
-        widths = {n: dims_by[n].choices[i] for n, i in zip(shared, s, strict=True)}
+        refs = _refs(halves[0], pf, ta, int(ok[pick])) | _refs(halves[1], pf, tb, int(jb[ok[pick]]))
+        values = {a: s[pos[a]] for a in core}
+        options: dict[int, int] = {}
+        for k, point in refs.items():
+            _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
+        widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
         gone: list[str] = []
-        for k, o in picks.items():
+        for k, o in options.items():
             part = parts[k]
             for n in part.dims:
                 c = int(part.choice[n][o])

@@ -21,8 +21,11 @@ break the budget, or when a valid upper bound on what it can reach does not beat
 point known: a Lagrangian one while eliminating (``sum over the rest of max(value - lam *
 latency) + lam * budget left``, the rest maximised over the widths still free), and at a core
 choice the LP relaxation of the rest at the latency left (its fronts' hulls, steepest segment
-first). Core choices are visited in the order of their bound and the search stops when it
-cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an optimum it
+first). The LP keeps blocks in part, and a fraction of one large block is most of its gap
+(1-2% on Swin's stages of identical blocks), so a core choice is solved once per total of
+removed blocks that its bound leaves open, with a price on each removed block that makes
+that bound nearly the least (LP with the count fixed). Core choices are visited in the order
+of their bound and the search stops when it cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an optimum it
 proves is within that of the true one.
 
 It is used where it is small (small parts, fronts that stay small, few core choices worth
@@ -45,6 +48,7 @@ MAX_FRONT = 200000  # partial points kept after one merge
 MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is the better bet
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
 MAX_CELLS = 1 << 16  # assignments of the axes one elimination step spans
+GOLDEN_STEPS = 12  # refinements of the price of a removed block, per count
 MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
 
@@ -206,64 +210,45 @@ def _front(lat: np.ndarray, val: np.ndarray, limit: float) -> np.ndarray:
     return order[keep]
 
 
-def _best_multiplier(fronts: list[tuple[np.ndarray, np.ndarray]], room: float, lam: float,
-                     steps: int = 30) -> tuple[float, float]:
-    """The budget multiplier that minimises the Lagrangian bound
-    ``sum over parts of max(value - mu * latency) + mu * room`` (convex in ``mu``: bisection on
-    its slope), and that bound; never worse than at ``lam``."""
-    if any(not len(fl) for fl, _ in fronts):
-        return lam, -np.inf
-
-    def at(mu: float) -> tuple[float, float]:
-        total, used = mu * room, 0.0
-        for fl, fv in fronts:
-            j = int(np.argmax(fv - mu * fl))
-            total += float(fv[j] - mu * fl[j])
-            used += float(fl[j])
-        return total, room - used  # the bound and its slope
-
-    best_mu, (best_b, slope) = lam, at(lam)
-    if slope >= 0:  # the budget is not binding at lam: lower multipliers may be better
-        lo, hi = 0.0, lam
-    else:
-        lo, hi = lam, max(2.0 * lam, 1.0)
-        while at(hi)[1] < 0 and hi < 1e12:
-            lo, hi = hi, hi * 4.0
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        b, sl = at(mid)
-        if b < best_b:
-            best_mu, best_b = mid, b
-        if sl < 0:
-            lo = mid
-        else:
-            hi = mid
-    for mu in (lo, hi):
-        b, _ = at(mu)
-        if b < best_b:
-            best_mu, best_b = mu, b
-    return best_mu, best_b
-
-
-def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """The fastest point of a front (latency up, importance up) and the segments of its upper
-    concave hull from there (latency and importance steps, steepest first)."""
+def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
+    """Indices of the vertices of a front's upper concave hull (latency up, importance up),
+    from its fastest point; of equal latencies only the last (most importance) counts."""
     if not len(fl):
-        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    last = np.append(fl[1:] != fl[:-1], True)  # of equal latencies the last (most importance) only
-    xs, ys = fl[last], fv[last]
-    hull = [0]
-    for i in range(1, len(xs)):
+        return np.zeros(0, dtype=np.int64)
+    cand = np.flatnonzero(np.append(fl[1:] != fl[:-1], True))
+    hull: list[int] = []
+    for i in cand:
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            if (ys[b] - ys[a]) * (xs[i] - xs[a]) <= (ys[i] - ys[a]) * (xs[b] - xs[a]):
+            if (fv[b] - fv[a]) * (fl[i] - fl[a]) <= (fv[i] - fv[a]) * (fl[b] - fl[a]):
                 hull.pop()
             else:
                 break
-        if ys[i] > ys[hull[-1]]:
-            hull.append(i)
-    h = np.array(hull)
-    return float(xs[0]), float(ys[0]), np.diff(xs[h]), np.diff(ys[h])
+        if not hull or fv[i] > fv[hull[-1]]:
+            hull.append(int(i))
+    return np.array(hull, dtype=np.int64)
+
+
+def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The fastest point of a front and the segments of its upper concave hull from there
+    (latency and importance steps, steepest first)."""
+    if not len(fl):
+        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
+    h = _vertices(fl, fv)
+    return float(fl[h[0]]), float(fv[h[0]]), np.diff(fl[h]), np.diff(fv[h])
+
+
+def _shifted_hull(classes: list[tuple[int, np.ndarray, np.ndarray]], nu: float
+                  ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The hull of a front whose points with ``u`` removed blocks lose ``nu * u``: from the hull
+    vertices of each class of points (``u``, latencies, importances)."""
+    if not classes:
+        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
+    lat = np.concatenate([cl for _, cl, _ in classes])
+    val = np.concatenate([cv - nu * u for u, _, cv in classes])
+    order = np.argsort(lat, kind="stable")
+    keep = order[_front(lat[order], val[order], np.inf)]
+    return _hull(lat[keep], val[keep])
 
 
 class _Relaxed:
@@ -280,7 +265,7 @@ class _Relaxed:
         self.cum_l = np.concatenate([[0.0], np.cumsum(dl[order])])
         self.cum_v = np.concatenate([[0.0], np.cumsum(dv[order])])
 
-    def __call__(self, room: np.ndarray) -> np.ndarray:
+    def __call__(self, room: np.ndarray | float) -> np.ndarray:
         x = np.asarray(room, dtype=np.float64) - self.base_l
         out = self.base_v + np.interp(x, self.cum_l, self.cum_v)
         return np.where(x >= 0, out, -np.inf)
@@ -290,37 +275,49 @@ class _OutOfTime(Exception):
     """The deadline passed in the middle of a merge."""
 
 
-def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]], others: list[int],
-           hulls: list[tuple[float, float, np.ndarray, np.ndarray]], room: float, thr: float, max_front: int,
-           deadline: float) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
-    """The Pareto front of the parts ``half`` together (latency, importance, back pointers),
-    without points that the rest (the parts still to come and ``others``, bounded by their LP
-    relaxation at the latency left) cannot lift above ``thr`` within ``room``; ``None`` when it
-    grows past the cap."""
-    lat, val = np.zeros(1), np.zeros(1)
+def _front_by(lat: np.ndarray, val: np.ndarray, count: np.ndarray, limit: float) -> np.ndarray:
+    """:func:`_front` among the points of each count apart (grouped by count, latency up)."""
+    out = [np.flatnonzero(count == u) for u in np.unique(count)]
+    out = [g[_front(lat[g], val[g], limit)] for g in out]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], others: list[int],
+           hulls: list[tuple[float, float, np.ndarray, np.ndarray]], room: float, thr: float, target: int,
+           max_front: int, deadline: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+    """The fronts of the parts ``half`` together, one per count of removed blocks (latency,
+    importance, count, back pointers), without points that the rest (the parts still to come
+    and ``others``, bounded by their LP relaxation at the latency left) cannot lift above
+    ``thr`` within ``room``, nor bring to ``target`` removed blocks; ``None`` past the cap."""
+    lat, val, cnt = np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64)
     trail: list[tuple[np.ndarray, np.ndarray]] = []
     for step, k in enumerate(half):
-        fl, fv, _ = pf[k]
+        fl, fv, _, fc = pf[k]
         if len(lat) * len(fl) > 20 * max_front:
             return None
         if time.perf_counter() > deadline:
             raise _OutOfTime
-        rest = _Relaxed([hulls[j] for j in half[step + 1:] + others])
+        later = half[step + 1:] + others
+        rest = _Relaxed([hulls[j] for j in later])
+        lo = sum(int(pf[j][3].min()) for j in later if len(pf[j][3]))
+        hi = sum(int(pf[j][3].max()) for j in later if len(pf[j][3]))
         cl = (lat[:, None] + fl[None, :]).ravel()
         cv = (val[:, None] + fv[None, :]).ravel()
-        pick = np.flatnonzero(cl + rest.base_l <= room)
+        cc = (cnt[:, None] + fc[None, :]).ravel()
+        pick = np.flatnonzero((cl + rest.base_l <= room) & (cc + lo <= target) & (cc + hi >= target))
         pick = pick[cv[pick] + rest(room - cl[pick]) > thr]
-        pick = pick[_front(cl[pick], cv[pick], room)]
+        pick = pick[_front_by(cl[pick], cv[pick], cc[pick], room)]
         if len(pick) > max_front:
             return None
         trail.append((pick // max(len(fl), 1), pick % max(len(fl), 1)))
-        lat, val = cl[pick], cv[pick]
+        lat, val, cnt = cl[pick], cv[pick], cc[pick]
         if not len(pick):
             break
-    return lat, val, trail
+    return lat, val, cnt, trail
 
 
-def _refs(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+def _refs(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
           trail: list[tuple[np.ndarray, np.ndarray]], j: int) -> dict[int, int]:
     """The reference of every factor of ``half`` behind point ``j`` of its merged front."""
     picks: dict[int, int] = {}
@@ -342,11 +339,13 @@ class _Factor:
     (ascending). A part's options (``part``; the reference is the option), the latency and
     importance of the shared dims alone (one point per assignment), or ``members`` merged with
     ``axis`` maximised out (-1: none; the reference is the point's position, ``picks`` says which
-    value of ``axis`` and which point of each member it comes from). ``covers``: the leaves in it."""
+    value of ``axis`` and which point of each member it comes from). ``covers``: the leaves in it;
+    ``removed``: the removed blocks behind each point."""
 
     axes: tuple[int, ...]
     fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]]
     covers: frozenset[int]
+    removed: dict[tuple[int, ...], np.ndarray]
     part: int | None = None
     axis: int = -1
     members: list[_Factor] = field(default_factory=list)
@@ -443,7 +442,7 @@ def _join(members: list[_Factor], axis: int, leaves: list[tuple[tuple[int, ...],
     if lag is None or fast is None:
         return None
     out_axes = tuple(a for a in span if a != axis)
-    gathered: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, list[np.ndarray]]]] = {}
+    gathered: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]]] = {}
     for key in itertools.product(*[range(sizes[a]) for a in span]):
         if time.perf_counter() > deadline:
             raise _OutOfTime
@@ -452,9 +451,12 @@ def _join(members: list[_Factor], axis: int, leaves: list[tuple[tuple[int, ...],
         res = _combine([(h[0], h[1]) for h in here], float(fast[key]), float(lag[key]), mu, cap, thr, max_front)
         if res is None:
             return None
-        gathered.setdefault(tuple(full[a] for a in out_axes), []).append((full.get(axis, -1), *res))
+        gone = sum((m.removed[tuple(full[a] for a in m.axes)][i] for m, i in zip(members, res[2], strict=True)),
+                   np.zeros(len(res[0]), dtype=np.int64))
+        gathered.setdefault(tuple(full[a] for a in out_axes), []).append((full.get(axis, -1), *res, gone))
     fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     picks: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = {}
+    removed: dict[tuple[int, ...], np.ndarray] = {}
     for key, items in gathered.items():
         lat = np.concatenate([it[1] for it in items])
         val = np.concatenate([it[2] for it in items])
@@ -465,7 +467,8 @@ def _join(members: list[_Factor], axis: int, leaves: list[tuple[tuple[int, ...],
             return None
         fronts[key] = (lat[keep], val[keep], np.arange(len(keep)))
         picks[key] = (which[keep], [x[keep] for x in pts])
-    return _Factor(out_axes, fronts, covers, axis=axis, members=members, picks=picks)
+        removed[key] = np.concatenate([it[4] for it in items])[keep]
+    return _Factor(out_axes, fronts, covers, removed, axis=axis, members=members, picks=picks)
 
 
 def _trace(f: _Factor, key: tuple[int, ...], ref: int, shared: dict[int, int], options: dict[int, int]) -> None:
@@ -552,7 +555,9 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
                 val = val + arr[tuple(full[a] for a in ax)]
             idx = _front(lat, val, cap)
             table[key] = (lat[idx], val[idx], idx)
-        factors.append(_Factor(part.axes, table, frozenset({k}), part=k))
+        gone = {key: sum((part.removed[b][ref].astype(np.int64) for b in part.blocks),
+                         np.zeros(len(ref), dtype=np.int64)) for key, (_, _, ref) in table.items()}
+        factors.append(_Factor(part.axes, table, frozenset({k}), gone, part=k))
         if time.perf_counter() > deadline:
             return Result("time_limit")
     # the latency and importance of the shared dims alone, one table per set of axes
@@ -570,7 +575,7 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
             continue
         one = {key: (np.array([lat[key]]), np.array([val[key]]), np.zeros(1, dtype=np.int64))
                for key in itertools.product(*[range(sizes[a]) for a in ax])}
-        factors.append(_Factor(ax, one, frozenset({len(factors)})))
+        factors.append(_Factor(ax, one, frozenset({len(factors)}), {key: np.zeros(1, dtype=np.int64) for key in one}))
     # bounds on what lies outside a merge: every factor, and the shared dims of the core alone
     leaves = [(f.axes, *f.table(sizes, lam)) for f in factors] + [(core, val0 - lam * lat0, lat0)]
     try:
@@ -628,54 +633,137 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
             return cut_short("too_big")
         room = cap - float(lat0[s])
         here = [f.fronts[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
-        mu, tight = _best_multiplier([(h[0], h[1]) for h in here], room, lam)
-        tight += float(val0[s])
-        if tight <= _beat(best):
+        if float(_Relaxed([_hull(h[0], h[1]) for h in here])(room)) <= _beat(best) - float(val0[s]):
             continue
-        thr = _beat(best) - float(val0[s])
-        hulls = [_hull(h[0], h[1]) for h in here]
-        pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for k, (fl, fv, ref) in enumerate(here):
-            # an option that the others cannot lift above the best within the room left is never used
-            others = _Relaxed(hulls[:k] + hulls[k + 1:])
-            keep = (fl + others.base_l <= room) & (fv + others(room - fl) > thr)
-            pf.append((fl[keep], fv[keep], ref[keep]))
-        hulls = [_hull(f[0], f[1]) for f in pf]
-        order = sorted(range(len(factors)), key=lambda k: len(pf[k][0]))
-        halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
-        try:
-            merged = [_merge(half, pf, [k for k in order if k not in half], hulls, room, thr, max_front, deadline)
-                      for half in halves]
-        except _OutOfTime:
-            return cut_short("time_limit")
-        if any(m is None for m in merged):
-            return cut_short("too_big")
-        (la, va, ta), (lb, vb, tb) = merged  # type: ignore[misc]
-        if not len(la) or not len(lb):
+        counts = [f.removed[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
+        for target, nu, bound_c in _count_bounds(here, counts, room, _beat(best) - float(val0[s])):
+            if bound_c <= _beat(best) - float(val0[s]):  # a point found at another count beats it
+                continue
+            thr = _beat(best) - float(val0[s]) - nu * target  # on importance less nu per removed block
+            if time.perf_counter() > deadline:
+                return cut_short("time_limit")
+            shifted = [(fl, fv - nu * fc, ref, fc) for (fl, fv, ref), fc in zip(here, counts, strict=True)]
+            hulls = [_hull(f[0], f[1]) for f in shifted]
+            lo = sum(int(fc.min()) for fc in counts if len(fc))
+            hi = sum(int(fc.max()) for fc in counts if len(fc))
+            pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+            for k, (fl, fv, ref, fc) in enumerate(shifted):
+                # an option that the others cannot lift above the best within the room left, or
+                # bring to the target count, is never used
+                others = _Relaxed(hulls[:k] + hulls[k + 1:])
+                o_lo = lo - (int(fc.min()) if len(fc) else 0)
+                o_hi = hi - (int(fc.max()) if len(fc) else 0)
+                keep = ((fl + others.base_l <= room) & (fv + others(room - fl) > thr)
+                        & (fc + o_lo <= target) & (fc + o_hi >= target))
+                pf.append((fl[keep], fv[keep], ref[keep], fc[keep]))
+            hulls = [_hull(f[0], f[1]) for f in pf]
+            order = sorted(range(len(factors)), key=lambda k: len(pf[k][0]))
+            halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
+            try:
+                merged = [_merge(half, pf, [k for k in order if k not in half], hulls, room, thr, target,
+                                 max_front, deadline) for half in halves]
+            except _OutOfTime:
+                return cut_short("time_limit")
+            if any(m is None for m in merged):
+                return cut_short("too_big")
+            (la, va, ca, ta), (lb, vb, cb, tb) = merged  # type: ignore[misc]
+            pair = _meet(la, va, ca, lb, vb, cb, room, target)
+            if pair is None:
+                continue
+            ia, ib, tot = pair
+            total = float(val0[s]) + tot + nu * target
+            if total <= _beat(best):
+                continue
+            refs = _refs(halves[0], pf, ta, ia) | _refs(halves[1], pf, tb, ib)
+            values = {a: s[pos[a]] for a in core}
+            options: dict[int, int] = {}
+            for k, point in refs.items():
+                _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
+            widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
+            gone: list[str] = []
+            for k, o in options.items():
+                part = parts[k]
+                for n in part.dims:
+                    c = int(part.choice[n][o])
+                    widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
+                gone += [b for b in part.blocks if part.removed[b][o]]
+            best = total
+            found = Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
+    return found if found is not None else Result("optimal")
+
+
+def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: list[np.ndarray], room: float,
+                  thr: float) -> list[tuple[int, float, float]]:
+    """The totals of removed blocks worth a merge, best bound first: (count, multiplier, bound).
+
+    The number of removed blocks is an integer, the LP relaxation's is not (a block kept in
+    part, a large share of one block's importance above any plan). For each count the bound
+    is the LP relaxation with a price ``nu`` on each removed block, ``min over nu of
+    LP(importance - nu * removed) + nu * count``: any ``nu`` gives a valid bound, the grid and
+    a golden-section search near its best make it nearly the least."""
+    lo = sum(int(c.min()) for c in counts if len(c))
+    hi = sum(int(c.max()) for c in counts if len(c))
+    classes = []
+    for (fl, fv, _), fc in zip(here, counts, strict=True):
+        cls = []
+        for u in np.unique(fc):
+            g = np.flatnonzero(fc == u)
+            v = _vertices(fl[g], fv[g])
+            cls.append((int(u), fl[g][v], fv[g][v]))
+        classes.append(cls)
+    memo: dict[float, float] = {}
+
+    def relaxed(nu: float) -> float:
+        if nu not in memo:
+            memo[nu] = float(_Relaxed([_shifted_hull(c, nu) for c in classes])(room))
+        return memo[nu]
+
+    if lo == hi:
+        return [(lo, 0.0, relaxed(0.0))] if relaxed(0.0) > thr else []
+    span = max((float(fv.max() - fv.min()) for fv in (h[1] for h in here) if len(fv)), default=1.0)
+    grid = span * np.concatenate([-np.geomspace(1.0, 1e-3, 12), [0.0], np.geomspace(1e-3, 1.0, 12)])
+    at = np.array([relaxed(float(nu)) for nu in grid])
+    out = []
+    for target in range(lo, hi + 1):
+        f = at + grid * target
+        j = int(np.argmin(f))
+        if f[j] <= thr:
             continue
-        # B's front has importance rising with latency: each A point takes B's last one that fits
-        jb = np.searchsorted(lb, room - la, side="right") - 1
-        ok = np.flatnonzero(jb >= 0)
+        a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
+        nu, bound = float(grid[j]), float(f[j])
+        for _ in range(GOLDEN_STEPS):  # the bound is convex in nu
+            m1, m2 = a + 0.382 * (b - a), a + 0.618 * (b - a)
+            f1, f2 = relaxed(m1) + m1 * target, relaxed(m2) + m2 * target
+            if f1 < bound:
+                nu, bound = m1, f1
+            if f2 < bound:
+                nu, bound = m2, f2
+            if f1 <= f2:
+                b = m2
+            else:
+                a = m1
+        if bound > thr:
+            out.append((target, nu, bound))
+    return sorted(out, key=lambda x: -x[2])
+
+
+def _meet(la: np.ndarray, va: np.ndarray, ca: np.ndarray, lb: np.ndarray, vb: np.ndarray, cb: np.ndarray,
+          room: float, target: int) -> tuple[int, int, float] | None:
+    """The best pair of a point of each half within ``room`` and ``target`` removed blocks
+    together: (its index in each half, its importance); each half's points of one count have
+    importance rising with latency, so each point of A takes B's last one that fits."""
+    best: tuple[int, int, float] | None = None
+    for u in np.unique(ca):
+        ia = np.flatnonzero(ca == u)
+        ib = np.flatnonzero(cb == target - u)
+        if not len(ia) or not len(ib):
+            continue
+        j = np.searchsorted(lb[ib], room - la[ia], side="right") - 1
+        ok = np.flatnonzero(j >= 0)
         if not len(ok):
             continue
-        tot = va[ok] + vb[jb[ok]]
-        pick = int(np.argmax(tot))
-        total = float(val0[s]) + float(tot[pick])
-        if total <= _beat(best):
-            continue
-        refs = _refs(halves[0], pf, ta, int(ok[pick])) | _refs(halves[1], pf, tb, int(jb[ok[pick]]))
-        values = {a: s[pos[a]] for a in core}
-        options: dict[int, int] = {}
-        for k, point in refs.items():
-            _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
-        widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
-        gone: list[str] = []
-        for k, o in options.items():
-            part = parts[k]
-            for n in part.dims:
-                c = int(part.choice[n][o])
-                widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
-            gone += [b for b in part.blocks if part.removed[b][o]]
-        best = total
-        found = Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
-    return found if found is not None else Result("optimal")
+        tot = va[ia[ok]] + vb[ib[j[ok]]]
+        k = int(np.argmax(tot))
+        if best is None or float(tot[k]) > best[2]:
+            best = (int(ia[ok[k]]), int(ib[j[ok[k]]]), float(tot[k]))
+    return best

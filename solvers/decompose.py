@@ -1,27 +1,36 @@
-"""Exact solve by enumeration, for a problem whose shared dims have few choices left.
+"""Exact solve by enumeration over the shared widths.
 
 Once every dim that no block owns (a shared width) has a choice, the rest falls apart into
 independent parts: the dims and removable blocks linked by terms (a block's private widths,
 its removal, the latency and value terms over them). Each part is a list of options (every
 combination of its blocks' fates and its dims' choices) with a latency and an importance,
 and the whole problem is to pick one option per part within the budget: a multiple-choice
-knapsack, solved exactly by merging the parts' Pareto fronts (latency up, importance up)
-one part at a time, in two halves that meet in the middle (each point of one half takes the
-best point of the other that fits).
+knapsack, solved exactly by merging the parts' Pareto fronts (latency up, importance up).
+
+The shared widths are not enumerated jointly: one of them (the core, the width most parts
+depend on) is, and every other one is eliminated around it, the fewest cells first (a
+stage's blocks merged once per stage width, then the width maximised out: the union of the
+fronts over its choices, a front over the widths that remain). In a chain of stage widths
+that leaves fronts over the core width only. Each core choice is then solved by merging the
+fronts in two halves that meet in the middle (each point of one half takes the best point of
+the other that fits).
 
 Pruning keeps it exact: an option that is slower and keeps no more importance than another of
 its part is never needed; a partial point is dropped when even the rest's fastest options
 break the budget, or when a valid upper bound on what it can reach does not beat the best
-point known. The bound is Lagrangian: for any ``lam >= 0`` the rest keeps at most
-``sum over parts of max(value - lam * latency) + lam * (budget left)``; the whole grid of
-shared assignments is bounded at once at a few multipliers, and each assignment visited gets
-its own best multiplier. Assignments are visited in the order of that bound and the search
-stops when it cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an
-optimum it proves is within that of the true one.
+point known: a Lagrangian one while eliminating (``sum over the rest of max(value - lam *
+latency) + lam * budget left``, the rest maximised over the widths still free), and at a core
+choice the LP relaxation of the rest at the latency left (its fronts' hulls, steepest segment
+first). The LP keeps blocks in part, and a fraction of one large block is most of its gap
+(1-2% on Swin's stages of identical blocks), so a core choice is solved once per total of
+removed blocks that its bound leaves open, with a price on each removed block that makes
+that bound nearly the least (LP with the count fixed). Core choices are visited in the order
+of their bound and the search stops when it cannot beat the best. "Better" means by more than ``REL_TOL`` (relative), so an optimum it
+proves is within that of the true one.
 
-It is used where it is small (few shared assignments, small parts, fronts that stay small,
-few assignments worth merging) and says so otherwise (``too_big``, with the best point it
-found), so the caller falls back to the MIP.
+It is used where it is small (small parts, fronts that stay small, few core choices worth
+merging) and says so otherwise (``too_big``, with the best point it found), so the caller
+falls back to the MIP.
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ import numpy as np
 
 from solvers.problem import Problem
 
-MAX_SHARED = 2_000_000  # shared assignments
 MAX_OPTIONS = 50000  # options of one part
 MAX_FRONT = 200000  # partial points kept after one merge
 MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is the better bet
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
+MAX_CELLS = 1 << 16  # assignments of the axes one elimination step spans
+GOLDEN_STEPS = 12  # refinements of the price of a removed block, per count
 MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
 
@@ -200,86 +210,116 @@ def _front(lat: np.ndarray, val: np.ndarray, limit: float) -> np.ndarray:
     return order[keep]
 
 
-def _best_multiplier(fronts: list[tuple[np.ndarray, np.ndarray]], room: float, lam: float,
-                     steps: int = 30) -> tuple[float, float]:
-    """The budget multiplier that minimises the Lagrangian bound
-    ``sum over parts of max(value - mu * latency) + mu * room`` (convex in ``mu``: bisection on
-    its slope), and that bound; never worse than at ``lam``."""
-    if any(not len(fl) for fl, _ in fronts):
-        return lam, -np.inf
+def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
+    """Indices of the vertices of a front's upper concave hull (latency up, importance up),
+    from its fastest point; of equal latencies only the last (most importance) counts."""
+    if not len(fl):
+        return np.zeros(0, dtype=np.int64)
+    cand = np.flatnonzero(np.append(fl[1:] != fl[:-1], True))
+    hull: list[int] = []
+    for i in cand:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (fv[b] - fv[a]) * (fl[i] - fl[a]) <= (fv[i] - fv[a]) * (fl[b] - fl[a]):
+                hull.pop()
+            else:
+                break
+        if not hull or fv[i] > fv[hull[-1]]:
+            hull.append(int(i))
+    return np.array(hull, dtype=np.int64)
 
-    def at(mu: float) -> tuple[float, float]:
-        total, used = mu * room, 0.0
-        for fl, fv in fronts:
-            j = int(np.argmax(fv - mu * fl))
-            total += float(fv[j] - mu * fl[j])
-            used += float(fl[j])
-        return total, room - used  # the bound and its slope
 
-    best_mu, (best_b, slope) = lam, at(lam)
-    if slope >= 0:  # the budget is not binding at lam: lower multipliers may be better
-        lo, hi = 0.0, lam
-    else:
-        lo, hi = lam, max(2.0 * lam, 1.0)
-        while at(hi)[1] < 0 and hi < 1e12:
-            lo, hi = hi, hi * 4.0
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        b, sl = at(mid)
-        if b < best_b:
-            best_mu, best_b = mid, b
-        if sl < 0:
-            lo = mid
-        else:
-            hi = mid
-    for mu in (lo, hi):
-        b, _ = at(mu)
-        if b < best_b:
-            best_mu, best_b = mu, b
-    return best_mu, best_b
+def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The fastest point of a front and the segments of its upper concave hull from there
+    (latency and importance steps, steepest first)."""
+    if not len(fl):
+        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
+    h = _vertices(fl, fv)
+    return float(fl[h[0]]), float(fv[h[0]]), np.diff(fl[h]), np.diff(fv[h])
+
+
+def _shifted_hull(classes: list[tuple[int, np.ndarray, np.ndarray]], nu: float
+                  ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The hull of a front whose points with ``u`` removed blocks lose ``nu * u``: from the hull
+    vertices of each class of points (``u``, latencies, importances)."""
+    if not classes:
+        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
+    lat = np.concatenate([cl for _, cl, _ in classes])
+    val = np.concatenate([cv - nu * u for u, _, cv in classes])
+    order = np.argsort(lat, kind="stable")
+    keep = order[_front(lat[order], val[order], np.inf)]
+    return _hull(lat[keep], val[keep])
+
+
+class _Relaxed:
+    """The LP relaxation of picking one point of each of some fronts: the most importance
+    within a latency, for any latency at once (the fastest points, then the hull segments of
+    all fronts, steepest first). An upper bound on every choice of one point per front."""
+
+    def __init__(self, hulls: list[tuple[float, float, np.ndarray, np.ndarray]]) -> None:
+        self.base_l = sum(h[0] for h in hulls)
+        self.base_v = sum(h[1] for h in hulls)
+        dl = np.concatenate([h[2] for h in hulls]) if hulls else np.zeros(0)
+        dv = np.concatenate([h[3] for h in hulls]) if hulls else np.zeros(0)
+        order = np.argsort(-dv / dl, kind="stable")
+        self.cum_l = np.concatenate([[0.0], np.cumsum(dl[order])])
+        self.cum_v = np.concatenate([[0.0], np.cumsum(dv[order])])
+
+    def __call__(self, room: np.ndarray | float) -> np.ndarray:
+        x = np.asarray(room, dtype=np.float64) - self.base_l
+        out = self.base_v + np.interp(x, self.cum_l, self.cum_v)
+        return np.where(x >= 0, out, -np.inf)
 
 
 class _OutOfTime(Exception):
     """The deadline passed in the middle of a merge."""
 
 
-def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]], others: list[int],
-           mu: float, room: float, thr: float, max_front: int, deadline: float
-           ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
-    """The Pareto front of the parts ``half`` together (latency, importance, back pointers),
-    without points that the rest (the parts still to come and ``others``) cannot lift above
-    ``thr`` within ``room``; ``None`` when it grows past the cap."""
-    fast_o = sum(float(pf[k][0].min()) for k in others) if all(len(pf[k][0]) for k in others) else np.inf
-    lag_o = sum(float(np.max(pf[k][1] - mu * pf[k][0])) for k in others) if np.isfinite(fast_o) else -np.inf
-    fast_k = [float(pf[k][0].min()) if len(pf[k][0]) else np.inf for k in half]
-    lag_k = [float(np.max(pf[k][1] - mu * pf[k][0])) if len(pf[k][0]) else -np.inf for k in half]
-    rest_fast = np.concatenate([np.cumsum(fast_k[::-1])[::-1], [0.0]]) + fast_o
-    rest_lag = np.concatenate([np.cumsum(lag_k[::-1])[::-1], [0.0]]) + lag_o
-    lat, val = np.zeros(1), np.zeros(1)
+def _front_by(lat: np.ndarray, val: np.ndarray, count: np.ndarray, limit: float) -> np.ndarray:
+    """:func:`_front` among the points of each count apart (grouped by count, latency up)."""
+    out = [np.flatnonzero(count == u) for u in np.unique(count)]
+    out = [g[_front(lat[g], val[g], limit)] for g in out]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _merge(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], others: list[int],
+           hulls: list[tuple[float, float, np.ndarray, np.ndarray]], room: float, thr: float, target: int,
+           max_front: int, deadline: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+    """The fronts of the parts ``half`` together, one per count of removed blocks (latency,
+    importance, count, back pointers), without points that the rest (the parts still to come
+    and ``others``, bounded by their LP relaxation at the latency left) cannot lift above
+    ``thr`` within ``room``, nor bring to ``target`` removed blocks; ``None`` past the cap."""
+    lat, val, cnt = np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64)
     trail: list[tuple[np.ndarray, np.ndarray]] = []
     for step, k in enumerate(half):
-        fl, fv, _ = pf[k]
+        fl, fv, _, fc = pf[k]
         if len(lat) * len(fl) > 20 * max_front:
             return None
         if time.perf_counter() > deadline:
             raise _OutOfTime
+        later = half[step + 1:] + others
+        rest = _Relaxed([hulls[j] for j in later])
+        lo = sum(int(pf[j][3].min()) for j in later if len(pf[j][3]))
+        hi = sum(int(pf[j][3].max()) for j in later if len(pf[j][3]))
         cl = (lat[:, None] + fl[None, :]).ravel()
         cv = (val[:, None] + fv[None, :]).ravel()
-        ok = (cl + rest_fast[step + 1] <= room) & (cv - mu * cl + rest_lag[step + 1] + mu * room > thr)
-        pick = np.flatnonzero(ok)
-        pick = pick[_front(cl[pick], cv[pick], room)]
+        cc = (cnt[:, None] + fc[None, :]).ravel()
+        pick = np.flatnonzero((cl + rest.base_l <= room) & (cc + lo <= target) & (cc + hi >= target))
+        pick = pick[cv[pick] + rest(room - cl[pick]) > thr]
+        pick = pick[_front_by(cl[pick], cv[pick], cc[pick], room)]
         if len(pick) > max_front:
             return None
         trail.append((pick // max(len(fl), 1), pick % max(len(fl), 1)))
-        lat, val = cl[pick], cv[pick]
+        lat, val, cnt = cl[pick], cv[pick], cc[pick]
         if not len(pick):
             break
-    return lat, val, trail
+    return lat, val, cnt, trail
 
 
-def _trace(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-           trail: list[tuple[np.ndarray, np.ndarray]], j: int) -> dict[int, int]:
-    """The option of every part of ``half`` behind point ``j`` of its merged front."""
+def _refs(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+          trail: list[tuple[np.ndarray, np.ndarray]], j: int) -> dict[int, int]:
+    """The reference of every factor of ``half`` behind point ``j`` of its merged front."""
     picks: dict[int, int] = {}
     for step in range(len(half) - 1, -1, -1):
         parent, option = trail[step]
@@ -291,6 +331,199 @@ def _trace(half: list[int], pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
 def _beat(best: float) -> float:
     """What a point must exceed to count as better than ``best``."""
     return best + REL_TOL * max(1.0, abs(best)) if np.isfinite(best) else best
+
+
+@dataclass
+class _Factor:
+    """Pareto fronts (latency, importance, reference) over the assignments of some shared axes
+    (ascending). A part's options (``part``; the reference is the option), the latency and
+    importance of the shared dims alone (one point per assignment), or ``members`` merged with
+    ``axis`` maximised out (-1: none; the reference is the point's position, ``picks`` says which
+    value of ``axis`` and which point of each member it comes from). ``covers``: the leaves in it;
+    ``removed``: the removed blocks behind each point."""
+
+    axes: tuple[int, ...]
+    fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    covers: frozenset[int]
+    removed: dict[tuple[int, ...], np.ndarray]
+    part: int | None = None
+    axis: int = -1
+    members: list[_Factor] = field(default_factory=list)
+    picks: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = field(default_factory=dict)
+
+    def table(self, sizes: tuple[int, ...], mu: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per assignment: the best ``importance - mu * latency`` and the least latency."""
+        g = np.full([sizes[a] for a in self.axes], -np.inf)
+        f = np.full([sizes[a] for a in self.axes], np.inf)
+        for key, (fl, fv, _) in self.fronts.items():
+            if len(fl):
+                g[key], f[key] = float(np.max(fv - mu * fl)), float(fl.min())
+        return g, f
+
+
+def _spread(ax: tuple[int, ...], arr: np.ndarray, onto: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
+    """An array over axes ``ax`` (a subsequence of ``onto``) broadcast onto ``onto``."""
+    return np.reshape(arr, [sizes[a] if a in ax else 1 for a in onto])
+
+
+def _optimum(tables: list[tuple[tuple[int, ...], np.ndarray]], keep: tuple[int, ...], sizes: tuple[int, ...],
+             maximise: bool) -> np.ndarray | None:
+    """The max (or min) of the sum of ``tables`` over every axis not in ``keep``, as an array
+    over ``keep``, by eliminating one axis at a time; ``None`` when a step spans too many cells."""
+    by_axes: dict[tuple[int, ...], np.ndarray] = {}
+    for ax, arr in tables:
+        by_axes[ax] = by_axes[ax] + arr if ax in by_axes else arr
+    work = list(by_axes.items())
+    free = sorted({a for ax, _ in work for a in ax} - set(keep))
+
+    def span(a: int) -> tuple[int, ...]:
+        return tuple(sorted({b for ax, _ in work if a in ax for b in ax}))
+
+    while free:
+        a = min(free, key=lambda x: int(np.prod([sizes[b] for b in span(x)])))
+        onto = span(a)
+        if int(np.prod([sizes[b] for b in onto])) > MAX_CELLS:
+            return None
+        total = sum((_spread(ax, arr, onto, sizes) for ax, arr in work if a in ax), np.zeros([1] * len(onto)))
+        reduced = (np.max if maximise else np.min)(total, axis=onto.index(a))
+        work = [(ax, arr) for ax, arr in work if a not in ax] + [(tuple(b for b in onto if b != a), reduced)]
+        free.remove(a)
+    out = np.zeros([sizes[a] for a in keep])
+    for ax, arr in work:
+        out = out + _spread(ax, arr, keep, sizes)
+    return out
+
+
+def _combine(fronts: list[tuple[np.ndarray, np.ndarray]], rest_fast: float, rest_lag: float, mu: float,
+             cap: float, thr: float, max_front: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """The Pareto front of the sum of ``fronts`` (one point of each), without points that the
+    rest (fastest ``rest_fast``, Lagrangian ``rest_lag`` at ``mu``) cannot lift above ``thr``
+    within ``cap``: latency, importance and the point of each front; ``None`` past ``max_front``."""
+    order = sorted(range(len(fronts)), key=lambda k: len(fronts[k][0]))
+    none = np.zeros(0, dtype=np.int64)
+    if any(not len(fronts[k][0]) for k in order):
+        return np.zeros(0), np.zeros(0), [none] * len(fronts)
+    fast = [float(fronts[k][0].min()) for k in order]
+    lag = [float(np.max(fronts[k][1] - mu * fronts[k][0])) for k in order]
+    after_fast = np.concatenate([np.cumsum(fast[::-1])[::-1], [0.0]]) + rest_fast
+    after_lag = np.concatenate([np.cumsum(lag[::-1])[::-1], [0.0]]) + rest_lag
+    lat, val = np.zeros(1), np.zeros(1)
+    idx: dict[int, np.ndarray] = {}
+    for step, k in enumerate(order):
+        fl, fv = fronts[k]
+        if len(lat) * len(fl) > 20 * max_front:
+            return None
+        cl = (lat[:, None] + fl[None, :]).ravel()
+        cv = (val[:, None] + fv[None, :]).ravel()
+        ok = (cl + after_fast[step + 1] <= cap) & (cv - mu * cl + after_lag[step + 1] + mu * cap > thr)
+        pick = np.flatnonzero(ok)
+        pick = pick[_front(cl[pick], cv[pick], cap)]
+        if len(pick) > max_front:
+            return None
+        idx = {j: arr[pick // len(fl)] for j, arr in idx.items()}
+        idx[k] = pick % len(fl)
+        lat, val = cl[pick], cv[pick]
+    return lat, val, [idx[k] for k in range(len(fronts))]
+
+
+def _join(members: list[_Factor], axis: int, leaves: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]],
+          sizes: tuple[int, ...], mu: float, cap: float, thr: float, max_front: int, deadline: float
+          ) -> _Factor | None:
+    """``members`` merged at every assignment of their axes, then ``axis`` maximised out (a
+    union of fronts; -1: none). Points that the leaves outside the members cannot lift above
+    ``thr`` are dropped. ``None`` when too big."""
+    span = tuple(sorted({a for m in members for a in m.axes}))
+    if int(np.prod([sizes[a] for a in span])) > MAX_CELLS:
+        return None
+    covers = frozenset().union(*(m.covers for m in members))
+    rest = [leaves[i] for i in range(len(leaves)) if i not in covers]
+    lag = _optimum([(ax, g) for ax, g, _ in rest], span, sizes, True)
+    fast = _optimum([(ax, f) for ax, _, f in rest], span, sizes, False)
+    if lag is None or fast is None:
+        return None
+    out_axes = tuple(a for a in span if a != axis)
+    gathered: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]]] = {}
+    for key in itertools.product(*[range(sizes[a]) for a in span]):
+        if time.perf_counter() > deadline:
+            raise _OutOfTime
+        full = dict(zip(span, key, strict=True))
+        here = [m.fronts[tuple(full[a] for a in m.axes)] for m in members]
+        res = _combine([(h[0], h[1]) for h in here], float(fast[key]), float(lag[key]), mu, cap, thr, max_front)
+        if res is None:
+            return None
+        gone = sum((m.removed[tuple(full[a] for a in m.axes)][i] for m, i in zip(members, res[2], strict=True)),
+                   np.zeros(len(res[0]), dtype=np.int64))
+        gathered.setdefault(tuple(full[a] for a in out_axes), []).append((full.get(axis, -1), *res, gone))
+    fronts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    picks: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = {}
+    removed: dict[tuple[int, ...], np.ndarray] = {}
+    for key, items in gathered.items():
+        lat = np.concatenate([it[1] for it in items])
+        val = np.concatenate([it[2] for it in items])
+        which = np.concatenate([np.full(len(it[1]), it[0]) for it in items])
+        pts = [np.concatenate([it[3][j] for it in items]) for j in range(len(members))]
+        keep = _front(lat, val, cap)
+        if len(keep) > max_front:
+            return None
+        fronts[key] = (lat[keep], val[keep], np.arange(len(keep)))
+        picks[key] = (which[keep], [x[keep] for x in pts])
+        removed[key] = np.concatenate([it[4] for it in items])[keep]
+    return _Factor(out_axes, fronts, covers, removed, axis=axis, members=members, picks=picks)
+
+
+def _trace(f: _Factor, key: tuple[int, ...], ref: int, shared: dict[int, int], options: dict[int, int]) -> None:
+    """The shared axes' values and the parts' options behind point ``ref`` of ``f`` at ``key``."""
+    if f.part is not None:
+        options[f.part] = ref
+        return
+    if not f.members:
+        return
+    full = dict(zip(f.axes, key, strict=True))
+    which, pts = f.picks[key]
+    if f.axis >= 0:
+        full[f.axis] = shared[f.axis] = int(which[ref])
+    for m, pt in zip(f.members, pts, strict=True):
+        mkey = tuple(full[a] for a in m.axes)
+        _trace(m, mkey, int(m.fronts[mkey][2][int(pt[ref])]), shared, options)
+
+
+def _core(factors: list[_Factor], n_axes: int) -> int:
+    """The shared axis most parts depend on: the others are eliminated around it."""
+    count = [sum(a in f.axes for f in factors if f.part is not None) for a in range(n_axes)]
+    return int(np.argmax(count))
+
+
+def _eliminate(factors: list[_Factor], core: tuple[int, ...], leaves: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]],
+               sizes: tuple[int, ...], mu: float, cap: float, thr: float, max_front: int, deadline: float
+               ) -> list[_Factor] | None:
+    """Every axis outside ``core`` maximised out of the factors, the fewest cells first; factors
+    over the same axes are merged first (a stage's blocks once per width, not once per
+    assignment of the other widths)."""
+    work = list(factors)
+    free = sorted({a for f in work for a in f.axes} - set(core))
+
+    def span(a: int) -> int:
+        return int(np.prod([sizes[b] for b in {b for f in work if a in f.axes for b in f.axes}]))
+
+    while free:
+        a = min(free, key=span)
+        bucket = [f for f in work if a in f.axes]
+        work = [f for f in work if a not in f.axes]
+        groups: dict[tuple[int, ...], list[_Factor]] = {}
+        for f in bucket:
+            groups.setdefault(f.axes, []).append(f)
+        joined = []
+        for group in groups.values():
+            one = group[0] if len(group) == 1 else _join(group, -1, leaves, sizes, mu, cap, thr, max_front, deadline)
+            if one is None:
+                return None
+            joined.append(one)
+        message = _join(joined, a, leaves, sizes, mu, cap, thr, max_front, deadline)
+        if message is None:
+            return None
+        work.append(message)
+        free.remove(a)
+    return work
 
 
 def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0.0,
@@ -308,23 +541,12 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     shared, parts, fixed_lat, fixed_val = split
     dims_by = {d.name: d for d in p.dims}
     sizes = tuple(len(dims_by[n].choices) for n in shared)
-    if int(np.prod(sizes)) > MAX_SHARED:
-        return Result("too_big")
     cap = (budget - p.offset) / p.scale - p.fixed_ms  # the budget on the unscaled sum of terms
-
-    def spread(ax: tuple[int, ...], arr: np.ndarray) -> np.ndarray:
-        """An array over some shared axes (ascending) as one over the whole grid."""
-        return np.reshape(arr, [sizes[i] if i in ax else 1 for i in range(len(sizes))])
-
-    # fronts of each part for each assignment of the shared axes it depends on
-    fronts: list[dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float, float]]] = []
-    fast = np.zeros(sizes)
-    lag = np.zeros(sizes)
-    for part in parts:
-        table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = {}
-        sub = [sizes[a] for a in part.axes]
-        f_arr, g_arr = np.zeros(sub), np.zeros(sub)
-        for key in itertools.product(*[range(k) for k in sub]):
+    thr0 = _beat(best)
+    factors: list[_Factor] = []
+    for k, part in enumerate(parts):
+        table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for key in itertools.product(*[range(sizes[a]) for a in part.axes]):
             full = dict(zip(part.axes, key, strict=True))
             lat, val = np.zeros(len(part.value)), part.value
             for ax, arr in part.lat:
@@ -332,35 +554,63 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
             for ax, arr in part.val:
                 val = val + arr[tuple(full[a] for a in ax)]
             idx = _front(lat, val, cap)
-            fl, fv = lat[idx], val[idx]
-            fa = float(fl.min()) if len(fl) else np.inf
-            ga = float(np.max(fv - lam * fl)) if len(fl) else -np.inf
-            table[key] = (fl, fv, idx, fa, ga)
-            f_arr[key], g_arr[key] = fa, ga
-        fronts.append(table)
-        fast = fast + spread(part.axes, f_arr)
-        lag = lag + spread(part.axes, g_arr)
+            table[key] = (lat[idx], val[idx], idx)
+        gone = {key: sum((part.removed[b][ref].astype(np.int64) for b in part.blocks),
+                         np.zeros(len(ref), dtype=np.int64)) for key, (_, _, ref) in table.items()}
+        factors.append(_Factor(part.axes, table, frozenset({k}), gone, part=k))
         if time.perf_counter() > deadline:
             return Result("time_limit")
-    lat0 = np.zeros(sizes)
-    val0 = np.zeros(sizes)
-    for ax, arr in fixed_lat:
-        lat0 = lat0 + spread(ax, arr)
-    for ax, arr in fixed_val:
-        val0 = val0 + spread(ax, arr)
-    for i, n in enumerate(shared):
-        val0 = val0 + spread((i,), np.asarray(dims_by[n].value, dtype=np.float64))
-    fast = fast + lat0
+    # the latency and importance of the shared dims alone, one table per set of axes
+    scalar: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+    for ax, arr, is_value in ([(ax, arr, False) for ax, arr in fixed_lat] + [(ax, arr, True) for ax, arr in fixed_val]
+                              + [((i,), np.asarray(dims_by[n].value, dtype=np.float64), True)
+                                 for i, n in enumerate(shared)]):
+        lat, val = scalar.get(ax, (np.zeros([sizes[a] for a in ax]), np.zeros([sizes[a] for a in ax])))
+        scalar[ax] = (lat + arr, val) if not is_value else (lat, val + arr)
+    core = (_core(factors, len(shared)),) if shared else ()
+    lat0, val0 = np.zeros([sizes[a] for a in core]), np.zeros([sizes[a] for a in core])
+    for ax, (lat, val) in scalar.items():
+        if set(ax) <= set(core):
+            lat0, val0 = lat0 + _spread(ax, lat, core, sizes), val0 + _spread(ax, val, core, sizes)
+            continue
+        one = {key: (np.array([lat[key]]), np.array([val[key]]), np.zeros(1, dtype=np.int64))
+               for key in itertools.product(*[range(sizes[a]) for a in ax])}
+        factors.append(_Factor(ax, one, frozenset({len(factors)}), {key: np.zeros(1, dtype=np.int64) for key in one}))
+    # bounds on what lies outside a merge: every factor, and the shared dims of the core alone
+    leaves = [(f.axes, *f.table(sizes, lam)) for f in factors] + [(core, val0 - lam * lat0, lat0)]
+    try:
+        elim = _eliminate(factors, core, leaves, sizes, lam, cap, thr0, max_front, deadline)
+    except _OutOfTime:
+        return Result("time_limit")
+    if elim is None:
+        return Result("too_big")
+    return _heads(p, shared, parts, core, elim, lat0, val0, sizes, cap, best, lam, deadline, max_front, max_heads)
+
+
+def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, ...], factors: list[_Factor], lat0: np.ndarray,
+           val0: np.ndarray, all_sizes: tuple[int, ...], cap: float, best: float, lam: float, deadline: float,
+           max_front: int, max_heads: int) -> Result:
+    """Every assignment of the ``core`` axes worth it, best bound first: the factors' fronts
+    merged in two halves that meet in the middle."""
+    dims_by = {d.name: d for d in p.dims}
+    sizes = tuple(all_sizes[a] for a in core)
+    pos = {a: i for i, a in enumerate(core)}
+    axes = [tuple(pos[a] for a in f.axes) for f in factors]
+
+    def spread(ax: tuple[int, ...], arr: np.ndarray) -> np.ndarray:
+        return _spread(ax, arr, tuple(range(len(sizes))), sizes)
+
+    fast = lat0.copy()
+    lag = np.zeros(sizes)
+    for f, ax in zip(factors, axes, strict=True):
+        g, fa = f.table(all_sizes, lam)
+        fast, lag = fast + spread(ax, fa), lag + spread(ax, g)
     # the Lagrangian bound of every assignment at a few multipliers around lam, the least kept
     bound = val0 + lag + lam * (cap - lat0)
     for mu in (lam * MU_STEPS if lam > 0 else ()):
         at_mu = val0 + mu * (cap - lat0)
-        for k, part in enumerate(parts):
-            g = np.full([sizes[a] for a in part.axes], -np.inf)
-            for key, (fl, fv, _, _, _) in fronts[k].items():
-                if len(fl):
-                    g[key] = float(np.max(fv - mu * fl))
-            at_mu = at_mu + spread(part.axes, g)
+        for f, ax in zip(factors, axes, strict=True):
+            at_mu = at_mu + spread(ax, f.table(all_sizes, mu)[0])
         bound = np.minimum(bound, at_mu)
     feasible = fast <= cap
     if not feasible.any():
@@ -368,6 +618,7 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     heads = np.flatnonzero(feasible.ravel() & (bound.ravel() > _beat(best)))
     heads = heads[np.argsort(-bound.ravel()[heads], kind="stable")]
     found: Result | None = None
+
     def cut_short(status: str) -> Result:
         """Nothing proven; the best point found so far comes along (an incumbent for the caller)."""
         return Result(status, found.widths, found.removed, found.value) if found is not None else Result(status)
@@ -381,50 +632,138 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         if done >= max_heads:
             return cut_short("too_big")
         room = cap - float(lat0[s])
-        here = [fronts[k][tuple(s[a] for a in part.axes)] for k, part in enumerate(parts)]
-        mu, tight = _best_multiplier([(h[0], h[1]) for h in here], room, lam)
-        tight += float(val0[s])
-        if tight <= _beat(best):
+        here = [f.fronts[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
+        if float(_Relaxed([_hull(h[0], h[1]) for h in here])(room)) <= _beat(best) - float(val0[s]):
             continue
-        slack = tight - _beat(best)  # what the parts may lose against their best together
-        pf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for fl, fv, idx, fa, _ in here:
-            # an option slower than the room the others leave, or losing more than the slack, is never used
-            ga = float(np.max(fv - mu * fl)) if len(fl) else -np.inf
-            keep = (fl <= room - (float(fast[s]) - float(lat0[s]) - fa)) & (fv - mu * fl > ga - slack)
-            pf.append((fl[keep], fv[keep], idx[keep]))
-        order = sorted(range(len(parts)), key=lambda k: len(pf[k][0]))
-        halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
-        thr = _beat(best) - float(val0[s])
-        try:
-            merged = [_merge(half, pf, [k for k in order if k not in half], mu, room, thr, max_front, deadline)
-                      for half in halves]
-        except _OutOfTime:
-            return cut_short("time_limit")
-        if any(m is None for m in merged):
-            return cut_short("too_big")
-        (la, va, ta), (lb, vb, tb) = merged  # type: ignore[misc]
-        if not len(la) or not len(lb):
+        counts = [f.removed[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
+        for target, nu, bound_c in _count_bounds(here, counts, room, _beat(best) - float(val0[s])):
+            if bound_c <= _beat(best) - float(val0[s]):  # a point found at another count beats it
+                continue
+            thr = _beat(best) - float(val0[s]) - nu * target  # on importance less nu per removed block
+            if time.perf_counter() > deadline:
+                return cut_short("time_limit")
+            shifted = [(fl, fv - nu * fc, ref, fc) for (fl, fv, ref), fc in zip(here, counts, strict=True)]
+            hulls = [_hull(f[0], f[1]) for f in shifted]
+            lo = sum(int(fc.min()) for fc in counts if len(fc))
+            hi = sum(int(fc.max()) for fc in counts if len(fc))
+            pf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+            for k, (fl, fv, ref, fc) in enumerate(shifted):
+                # an option that the others cannot lift above the best within the room left, or
+                # bring to the target count, is never used
+                others = _Relaxed(hulls[:k] + hulls[k + 1:])
+                o_lo = lo - (int(fc.min()) if len(fc) else 0)
+                o_hi = hi - (int(fc.max()) if len(fc) else 0)
+                keep = ((fl + others.base_l <= room) & (fv + others(room - fl) > thr)
+                        & (fc + o_lo <= target) & (fc + o_hi >= target))
+                pf.append((fl[keep], fv[keep], ref[keep], fc[keep]))
+            hulls = [_hull(f[0], f[1]) for f in pf]
+            order = sorted(range(len(factors)), key=lambda k: len(pf[k][0]))
+            halves = (order[0::2], order[1::2])  # merged apart, then met in the middle
+            try:
+                merged = [_merge(half, pf, [k for k in order if k not in half], hulls, room, thr, target,
+                                 max_front, deadline) for half in halves]
+            except _OutOfTime:
+                return cut_short("time_limit")
+            if any(m is None for m in merged):
+                return cut_short("too_big")
+            (la, va, ca, ta), (lb, vb, cb, tb) = merged  # type: ignore[misc]
+            pair = _meet(la, va, ca, lb, vb, cb, room, target)
+            if pair is None:
+                continue
+            ia, ib, tot = pair
+            total = float(val0[s]) + tot + nu * target
+            if total <= _beat(best):
+                continue
+            refs = _refs(halves[0], pf, ta, ia) | _refs(halves[1], pf, tb, ib)
+            values = {a: s[pos[a]] for a in core}
+            options: dict[int, int] = {}
+            for k, point in refs.items():
+                _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
+            widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
+            gone: list[str] = []
+            for k, o in options.items():
+                part = parts[k]
+                for n in part.dims:
+                    c = int(part.choice[n][o])
+                    widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
+                gone += [b for b in part.blocks if part.removed[b][o]]
+            best = total
+            found = Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
+    return found if found is not None else Result("optimal")
+
+
+def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: list[np.ndarray], room: float,
+                  thr: float) -> list[tuple[int, float, float]]:
+    """The totals of removed blocks worth a merge, best bound first: (count, multiplier, bound).
+
+    The number of removed blocks is an integer, the LP relaxation's is not (a block kept in
+    part, a large share of one block's importance above any plan). For each count the bound
+    is the LP relaxation with a price ``nu`` on each removed block, ``min over nu of
+    LP(importance - nu * removed) + nu * count``: any ``nu`` gives a valid bound, the grid and
+    a golden-section search near its best make it nearly the least."""
+    lo = sum(int(c.min()) for c in counts if len(c))
+    hi = sum(int(c.max()) for c in counts if len(c))
+    classes = []
+    for (fl, fv, _), fc in zip(here, counts, strict=True):
+        cls = []
+        for u in np.unique(fc):
+            g = np.flatnonzero(fc == u)
+            v = _vertices(fl[g], fv[g])
+            cls.append((int(u), fl[g][v], fv[g][v]))
+        classes.append(cls)
+    memo: dict[float, float] = {}
+
+    def relaxed(nu: float) -> float:
+        if nu not in memo:
+            memo[nu] = float(_Relaxed([_shifted_hull(c, nu) for c in classes])(room))
+        return memo[nu]
+
+    if lo == hi:
+        return [(lo, 0.0, relaxed(0.0))] if relaxed(0.0) > thr else []
+    span = max((float(fv.max() - fv.min()) for fv in (h[1] for h in here) if len(fv)), default=1.0)
+    grid = span * np.concatenate([-np.geomspace(1.0, 1e-3, 12), [0.0], np.geomspace(1e-3, 1.0, 12)])
+    at = np.array([relaxed(float(nu)) for nu in grid])
+    out = []
+    for target in range(lo, hi + 1):
+        f = at + grid * target
+        j = int(np.argmin(f))
+        if f[j] <= thr:
             continue
-        # B's front has importance rising with latency: each A point takes B's last one that fits
-        jb = np.searchsorted(lb, room - la, side="right") - 1
-        ok = np.flatnonzero(jb >= 0)
+        a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
+        nu, bound = float(grid[j]), float(f[j])
+        for _ in range(GOLDEN_STEPS):  # the bound is convex in nu
+            m1, m2 = a + 0.382 * (b - a), a + 0.618 * (b - a)
+            f1, f2 = relaxed(m1) + m1 * target, relaxed(m2) + m2 * target
+            if f1 < bound:
+                nu, bound = m1, f1
+            if f2 < bound:
+                nu, bound = m2, f2
+            if f1 <= f2:
+                b = m2
+            else:
+                a = m1
+        if bound > thr:
+            out.append((target, nu, bound))
+    return sorted(out, key=lambda x: -x[2])
+
+
+def _meet(la: np.ndarray, va: np.ndarray, ca: np.ndarray, lb: np.ndarray, vb: np.ndarray, cb: np.ndarray,
+          room: float, target: int) -> tuple[int, int, float] | None:
+    """The best pair of a point of each half within ``room`` and ``target`` removed blocks
+    together: (its index in each half, its importance); each half's points of one count have
+    importance rising with latency, so each point of A takes B's last one that fits."""
+    best: tuple[int, int, float] | None = None
+    for u in np.unique(ca):
+        ia = np.flatnonzero(ca == u)
+        ib = np.flatnonzero(cb == target - u)
+        if not len(ia) or not len(ib):
+            continue
+        j = np.searchsorted(lb[ib], room - la[ia], side="right") - 1
+        ok = np.flatnonzero(j >= 0)
         if not len(ok):
             continue
-        tot = va[ok] + vb[jb[ok]]
-        pick = int(np.argmax(tot))
-        total = float(val0[s]) + float(tot[pick])
-        if total <= _beat(best):
-            continue
-        picks = _trace(halves[0], pf, ta, int(ok[pick])) | _trace(halves[1], pf, tb, int(jb[ok[pick]]))
-        widths = {n: dims_by[n].choices[i] for n, i in zip(shared, s, strict=True)}
-        gone: list[str] = []
-        for k, o in picks.items():
-            part = parts[k]
-            for n in part.dims:
-                c = int(part.choice[n][o])
-                widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
-            gone += [b for b in part.blocks if part.removed[b][o]]
-        best = total
-        found = Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
-    return found if found is not None else Result("optimal")
+        tot = va[ia[ok]] + vb[ib[j[ok]]]
+        k = int(np.argmax(tot))
+        if best is None or float(tot[k]) > best[2]:
+            best = (int(ia[ok[k]]), int(ib[j[ok[k]]]), float(tot[k]))
+    return best

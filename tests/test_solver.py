@@ -348,3 +348,46 @@ def test_time_limit_returns_the_best_point_with_its_gap() -> None:
     assert none.status == "time_limit" and none.widths and none.gap is None
     assert latency_of(p, none.widths, none.removed) <= budget
     assert none.objective <= exact.objective + 1e-9
+
+
+def chain_problem(seed: int, stages: int = 3) -> Problem:
+    """Stage widths in a chain (a term over each consecutive pair), each stage with a locked and
+    a removable block on its width: the enumeration must eliminate the widths around one."""
+    rng = np.random.default_rng(seed)
+    dims: list[SolverDim] = []
+    blocks: list[SolverBlock] = []
+    terms: list[SolverTerm] = []
+    values: list[SolverValue] = []
+    for s in range(stages):
+        res = f"s{s}"
+        dims.append(SolverDim(res, (8, 16, 24), np.cumsum(rng.random(3)) * 2))
+        if s:
+            terms.append(SolverTerm(f"{res}.down", (f"s{s - 1}", res), rng.random((3, 3))))
+        for b, removable in enumerate((False, True)):
+            name = f"{res}.b{b}"
+            blocks.append(SolverBlock(name, removable, float(rng.random())))
+            dims.append(SolverDim(name + ".p", (8, 16), np.cumsum(rng.random(2)), name))
+            terms.append(SolverTerm(name + ".t", (res, name + ".p"), rng.random((3, 2)) + 0.1, name))
+            if removable:
+                values.append(SolverValue(name + ".share", res, np.cumsum(rng.random(3)) * 0.5, name))
+    return Problem(dims, blocks, terms, values=values)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_enumeration_eliminates_a_chain_of_shared_widths(seed: int) -> None:
+    """The enumeration alone, shared widths eliminated around the core one: the brute-force
+    optimum with its plan, and nothing claimed beyond it."""
+    from solvers import decompose
+
+    p = chain_problem(seed)
+    _, fastest = brute_force(p, 0.0)
+    full = p.latency({d.name: d.choices[-1] for d in p.dims})
+    for share in (0.2, 0.5, 0.8):
+        budget = fastest + share * (full - fastest)
+        expected, _ = brute_force(p, budget)
+        found = decompose.solve(p, budget)
+        assert found.status == "optimal"
+        assert found.value == pytest.approx(expected, rel=1e-9)
+        assert objective_of(p, found.widths, found.removed) == pytest.approx(expected, rel=1e-9)
+        assert latency_of(p, found.widths, found.removed) <= budget
+        assert decompose.solve(p, budget, best=expected).widths == {}  # nothing beats the optimum

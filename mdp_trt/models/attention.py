@@ -7,14 +7,19 @@ signature, still runs ``F.scaled_dot_product_attention`` and keeps the softmax s
 dense model (``head_dim ** -0.5`` of the original head width), so that a plan that keeps
 everything computes exactly what the dense model did.
 
-The two latency terms of attention (:class:`AttnQKTerm`, :class:`AttnVTerm`) live here too.
+The two latency terms of attention (:class:`AttnQKTerm`, :class:`AttnVTerm`) and the row
+selection and slicing that every adapter's attention surgery shares live here too.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mdp_trt.models.common import slice_linear, slice_vector
 
 
 class PrunedAttention(nn.Module):
@@ -90,11 +95,36 @@ def qkv_rows(
     a head (the same channels in every kept head). Works for timm's ``Attention`` (where
     ``qk_dim == v_dim == head_dim``) and :class:`PrunedAttention` alike.
     """
-    q_rows = (heads[:, None] * qk_dim + qk[None, :]).flatten()
+    q_rows = head_rows(heads, qk, qk_dim)
     k_rows = q_rows + num_heads * qk_dim
-    v_cols = (heads[:, None] * v_dim + v[None, :]).flatten()
+    v_cols = head_rows(heads, v, v_dim)
     v_rows = v_cols + 2 * num_heads * qk_dim
     return torch.cat([q_rows, k_rows, v_rows]), v_cols
+
+
+def head_rows(heads: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of a head-major projection (``width`` rows a head) holding channels ``idx`` of
+    the heads ``heads``."""
+    return (heads[:, None] * width + idx[None, :]).flatten()
+
+
+def sliced_qkv_proj(
+    qkv: nn.Linear, proj: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, e: torch.Tensor
+) -> tuple[nn.Linear, nn.Linear]:
+    """Copies of ``qkv`` (rows ``rows``) and ``proj`` (columns ``cols``), both cut to the kept
+    embedding channels ``e``; :func:`qkv_rows` gives the rows and columns."""
+    qkv, proj = copy.deepcopy(qkv), copy.deepcopy(proj)
+    slice_linear(qkv, rows, e)
+    slice_linear(proj, e, cols)
+    return qkv, proj
+
+
+def sliced_qk_norms(attn: nn.Module, new: nn.Module, qk: torch.Tensor) -> None:
+    """Give ``new`` copies of ``attn``'s per-head ``q_norm`` / ``k_norm`` keeping channels ``qk``."""
+    for sub in ("q_norm", "k_norm"):
+        norm = copy.deepcopy(attn.get_submodule(sub))
+        slice_vector(norm, ("weight", "bias"), qk)
+        setattr(new, sub, norm)
 
 
 class AttnQKTerm(nn.Module):

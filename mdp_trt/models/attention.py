@@ -22,7 +22,62 @@ from torch import nn
 from mdp_trt.models.common import slice_linear, slice_vector
 
 
-class PrunedAttention(nn.Module):
+class HeadAttention(nn.Module):
+    """What the pruned attentions share: ``num_heads`` heads of ``qk_dim`` query/key and
+    ``v_dim`` value channels, the dense softmax scale, and attention over the split heads
+    merged through ``proj``. Subclasses create ``attn_drop``, ``proj`` and ``proj_drop``."""
+
+    attn_drop: nn.Dropout
+    proj: nn.Linear
+    proj_drop: nn.Dropout
+
+    def __init__(self, num_heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
+        self.scale = float(scale)
+
+    def split_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(batch, tokens, heads * width)`` projections as ``(batch, heads, tokens, width)``."""
+        b, n, _ = q.shape
+        h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        return (
+            q.reshape(b, n, h, dq).transpose(1, 2),
+            k.reshape(b, n, h, dq).transpose(1, 2),
+            v.reshape(b, n, h, dv).transpose(1, 2),
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention of the split heads, merged and projected."""
+        b, _, n, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=bool(is_causal),  # the ONNX tracer hands keyword flags over as tensors
+            scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.v_dim)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
+            f"scale={self.scale:.6g}"
+        )
+
+
+class PrunedAttention(HeadAttention):
     """Self-attention with ``num_heads`` heads of ``qk_dim`` query/key and ``v_dim`` value channels.
 
     ``qkv`` writes ``[q | k | v]``: ``num_heads * qk_dim`` query rows (head-major), as many key
@@ -45,11 +100,7 @@ class PrunedAttention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = float(scale)
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
@@ -60,30 +111,10 @@ class PrunedAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        b, n, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
-        q = q.reshape(b, n, h, dq).transpose(1, 2)
-        k = k.reshape(b, n, h, dq).transpose(1, 2)
-        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        q, k, v = self.split_heads(*self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1))
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scale,
-        )
-        out = out.transpose(1, 2).reshape(b, n, h * dv)
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
-            f"scale={self.scale:.6g}"
-        )
+        return self.attend(q, k, v, attn_mask, is_causal)
 
 
 def qkv_rows(

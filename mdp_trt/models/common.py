@@ -84,11 +84,18 @@ def require(read: Callable[[nn.Module], Info], model: nn.Module) -> Info:
         raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {exc}") from exc
 
 
-def check_steps(config: SpaceConfig) -> None:
-    """The config's steps and choice count must be positive."""
+def check_config(config: SpaceConfig, name: str, img: tuple[int, int], why: str = "") -> None:
+    """The config's steps and choice count must be positive, and its resolution (if any) the
+    model's image size ``img``, fixed when the model was created (``why`` opens that message)."""
     for f in ("min_step", "max_choices", "head_step", "per_head_step"):
         if getattr(config, f) < 1:
             raise MdpError(f"space config {f} must be >= 1, got {getattr(config, f)}")
+    r = config.resolution
+    if r is not None and (r, r) != img:
+        raise MdpError(
+            f"{why}this {name} takes {img[0]}x{img[1]} images, resolution {r} was asked; "
+            f"create the model with img_size={r}"
+        )
 
 
 def check_fits(

@@ -46,23 +46,10 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from mdp_trt.errors import MdpError, UnsupportedModelError
+from mdp_trt.models import common
 from mdp_trt.models.attention import AttnVTerm, head_rows, qkv_rows, sliced_qk_norms
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.common import (
-    Unsupported,
-    check_fits,
-    check_steps,
-    kept_units,
-    mark_pruned,
-    new_param,
-    require,
-    residual_norm,
-    signed_taylor,
-    slice_linear,
-    slice_vector,
-    weight_grad,
-    why_not,
-)
+from mdp_trt.models.common import Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.models.common import arch_name as _arch_name
 from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.eva_attention import PrunedEvaAttention
@@ -694,10 +681,10 @@ class EvaAdapter:
         return isinstance(model, self.cls)
 
     def why_not(self, model: nn.Module) -> str:
-        return why_not(_read, model)
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Info:
-        return require(_read, model)
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and the keyword arguments that rebuild the dense model, checked by
@@ -766,13 +753,7 @@ class EvaAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        check_steps(config)
-        r = config.resolution
-        if r is not None and (r, r) != info.img:
-            raise MdpError(
-                f"this {info.name} takes {info.img[0]}x{info.img[1]} images, resolution {r} was "
-                f"asked; create the model with img_size={r}"
-            )
+        common.check_config(config, info.name, info.img)
         layers = _dim_layers(model, info)
         dims = []
         for name, kind, size in _dim_names(info):
@@ -838,7 +819,7 @@ class EvaAdapter:
     def _fitting(self, model: nn.Module, space: PruningSpace) -> _Info:
         info = self._require(model)
         dims = [(n, s) for n, _, s in _dim_names(info)]
-        check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def magnitude(self, model: nn.Module, space: PruningSpace) -> Importance:
@@ -846,7 +827,7 @@ class EvaAdapter:
         the norm of each output row of its attention projection and fc2, times |gamma|."""
         info = self._fitting(model, space)
         sq = _unit_sums(model, info, lambda p: p.detach().double() ** 2)
-        blocks = {f"blocks.{i}": residual_norm(model, _branch_outputs(info, i)) for i in range(len(info.blocks))}
+        blocks = {f"blocks.{i}": common.residual_norm(model, _branch_outputs(info, i)) for i in range(len(info.blocks))}
         return Importance({k: np.sqrt(v) for k, v in sq.items()}, blocks)
 
     def taylor_terms(self, model: nn.Module, space: PruningSpace
@@ -854,8 +835,8 @@ class EvaAdapter:
         """Signed sums of ``w * dL/dw`` per unit; a block: over its attention projection and fc2
         (linear, so the first-order change when both residual branches are zeroed)."""
         info = self._fitting(model, space)
-        units = _unit_sums(model, info, weight_grad)
-        blocks = {f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+        units = _unit_sums(model, info, common.weight_grad)
+        blocks = {f"blocks.{i}": common.signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
                   for i in range(len(info.blocks))}
         return units, blocks
 
@@ -863,7 +844,7 @@ class EvaAdapter:
 
     def apply(self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance) -> nn.Module:
         info = self._fitting(model, space)
-        keep = kept_units(space, plan, importance,
+        keep = common.kept_units(space, plan, importance,
                           lambda d, scores, k: _keep_qk(scores, k, info) if d.kind == "qk" else _top_k(scores, k))
         arch = self.arch(model)
         device = next(model.parameters()).device
@@ -902,7 +883,7 @@ class EvaAdapter:
         pruned.embed_dim = pruned.num_features = pruned.head_hidden_size = width
         pruned.feature_info = [dict(module=f"blocks.{i}", num_chs=width, reduction=info.patch[0])
                                for i in range(len(blocks))]
-        mark_pruned(pruned, keep, arch)
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:

@@ -45,26 +45,10 @@ from timm.models import swin_transformer_v2 as sw2
 from torch import nn
 
 from mdp_trt.errors import MdpError, UnsupportedModelError
-from mdp_trt.models import vit
+from mdp_trt.models import common, vit
 from mdp_trt.models.attention import qkv_rows, sliced_qkv_proj
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.common import (
-    Reducer,
-    Unsupported,
-    check_fits,
-    check_steps,
-    kept_units,
-    mark_pruned,
-    new_param,
-    require,
-    residual_norm,
-    signed_taylor,
-    slice_linear,
-    slice_vector,
-    unit_sums,
-    weight_grad,
-    why_not,
-)
+from mdp_trt.models.common import Reducer, Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.models.common import arch_name as _arch_name
 from mdp_trt.models.vit import (
     _classes,
@@ -527,7 +511,7 @@ def _unit_sums(model: nn.Module, info: _Swin, f: Callable[[nn.Parameter], torch.
                ) -> dict[str, np.ndarray]:
     """Per dim, the per-unit sums of ``f(param)`` over the parameters its units own."""
     sizes = {name: size for name, _, size, _ in _dim_names(info)}
-    return unit_sums(model, sizes, _owners(info), f)
+    return common.unit_sums(model, sizes, _owners(info), f)
 
 
 def _branch_outputs(info: _Swin, b: _Blk) -> list[str]:
@@ -724,10 +708,10 @@ class SwinAdapter:
         return isinstance(model, (sw1.SwinTransformer, sw2.SwinTransformerV2))
 
     def why_not(self, model: nn.Module) -> str:
-        return why_not(_read, model)
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Swin:
-        return require(_read, model)
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and keyword arguments that rebuild the dense model (a pruned model
@@ -773,12 +757,7 @@ class SwinAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        check_steps(config)
-        r = config.resolution
-        if r is not None and (r, r) != info.img:
-            raise MdpError(f"a Swin's input size is fixed when it is created: this {info.name} takes "
-                           f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
-                           f"model with img_size={r}")
+        common.check_config(config, info.name, info.img, "a Swin's input size is fixed when it is created: ")
         layers = _dim_layers(info)
         dims = []
         for name, kind, size, block in _dim_names(info):
@@ -881,7 +860,7 @@ class SwinAdapter:
         for st in info.stages:
             for b in st.blocks:
                 params = _branch_outputs(info, b)
-                blocks[b.name] = residual_norm(
+                blocks[b.name] = common.residual_norm(
                     model, ((w, bias, None) for w, bias in zip(params[::2], params[1::2], strict=True)))
         return Importance(units, blocks)
 
@@ -895,8 +874,8 @@ class SwinAdapter:
         both branches are zeroed, which is what removing the block does.
         """
         info = self._fitting(model, space)
-        units = _unit_sums(model, info, weight_grad)
-        blocks = {b.name: signed_taylor(model, _branch_outputs(info, b)) for st in info.stages for b in st.blocks}
+        units = _unit_sums(model, info, common.weight_grad)
+        blocks = {b.name: common.signed_taylor(model, _branch_outputs(info, b)) for st in info.stages for b in st.blocks}
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------
@@ -905,12 +884,12 @@ class SwinAdapter:
         """The reading of ``model``, checked to be the model ``space`` was built from."""
         info = self._require(model)
         dims = [(n, s) for n, _, s, _ in _dim_names(info)]
-        check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def apply(self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance) -> nn.Module:
         info = self._fitting(model, space)
-        keep = kept_units(space, plan, importance)
+        keep = common.kept_units(space, plan, importance)
         arch = self.arch(model)
         device = next(model.parameters()).device
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in keep.items()}
@@ -934,7 +913,7 @@ class SwinAdapter:
         pruned.num_features = pruned.head_hidden_size = len(last)
         for s, f in enumerate(pruned.feature_info):
             f["num_chs"] = len(idx[f"layers.{s}.embed"])
-        mark_pruned(pruned, keep, arch)
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:

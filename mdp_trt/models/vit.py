@@ -34,6 +34,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, global_pool
 from torch import nn
 
 from mdp_trt.errors import MdpError, UnsupportedModelError
+from mdp_trt.models import common
 from mdp_trt.models.attention import (
     AttnQKTerm,
     AttnVTerm,
@@ -43,24 +44,7 @@ from mdp_trt.models.attention import (
     sliced_qkv_proj,
 )
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.common import (
-    Reducer,
-    Unsupported,
-    arch_name,
-    check_fits,
-    check_steps,
-    kept_units,
-    mark_pruned,
-    new_param,
-    require,
-    residual_norm,
-    signed_taylor,
-    slice_linear,
-    slice_vector,
-    unit_sums,
-    weight_grad,
-    why_not,
-)
+from mdp_trt.models.common import Reducer, Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.space import Block as SpaceBlock
 from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choices_for
 
@@ -292,7 +276,7 @@ def _read(model: nn.Module) -> _Vit:
         raise Unsupported(
             f"{type(model).__name__} subclasses VisionTransformer with its own behaviour"
         )
-    name = arch_name(model)
+    name = common.arch_name(model)
     if name is None:
         raise Unsupported(
             "it has no timm pretrained_cfg naming its architecture "
@@ -523,7 +507,7 @@ def _unit_sums(
 ) -> dict[str, np.ndarray]:
     """Per dim, the per-unit sums of ``f(param)`` over the parameters its units own."""
     sizes = {name: size for name, _, size in _dim_names(info)}
-    return unit_sums(model, sizes, _owners(model, info), f)
+    return common.unit_sums(model, sizes, _owners(model, info), f)
 
 
 def _branch_outputs(info: _Vit, i: int) -> list[tuple[str, str | None, str | None]]:
@@ -687,10 +671,10 @@ class ViTAdapter:
         return isinstance(model, VisionTransformer)
 
     def why_not(self, model: nn.Module) -> str:
-        return why_not(_read, model)
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Vit:
-        return require(_read, model)
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and the keyword arguments that rebuild the dense model.
@@ -750,7 +734,9 @@ class ViTAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        _check_config(info, config)
+        common.check_config(
+            config, info.name, info.img, "a ViT's input size is fixed when it is created: "
+        )
         dims = []
         layers = _dim_layers(model, info)
         block_of = {
@@ -870,7 +856,7 @@ class ViTAdapter:
         sq = _unit_sums(model, info, lambda p: p.detach().double() ** 2)
         units = {k: np.sqrt(v) for k, v in sq.items()}
         blocks = {
-            f"blocks.{i}": residual_norm(model, _branch_outputs(info, i))
+            f"blocks.{i}": common.residual_norm(model, _branch_outputs(info, i))
             for i in range(len(info.blocks))
         }
         return Importance(units, blocks)
@@ -887,9 +873,9 @@ class ViTAdapter:
         Parameters without a gradient contribute nothing.
         """
         info = self._fitting(model, space)
-        units = _unit_sums(model, info, weight_grad)
+        units = _unit_sums(model, info, common.weight_grad)
         blocks = {
-            f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+            f"blocks.{i}": common.signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
             for i in range(len(info.blocks))
         }
         return units, blocks
@@ -900,14 +886,14 @@ class ViTAdapter:
         """The reading of ``model``, checked to be the model ``space`` was built from."""
         info = self._require(model)
         dims = [(n, s) for n, _, s in _dim_names(info)]
-        check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def apply(
         self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance
     ) -> nn.Module:
         info = self._fitting(model, space)
-        keep = kept_units(space, plan, importance)
+        keep = common.kept_units(space, plan, importance)
         if not isinstance(model, VisionTransformer):  # _fitting has read it as one
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
         arch = self.arch(model)
@@ -957,7 +943,7 @@ class ViTAdapter:
             dict(module=f"blocks.{i}", num_chs=width, reduction=reduction)
             for i in range(len(blocks))
         ]
-        mark_pruned(pruned, keep, arch)
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:
@@ -1000,17 +986,6 @@ class ViTAdapter:
                 total += k * e if c.get("final", "norm") != "none" else 0
                 total += n * (e + 1) * (2 if c.get("dist") else 1)
         return total
-
-
-def _check_config(info: _Vit, config: SpaceConfig) -> None:
-    check_steps(config)
-    r = config.resolution
-    if r is not None and (r, r) != info.img:
-        raise MdpError(
-            f"a ViT's input size is fixed when it is created: this {info.name} takes "
-            f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
-            f"model with img_size={r}"
-        )
 
 
 def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:

@@ -14,19 +14,12 @@ from __future__ import annotations
 import functools
 import math
 
+import contract
 import numpy as np
 import pytest
 import timm
 import torch
-from contract import (
-    assert_exports_and_reloads,
-    assert_full_plan_exact,
-    assert_zeroed_removed,
-    extreme_terms,
-    n_params,
-    run,
-    term_params,
-)
+from contract import n_params, run
 from helpers_resnet import image
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
@@ -119,7 +112,7 @@ def test_space_found_and_aligned(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_full_plan_is_bit_exact(name: str) -> None:
     m, sp, a = built(name)
-    assert_full_plan_exact(a, m, sp, image(side=SIDE))
+    contract.assert_full_plan_exact(a, m, sp, image(side=SIDE))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -140,7 +133,7 @@ def test_random_plan_contract(name: str, tmp_path) -> None:
             assert isinstance(ref, nn.Conv2d)
             assert conv.in_channels // conv.groups == ref.in_channels // ref.groups
     assert pruned.num_features == pruned.forward_features(x).shape[1]
-    assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned, CFG)
     assert sp2.space_id != sp.space_id and not set(plan.removed) & {b.name for b in sp2.blocks}
     plan2 = sp2.random_plan(2)
@@ -185,7 +178,7 @@ def test_zeroed_units_are_the_ones_removed(name: str) -> None:
     k = d.size - d.choices[-2]
     zero = list(range(1, d.size, d.size // k))[:k]
     _silence(m, sp, d.name, zero)
-    assert_zeroed_removed(a, m, sp, d.name, zero, image(side=SIDE))
+    contract.assert_zeroed_removed(a, m, sp, d.name, zero, image(side=SIDE))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -226,8 +219,8 @@ def test_taylor_terms(name: str) -> None:
 def test_term_modules_run_and_hold_the_parameters(name: str) -> None:
     m, sp, a = built(name)
     with torch.device("meta"):  # as the latency surface counts term parameters
-        assert term_params(a, sp) == n_params(m)
-    for t, _, widths, module, shape in extreme_terms(a, sp):
+        assert contract.term_params(a, sp) == n_params(m)
+    for t, _, widths, module, shape in contract.extreme_terms(a, sp):
         assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
         out = run(module, torch.randn(1, *shape))
         outs = out if isinstance(out, tuple) else (out,)

@@ -17,20 +17,12 @@ import json
 import math
 from typing import Any
 
+import contract
 import numpy as np
 import pytest
 import timm
 import torch
-from contract import (
-    assert_exports_and_reloads,
-    assert_full_plan_exact,
-    assert_zeroed_removed,
-    extreme_terms,
-    n_params,
-    ort_run,
-    run,
-    term_params,
-)
+from contract import n_params, ort_run, run
 from helpers_resnet import rel_diff
 from timm.models import swin_transformer as sw1
 from timm.models import swin_transformer_v2 as sw2
@@ -126,7 +118,7 @@ def test_space_found_and_aligned(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_full_plan_is_bit_exact(key: str) -> None:
     m, sp = built(key)
-    full = assert_full_plan_exact(A, m, sp, image(m))
+    full = contract.assert_full_plan_exact(A, m, sp, image(m))
     assert all(type(b.attn) in (PrunedWindowAttention, PrunedWindowAttentionV2) for s in full.layers for b in s.blocks)
 
 
@@ -150,7 +142,7 @@ def test_random_plan_contract(key: str, tmp_path) -> None:
         assert torch.equal(pruned.get_submodule(f"layers.{s}.downsample.reduction").weight, dense_red[e][:, four])
     feats = pruned.forward_features(x)
     assert pruned.num_features == feats.shape[-1] == plan.widths[f"layers.{len(m.layers) - 1}.embed"]
-    assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned)
     assert sp2.space_id != sp.space_id and not set(plan.removed) & {b.name for b in sp2.blocks}
     assert all(sp2.dim(d.name).size == plan.widths[d.name] for d in sp.dims if d.name in {e.name for e in sp2.dims})
@@ -200,7 +192,7 @@ def test_zeroed_units_are_the_ones_removed(key: str, kind: str) -> None:
     k = d.size - d.choices[-2]
     zero = list(range(1, d.size, d.size // k))[:k]
     _silence(m, block, kind, zero)
-    assert_zeroed_removed(A, m, sp, d.name, zero, image(m))
+    contract.assert_zeroed_removed(A, m, sp, d.name, zero, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -247,8 +239,8 @@ def test_taylor_terms(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_term_modules_run_and_hold_the_parameters(key: str) -> None:
     m, sp = built(key)
-    assert term_params(A, sp) == n_params(m)
-    for t, pick, widths, module, shape in extreme_terms(A, sp):
+    assert contract.term_params(A, sp) == n_params(m)
+    for t, pick, widths, module, shape in contract.extreme_terms(A, sp):
         assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
         x = torch.randn(1, *shape)
         out = run(module, x)

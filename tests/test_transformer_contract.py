@@ -17,21 +17,12 @@ import functools
 import json
 from typing import Any
 
+import contract
 import numpy as np
 import pytest
 import timm
 import torch
-from contract import (
-    assert_exports_and_reloads,
-    assert_full_plan_exact,
-    assert_zeroed_removed,
-    extreme_terms,
-    n_params,
-    ort_run,
-    run,
-    state_equal,
-    term_params,
-)
+from contract import n_params, ort_run, run, state_equal
 from helpers_resnet import rel_diff
 from test_vit_adapter import randomize
 from torch import nn
@@ -122,7 +113,7 @@ def test_space_found(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_full_plan_is_bit_exact(key: str) -> None:
     m, sp, a = built(key)
-    assert_full_plan_exact(a, m, sp, image(m))
+    contract.assert_full_plan_exact(a, m, sp, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -138,7 +129,7 @@ def test_random_plan_contract(key: str, tmp_path) -> None:
     assert n_params(pruned) == a.param_count(sp, plan) < n_params(m)
     assert len(pruned.blocks) == len(m.blocks) - 1
     assert pruned.num_features == pruned.forward_features(x).shape[-1] == plan.widths["embed"]
-    assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned)
     assert sp2.space_id != sp.space_id and len(sp2.blocks) == len(sp.blocks) - 1
     plan2 = sp2.random_plan(2)
@@ -230,7 +221,7 @@ def test_zeroed_units_are_the_ones_removed(key: str, kind: str) -> None:
             for t, idx in _attn_rows(attn, "qk", rows):
                 t[idx] *= 8.0
     _silence(m, d.name, zero)
-    assert_zeroed_removed(a, m, sp, d.name, zero, image(m))
+    contract.assert_zeroed_removed(a, m, sp, d.name, zero, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -276,8 +267,8 @@ def test_taylor_terms(key: str) -> None:
 def test_term_modules_run_and_hold_the_parameters(key: str) -> None:
     m, sp, a = built(key)
     with torch.device("meta"):
-        assert term_params(a, sp) == n_params(m)
-    for t, pick, _, module, shape in extreme_terms(a, sp):
+        assert contract.term_params(a, sp) == n_params(m)
+    for t, pick, _, module, shape in contract.extreme_terms(a, sp):
         x = torch.randn(1, *shape)
         y = run(module, x)
         assert torch.isfinite(y).all(), t.name

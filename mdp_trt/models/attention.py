@@ -37,10 +37,10 @@ class HeadAttention(nn.Module):
         self.scale = float(scale)
 
     def split_heads(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, n: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(batch, tokens, heads * width)`` projections as ``(batch, heads, tokens, width)``."""
-        b, n, _ = q.shape
+        """``(b, n, heads * width)`` projections as ``(b, heads, n, width)`` (``b`` and ``n``
+        read once from the input, so that an exported graph reads its shape once)."""
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         return (
             q.reshape(b, n, h, dq).transpose(1, 2),
@@ -55,9 +55,11 @@ class HeadAttention(nn.Module):
         v: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
+        b: int,
+        n: int,
     ) -> torch.Tensor:
-        """Scaled dot-product attention of the split heads, merged and projected."""
-        b, _, n, _ = q.shape
+        """Scaled dot-product attention of the split heads, merged to ``(b, n, heads * v_dim)``
+        and projected."""
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -111,10 +113,12 @@ class PrunedAttention(HeadAttention):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
+        b, n, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.split_heads(*self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1))
+        q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
+        q, k, v = self.split_heads(q, k, v, b, n)
         q, k = self.q_norm(q), self.k_norm(k)
-        return self.attend(q, k, v, attn_mask, is_causal)
+        return self.attend(q, k, v, attn_mask, is_causal, b, n)
 
 
 def qkv_rows(

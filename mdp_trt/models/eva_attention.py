@@ -83,6 +83,7 @@ class PrunedEvaAttention(HeadAttention):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         if self.qkv is not None:
             if self.q_bias is None or self.v_bias is None:
@@ -94,7 +95,7 @@ class PrunedEvaAttention(HeadAttention):
         else:
             assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.split_heads(q, k, v)
+        return self.split_heads(q, k, v, b, n)
 
     def rel_pos_bias(self) -> torch.Tensor | None:
         """The ``(1, heads, tokens, tokens)`` relative position bias, as BEiT gathers it."""
@@ -113,6 +114,7 @@ class PrunedEvaAttention(HeadAttention):
         is_causal: bool = False,
         shared_rel_pos_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        b, n, _ = x.shape
         q, k, v = self._qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -130,7 +132,7 @@ class PrunedEvaAttention(HeadAttention):
             raise RuntimeError("a pruned BEiT block takes no shared relative position bias")
         if attn_mask is not None:
             mask = attn_mask if mask is None else mask + attn_mask
-        return self.attend(q, k, v, mask, is_causal)
+        return self.attend(q, k, v, mask, is_causal, b, n)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fused={self.fused}"

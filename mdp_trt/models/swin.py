@@ -287,7 +287,7 @@ def _read_attn(model: nn.Module, n: str, width: int, v2: bool) -> tuple[int, int
         qk = v = _linear(model, f"{n}.attn.qkv", width).out_features // (3 * heads)
     else:
         raise Unsupported(f"attention {n}.attn is {type(a).__name__}, expected timm's "
-                           f"{timm_cls.__module__.rsplit('.', 1)[-1]}.WindowAttention")
+                          f"{timm_cls.__module__.rsplit('.', 1)[-1]}.WindowAttention")
     qkv = _linear(model, f"{n}.attn.qkv", width, heads * (2 * qk + v))
     if _linear(model, f"{n}.attn.proj", heads * v, width).bias is None:
         raise Unsupported(f"{n}.attn.proj has no bias")
@@ -345,14 +345,14 @@ def _read(model: nn.Module) -> _Swin:
     name = _arch_name(model)
     if name is None:
         raise Unsupported("it has no timm pretrained_cfg naming its architecture "
-                           "(create it with timm.create_model so that it can be rebuilt)")
+                          "(create it with timm.create_model so that it can be rebuilt)")
     if model.dynamic_img_size:
         raise Unsupported("it takes any image size (dynamic_img_size), so its shift masks are "
-                           "built on every forward; create it with a fixed img_size")
+                          "built on every forward; create it with a fixed img_size")
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d or pe.img_size is None:
         raise Unsupported(f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed "
-                           f"with a Conv2d and a fixed image size")
+                          f"with a Conv2d and a fixed image size")
     conv, patch = pe.proj, _pair(pe.patch_size)
     if (tuple(conv.kernel_size) != patch or tuple(conv.stride) != patch or isinstance(conv.padding, str)
             or _pair(conv.padding) != (0, 0) or conv.groups != 1 or conv.bias is None):

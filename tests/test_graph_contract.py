@@ -14,23 +14,23 @@ from __future__ import annotations
 import functools
 import math
 
+import contract
 import numpy as np
-import onnxruntime as ort
 import pytest
 import timm
 import torch
-from helpers_resnet import image, rel_diff
+from contract import n_params, run
+from helpers_resnet import image
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
-from mdp_trt import apply_plan, load_pruned, save_pruned, space_of
+from mdp_trt import apply_plan, space_of
 from mdp_trt.errors import UnsupportedModelError
 from mdp_trt.models import SpaceConfig, adapter_for
 from mdp_trt.models.base import Importance
 from mdp_trt.models.generic import GraphAdapter, Proto
 from mdp_trt.models.rules import get_tensor, set_tensor
 from mdp_trt.space import PruningSpace
-from profilers.export import export_onnx
 
 torch.set_num_threads(1)
 SIDE = 64
@@ -86,27 +86,6 @@ def built(name: str) -> tuple[nn.Module, PruningSpace, GraphAdapter]:
     return m, a.space(m, CFG), a
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def ort_run(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(export_onnx(model, tuple(x.shape)), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run(None, {"input": x.numpy()})[0])
-
-
-def state_equal(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 # -- the contract ------------------------------------------------------------------------
 
 
@@ -133,10 +112,7 @@ def test_space_found_and_aligned(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_full_plan_is_bit_exact(name: str) -> None:
     m, sp, a = built(name)
-    full = a.apply(m, sp, sp.full_plan(), a.magnitude(m, sp))
-    x = image(side=SIDE)
-    assert torch.equal(run(full, x), run(m, x))
-    assert n_params(full) == n_params(m) == a.param_count(sp, sp.full_plan())
+    contract.assert_full_plan_exact(a, m, sp, image(side=SIDE))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -157,10 +133,7 @@ def test_random_plan_contract(name: str, tmp_path) -> None:
             assert isinstance(ref, nn.Conv2d)
             assert conv.in_channels // conv.groups == ref.in_channels // ref.groups
     assert pruned.num_features == pruned.forward_features(x).shape[1]
-    assert rel_diff(ort_run(pruned, x), y.numpy()) < 1e-4
-    save_pruned(tmp_path / "p.pt", pruned, plan)  # no arch=: the pruned model carries it
-    back = load_pruned(tmp_path / "p.pt")
-    assert state_equal(back, pruned) and torch.equal(run(back, x), y)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned, CFG)
     assert sp2.space_id != sp.space_id and not set(plan.removed) & {b.name for b in sp2.blocks}
     plan2 = sp2.random_plan(2)
@@ -205,16 +178,7 @@ def test_zeroed_units_are_the_ones_removed(name: str) -> None:
     k = d.size - d.choices[-2]
     zero = list(range(1, d.size, d.size // k))[:k]
     _silence(m, sp, d.name, zero)
-    imp = a.magnitude(m, sp)
-    assert sorted(np.flatnonzero(imp.units[d.name] == 0).tolist()) == zero
-    plan = sp.plan({d.name: d.choices[-2]})
-    pruned = a.apply(m, sp, plan, imp)
-    assert pruned.mdp_indices[d.name] == [i for i in range(d.size) if i not in zero]
-    x = image(side=SIDE)
-    ref = run(m, x)
-    assert rel_diff(run(pruned, x).numpy(), ref.numpy()) < 1e-5
-    other = a.apply(m, sp, plan, Importance({k: -v for k, v in imp.units.items()}, {}))
-    assert rel_diff(run(other, x).numpy(), ref.numpy()) > 1e-5  # the check above can fail
+    contract.assert_zeroed_removed(a, m, sp, d.name, zero, image(side=SIDE))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -254,25 +218,13 @@ def test_taylor_terms(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_term_modules_run_and_hold_the_parameters(name: str) -> None:
     m, sp, a = built(name)
-    full = sp.full_plan()
-    total = 0
     with torch.device("meta"):  # as the latency surface counts term parameters
-        for t in sp.terms:
-            module, shape = a.term_module(sp, t, sp.term_widths(t, full))
-            total += n_params(module)
-    assert total == n_params(m)
-    seen: set[str] = set()
-    for t in sp.terms:
-        if t.signature in seen:
-            continue
-        seen.add(t.signature)
-        for pick in (0, -1):
-            widths = tuple(sp.dim(d).choices[pick] for d in t.dims)
-            module, shape = a.term_module(sp, t, widths)
-            assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
-            out = run(module, torch.randn(1, *shape))
-            outs = out if isinstance(out, tuple) else (out,)
-            assert all(torch.isfinite(o).all() for o in outs), t.name
+        assert contract.term_params(a, sp) == n_params(m)
+    for t, _, widths, module, shape in contract.extreme_terms(a, sp):
+        assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
+        out = run(module, torch.randn(1, *shape))
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(torch.isfinite(o).all() for o in outs), t.name
 
 
 @pytest.mark.parametrize(("name", "kwargs", "why"), [

@@ -17,11 +17,12 @@ import json
 import math
 from typing import Any
 
+import contract
 import numpy as np
-import onnxruntime as ort
 import pytest
 import timm
 import torch
+from contract import n_params, ort_run, run
 from helpers_resnet import rel_diff
 from timm.models import swin_transformer as sw1
 from timm.models import swin_transformer_v2 as sw2
@@ -30,10 +31,8 @@ from torch import nn
 from mdp_trt import apply_plan, load_pruned, save_pruned, space_of
 from mdp_trt.errors import PlanError, UnsupportedModelError
 from mdp_trt.models import SpaceConfig, adapter_for
-from mdp_trt.models.base import Importance
 from mdp_trt.models.swin import PrunedWindowAttention, PrunedWindowAttentionV2, SwinAdapter
 from mdp_trt.space import PruningSpace
-from profilers.export import export_onnx
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -85,27 +84,6 @@ def image(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def ort_run(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(export_onnx(model, tuple(x.shape)), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run(None, {"input": x.numpy()})[0])
-
-
-def state_equal(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def v2(model: nn.Module) -> bool:
     return isinstance(model, sw2.SwinTransformerV2)
 
@@ -140,11 +118,8 @@ def test_space_found_and_aligned(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_full_plan_is_bit_exact(key: str) -> None:
     m, sp = built(key)
-    full = A.apply(m, sp, sp.full_plan(), A.magnitude(m, sp))
+    full = contract.assert_full_plan_exact(A, m, sp, image(m))
     assert all(type(b.attn) in (PrunedWindowAttention, PrunedWindowAttentionV2) for s in full.layers for b in s.blocks)
-    x = image(m)
-    assert torch.equal(run(full, x), run(m, x))
-    assert n_params(full) == n_params(m) == A.param_count(sp, sp.full_plan())
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -167,10 +142,7 @@ def test_random_plan_contract(key: str, tmp_path) -> None:
         assert torch.equal(pruned.get_submodule(f"layers.{s}.downsample.reduction").weight, dense_red[e][:, four])
     feats = pruned.forward_features(x)
     assert pruned.num_features == feats.shape[-1] == plan.widths[f"layers.{len(m.layers) - 1}.embed"]
-    assert rel_diff(ort_run(pruned, x), y.numpy()) < 1e-4
-    save_pruned(tmp_path / "p.pt", pruned, plan)  # no arch=: the pruned model carries it
-    back = load_pruned(tmp_path / "p.pt")
-    assert state_equal(back, pruned) and torch.equal(run(back, x), y)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned)
     assert sp2.space_id != sp.space_id and not set(plan.removed) & {b.name for b in sp2.blocks}
     assert all(sp2.dim(d.name).size == plan.widths[d.name] for d in sp.dims if d.name in {e.name for e in sp2.dims})
@@ -220,16 +192,7 @@ def test_zeroed_units_are_the_ones_removed(key: str, kind: str) -> None:
     k = d.size - d.choices[-2]
     zero = list(range(1, d.size, d.size // k))[:k]
     _silence(m, block, kind, zero)
-    imp = A.magnitude(m, sp)
-    assert sorted(np.flatnonzero(imp.units[d.name] == 0).tolist()) == zero
-    plan = sp.plan({d.name: d.choices[-2]})
-    pruned = A.apply(m, sp, plan, imp)
-    assert pruned.mdp_indices[d.name] == [i for i in range(d.size) if i not in zero]
-    x = image(m)
-    ref = run(m, x)
-    assert rel_diff(run(pruned, x).numpy(), ref.numpy()) < 1e-5
-    other = A.apply(m, sp, plan, Importance({k: -v for k, v in imp.units.items()}, {}))
-    assert rel_diff(run(other, x).numpy(), ref.numpy()) > 1e-5  # the check above can fail
+    contract.assert_zeroed_removed(A, m, sp, d.name, zero, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -276,22 +239,14 @@ def test_taylor_terms(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_term_modules_run_and_hold_the_parameters(key: str) -> None:
     m, sp = built(key)
-    full = sp.full_plan()
-    assert sum(n_params(A.term_module(sp, t, sp.term_widths(t, full))[0]) for t in sp.terms) == n_params(m)
-    seen: set[str] = set()
-    for t in sp.terms:
-        if t.signature in seen:
-            continue
-        seen.add(t.signature)
-        for pick in (0, -1):
-            widths = tuple(sp.dim(d).choices[pick] for d in t.dims)
-            module, shape = A.term_module(sp, t, widths)
-            assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
-            x = torch.randn(1, *shape)
-            out = run(module, x)
-            assert torch.isfinite(out).all(), t.name
-            if pick == 0:
-                assert rel_diff(ort_run(module, x), out.numpy()) < 1e-4, t.name
+    assert contract.term_params(A, sp) == n_params(m)
+    for t, pick, widths, module, shape in contract.extreme_terms(A, sp):
+        assert any(w in shape for w in widths) or 3 in shape, (t.name, shape, widths)
+        x = torch.randn(1, *shape)
+        out = run(module, x)
+        assert torch.isfinite(out).all(), t.name
+        if pick == 0:
+            assert rel_diff(ort_run(module, x), out.numpy()) < 1e-4, t.name
 
 
 @pytest.mark.parametrize("key", list(FAST))

@@ -17,18 +17,19 @@ import functools
 import json
 from typing import Any
 
+import contract
 import numpy as np
 import pytest
 import timm
 import torch
-from test_graph_contract import ort_run
+from contract import n_params, ort_run, run, state_equal
+from helpers_resnet import rel_diff
 from test_vit_adapter import randomize
 from torch import nn
 
 from mdp_trt import apply_plan, load_pruned, save_pruned, space_of
 from mdp_trt.errors import UnsupportedModelError
 from mdp_trt.models import SpaceConfig, adapter_for
-from mdp_trt.models.base import Importance
 from mdp_trt.space import PruningSpace
 
 torch.set_num_threads(1)
@@ -81,24 +82,6 @@ def image(m: nn.Module, seed: int = 0) -> torch.Tensor:
     return torch.randn(2, 3, side(m), side(m), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m(x)
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
-
-
-def state_equal(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def rotary(m: nn.Module) -> bool:
     return getattr(m, "rope", None) is not None
 
@@ -130,10 +113,7 @@ def test_space_found(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_full_plan_is_bit_exact(key: str) -> None:
     m, sp, a = built(key)
-    full = a.apply(m, sp, sp.full_plan(), a.magnitude(m, sp))
-    x = image(m)
-    assert torch.equal(run(full, x), run(m, x))
-    assert n_params(full) == n_params(m) == a.param_count(sp, sp.full_plan())
+    contract.assert_full_plan_exact(a, m, sp, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -149,10 +129,7 @@ def test_random_plan_contract(key: str, tmp_path) -> None:
     assert n_params(pruned) == a.param_count(sp, plan) < n_params(m)
     assert len(pruned.blocks) == len(m.blocks) - 1
     assert pruned.num_features == pruned.forward_features(x).shape[-1] == plan.widths["embed"]
-    assert rel_diff(ort_run(pruned, x), y.numpy()) < 1e-4
-    save_pruned(tmp_path / "p.pt", pruned, plan)
-    back = load_pruned(tmp_path / "p.pt")
-    assert state_equal(back, pruned) and torch.equal(run(back, x), y)
+    contract.assert_exports_and_reloads(pruned, plan, x, y, tmp_path)
     sp2 = space_of(pruned)
     assert sp2.space_id != sp.space_id and len(sp2.blocks) == len(sp.blocks) - 1
     plan2 = sp2.random_plan(2)
@@ -244,16 +221,7 @@ def test_zeroed_units_are_the_ones_removed(key: str, kind: str) -> None:
             for t, idx in _attn_rows(attn, "qk", rows):
                 t[idx] *= 8.0
     _silence(m, d.name, zero)
-    imp = a.magnitude(m, sp)
-    assert sorted(np.flatnonzero(imp.units[d.name] == 0).tolist()) == zero
-    plan = sp.plan({d.name: d.choices[-2]})
-    pruned = a.apply(m, sp, plan, imp)
-    assert pruned.mdp_indices[d.name] == [i for i in range(d.size) if i not in zero]
-    x = image(m)
-    ref = run(m, x)
-    assert rel_diff(run(pruned, x).numpy(), ref.numpy()) < 1e-5
-    other = a.apply(m, sp, plan, Importance({n: -v for n, v in imp.units.items()}, {}))
-    assert rel_diff(run(other, x).numpy(), ref.numpy()) > 1e-5  # the check above can fail
+    contract.assert_zeroed_removed(a, m, sp, d.name, zero, image(m))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -298,26 +266,14 @@ def test_taylor_terms(key: str) -> None:
 @pytest.mark.parametrize("key", MODELS)
 def test_term_modules_run_and_hold_the_parameters(key: str) -> None:
     m, sp, a = built(key)
-    full = sp.full_plan()
-    total = 0
     with torch.device("meta"):
-        for t in sp.terms:
-            module, _ = a.term_module(sp, t, sp.term_widths(t, full))
-            total += n_params(module)
-    assert total == n_params(m)
-    seen: set[str] = set()
-    for t in sp.terms:
-        if t.signature in seen:
-            continue
-        seen.add(t.signature)
-        for pick in (0, -1):
-            widths = tuple(sp.dim(d).choices[pick] for d in t.dims)
-            module, shape = a.term_module(sp, t, widths)
-            x = torch.randn(1, *shape)
-            y = run(module, x)
-            assert torch.isfinite(y).all(), t.name
-            if pick == -1:  # the profilers time terms as ONNX graphs
-                assert rel_diff(ort_run(module, x), y.numpy()) < 1e-4, t.name
+        assert contract.term_params(a, sp) == n_params(m)
+    for t, pick, _, module, shape in contract.extreme_terms(a, sp):
+        x = torch.randn(1, *shape)
+        y = run(module, x)
+        assert torch.isfinite(y).all(), t.name
+        if pick == -1:  # the profilers time terms as ONNX graphs
+            assert rel_diff(ort_run(module, x), y.numpy()) < 1e-4, t.name
 
 
 # -- what is refused, and what inspect says ------------------------------------------------

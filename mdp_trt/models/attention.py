@@ -7,17 +7,79 @@ signature, still runs ``F.scaled_dot_product_attention`` and keeps the softmax s
 dense model (``head_dim ** -0.5`` of the original head width), so that a plan that keeps
 everything computes exactly what the dense model did.
 
-The two latency terms of attention (:class:`AttnQKTerm`, :class:`AttnVTerm`) live here too.
+The two latency terms of attention (:class:`AttnQKTerm`, :class:`AttnVTerm`) and the row
+selection and slicing that every adapter's attention surgery shares live here too.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdp_trt.models.common import slice_linear, slice_vector
 
-class PrunedAttention(nn.Module):
+
+class HeadAttention(nn.Module):
+    """What the pruned attentions share: ``num_heads`` heads of ``qk_dim`` query/key and
+    ``v_dim`` value channels, the dense softmax scale, and attention over the split heads
+    merged through ``proj``. Subclasses create ``attn_drop``, ``proj`` and ``proj_drop``."""
+
+    attn_drop: nn.Dropout
+    proj: nn.Linear
+    proj_drop: nn.Dropout
+
+    def __init__(self, num_heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
+        self.scale = float(scale)
+
+    def split_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(b, n, heads * width)`` projections as ``(b, heads, n, width)`` (``b`` and ``n``
+        read once from the input, so that an exported graph reads its shape once)."""
+        h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        return (
+            q.reshape(b, n, h, dq).transpose(1, 2),
+            k.reshape(b, n, h, dq).transpose(1, 2),
+            v.reshape(b, n, h, dv).transpose(1, 2),
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        b: int,
+        n: int,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention of the split heads, merged to ``(b, n, heads * v_dim)``
+        and projected."""
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=bool(is_causal),  # the ONNX tracer hands keyword flags over as tensors
+            scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.v_dim)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
+            f"scale={self.scale:.6g}"
+        )
+
+
+class PrunedAttention(HeadAttention):
     """Self-attention with ``num_heads`` heads of ``qk_dim`` query/key and ``v_dim`` value channels.
 
     ``qkv`` writes ``[q | k | v]``: ``num_heads * qk_dim`` query rows (head-major), as many key
@@ -40,11 +102,7 @@ class PrunedAttention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = float(scale)
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
@@ -58,27 +116,9 @@ class PrunedAttention(nn.Module):
         b, n, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
-        q = q.reshape(b, n, h, dq).transpose(1, 2)
-        k = k.reshape(b, n, h, dq).transpose(1, 2)
-        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        q, k, v = self.split_heads(q, k, v, b, n)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scale,
-        )
-        out = out.transpose(1, 2).reshape(b, n, h * dv)
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
-            f"scale={self.scale:.6g}"
-        )
+        return self.attend(q, k, v, attn_mask, is_causal, b, n)
 
 
 def qkv_rows(
@@ -90,11 +130,36 @@ def qkv_rows(
     a head (the same channels in every kept head). Works for timm's ``Attention`` (where
     ``qk_dim == v_dim == head_dim``) and :class:`PrunedAttention` alike.
     """
-    q_rows = (heads[:, None] * qk_dim + qk[None, :]).flatten()
+    q_rows = head_rows(heads, qk, qk_dim)
     k_rows = q_rows + num_heads * qk_dim
-    v_cols = (heads[:, None] * v_dim + v[None, :]).flatten()
+    v_cols = head_rows(heads, v, v_dim)
     v_rows = v_cols + 2 * num_heads * qk_dim
     return torch.cat([q_rows, k_rows, v_rows]), v_cols
+
+
+def head_rows(heads: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of a head-major projection (``width`` rows a head) holding channels ``idx`` of
+    the heads ``heads``."""
+    return (heads[:, None] * width + idx[None, :]).flatten()
+
+
+def sliced_qkv_proj(
+    qkv: nn.Linear, proj: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, e: torch.Tensor
+) -> tuple[nn.Linear, nn.Linear]:
+    """Copies of ``qkv`` (rows ``rows``) and ``proj`` (columns ``cols``), both cut to the kept
+    embedding channels ``e``; :func:`qkv_rows` gives the rows and columns."""
+    qkv, proj = copy.deepcopy(qkv), copy.deepcopy(proj)
+    slice_linear(qkv, rows, e)
+    slice_linear(proj, e, cols)
+    return qkv, proj
+
+
+def sliced_qk_norms(attn: nn.Module, new: nn.Module, qk: torch.Tensor) -> None:
+    """Give ``new`` copies of ``attn``'s per-head ``q_norm`` / ``k_norm`` keeping channels ``qk``."""
+    for sub in ("q_norm", "k_norm"):
+        norm = copy.deepcopy(attn.get_submodule(sub))
+        slice_vector(norm, ("weight", "bias"), qk)
+        setattr(new, sub, norm)
 
 
 class AttnQKTerm(nn.Module):

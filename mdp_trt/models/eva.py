@@ -45,28 +45,28 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
-from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
-from mdp_trt.models.attention import AttnVTerm
+from mdp_trt.errors import MdpError, UnsupportedModelError
+from mdp_trt.models import common
+from mdp_trt.models.attention import AttnVTerm, head_rows, qkv_rows, sliced_qk_norms
 from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.models.common import Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.models.common import arch_name as _arch_name
-from mdp_trt.models.common import signed_taylor, weight_grad
 from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.eva_attention import PrunedEvaAttention
 from mdp_trt.models.vit import (
     POOLS,
     _act_name,
     _activation,
+    _block_norms,
+    _block_terms,
+    _classes,
     _HeadTerm,
     _linear,
-    _new,
     _norm,
     _norm_kind,
     _pair,
     _PatchTerm,
     _scalar_or_pair,
-    _slice_linear,
-    _slice_vector,
-    _Unsupported,
 )
 from mdp_trt.space import Block as SpaceBlock
 from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choices_for
@@ -133,24 +133,24 @@ def _attn_of(model: nn.Module, n: str, embed: int) -> tuple[int, int, int, float
         heads, qk, v, fused = attn.num_heads, attn.qk_dim, attn.v_dim, attn.fused
     elif type(attn) in (EvaAttention, BeitAttention):
         if type(getattr(attn, "norm", nn.Identity())) is not nn.Identity:
-            raise _Unsupported(f"{n}.attn normalizes its output before the projection (scale_attn_inner)")
+            raise Unsupported(f"{n}.attn normalizes its output before the projection (scale_attn_inner)")
         if getattr(attn, "gate", None) is not None:
-            raise _Unsupported(f"{n}.attn has an output gate (gated_attn)")
+            raise Unsupported(f"{n}.attn has an output gate (gated_attn)")
         if getattr(attn, "qkv_bias_separate", False):
-            raise _Unsupported(f"{n}.attn adds its qkv bias separately (qkv_bias_separate)")
+            raise Unsupported(f"{n}.attn adds its qkv bias separately (qkv_bias_separate)")
         heads = int(attn.num_heads)
         fused = getattr(attn, "qkv", None) is not None
         w = attn.qkv.weight if fused else attn.q_proj.weight
         qk = v = (w.shape[0] // 3 if fused else w.shape[0]) // heads
     else:
-        raise _Unsupported(
+        raise Unsupported(
             f"attention {n}.attn is {type(attn).__name__}; handled: EvaAttention, BEiT Attention "
             f"(not AttentionRope or grouped-query attention)"
         )
     if fused:
         _linear(model, f"{n}.attn.qkv", embed, heads * (2 * qk + v))
         if attn.qkv.bias is not None:
-            raise _Unsupported(f"{n}.attn.qkv has a bias of its own")
+            raise Unsupported(f"{n}.attn.qkv has a bias of its own")
         qv_bias = attn.q_bias is not None
     else:
         q = _linear(model, f"{n}.attn.q_proj", embed, heads * qk)
@@ -158,7 +158,7 @@ def _attn_of(model: nn.Module, n: str, embed: int) -> tuple[int, int, int, float
         _linear(model, f"{n}.attn.v_proj", embed, heads * v)
         qv_bias = q.bias is not None
         if k.bias is not None or (attn.v_proj.bias is not None) != qv_bias:
-            raise _Unsupported(f"{n}.attn has a key bias, or a value bias without a query bias")
+            raise Unsupported(f"{n}.attn has a key bias, or a value bias without a query bias")
     proj = _linear(model, f"{n}.attn.proj", heads * v, embed)
     return heads, qk, v, float(attn.scale), fused, qv_bias, proj.bias is not None
 
@@ -168,55 +168,51 @@ def _read_block(model: nn.Module, info_kind: str, i: int, embed: int, norms: set
     blk = model.get_submodule(n)
     want = EvaBlock if info_kind == "eva" else BeitBlock
     if type(blk) is not want:
-        raise _Unsupported(
+        raise Unsupported(
             f"block {n} is {type(blk).__name__}; only the pre-norm {want.__name__} is handled "
             f"(not post-norm blocks)"
         )
-    for norm in ("norm1", "norm2"):
-        kind = _norm_kind(model, f"{n}.{norm}", embed)
-        if kind is None:
-            raise _Unsupported(f"block {n} has no {norm}")
-        norms.add(kind)
+    _block_norms(model, n, embed, norms)
     heads, qk, v, scale, fused, qv_bias, proj_bias = _attn_of(model, n, embed)
     attn = blk.attn
     qk_norms = {_norm_kind(model, f"{n}.attn.{s}", qk) if hasattr(attn, s) else None
                 for s in ("q_norm", "k_norm")}
     if len(qk_norms) > 1:
-        raise _Unsupported(f"{n}.attn normalizes queries and keys differently")
+        raise Unsupported(f"{n}.attn normalizes queries and keys differently")
     rel = 0
     table = getattr(attn, "relative_position_bias_table", None)
     if table is not None:
         if tuple(table.shape[1:]) != (heads,):
-            raise _Unsupported(f"{n}.attn relative position table has shape {tuple(table.shape)}")
+            raise Unsupported(f"{n}.attn relative position table has shape {tuple(table.shape)}")
         rel = int(table.shape[0])
     rope_idx = getattr(attn, "rope_idx", None)
     mlp = blk.mlp
     kind = MLP_KINDS.get(type(mlp))
     if kind is None:
-        raise _Unsupported(f"MLP {n}.mlp is {type(mlp).__name__}; handled: Mlp, GluMlp, SwiGLU")
+        raise Unsupported(f"MLP {n}.mlp is {type(mlp).__name__}; handled: Mlp, GluMlp, SwiGLU")
     if kind == "glu" and (mlp.gate_last or type(mlp.act) is not nn.SiLU or mlp.chunk_dim != -1):
-        raise _Unsupported(f"{n}.mlp is a GluMlp other than SwiGLU (SiLU gate first, Linear)")
+        raise Unsupported(f"{n}.mlp is a GluMlp other than SwiGLU (SiLU gate first, Linear)")
     fc1_name = f"{n}.mlp.fc1_g" if kind == "swiglu" else f"{n}.mlp.fc1"
     fc1 = _linear(model, fc1_name, embed)
     hidden = fc1.out_features // (2 if kind == "glu" else 1)
     if kind == "swiglu":
         _linear(model, f"{n}.mlp.fc1_x", embed, hidden)
         if (mlp.fc1_x.bias is None) != (fc1.bias is None):
-            raise _Unsupported(f"{n}.mlp has a bias on one fc1 half only")
+            raise Unsupported(f"{n}.mlp has a bias on one fc1 half only")
     fc2 = _linear(model, f"{n}.mlp.fc2", hidden, embed)
     if (fc1.bias is None) != (fc2.bias is None):
-        raise _Unsupported(f"{n}.mlp has a bias on one of its layers only")
+        raise Unsupported(f"{n}.mlp has a bias on one of its layers only")
     mlp_norm = _norm_kind(model, f"{n}.mlp.norm", hidden)
     if mlp_norm:
         norms.add(mlp_norm)
     act = "silu" if kind != "mlp" else _act_name(mlp.act, f"{n}.mlp.act")
     if kind == "swiglu" and type(mlp.act) is not nn.SiLU:
-        raise _Unsupported(f"{n}.mlp gates with {type(mlp.act).__name__}, not SiLU")
+        raise Unsupported(f"{n}.mlp gates with {type(mlp.act).__name__}, not SiLU")
     gammas = []
     for g in ("gamma_1", "gamma_2"):
         p = getattr(blk, g, None)
         if p is not None and tuple(p.shape) != (embed,):
-            raise _Unsupported(f"{n}.{g} has shape {tuple(p.shape)}")
+            raise Unsupported(f"{n}.{g} has shape {tuple(p.shape)}")
         gammas.append(p is not None)
     return _Blk(
         heads, qk, v, mlp=hidden, scale=scale, fused=fused, qv_bias=qv_bias, proj_bias=proj_bias,
@@ -227,34 +223,34 @@ def _read_block(model: nn.Module, info_kind: str, i: int, embed: int, norms: set
 
 
 def _read(model: nn.Module) -> _Info:
-    """Read ``model`` into an :class:`_Info`; raises ``_Unsupported`` with what blocked it."""
+    """Read ``model`` into an :class:`_Info`; raises ``Unsupported`` with what blocked it."""
     if type(model) is Eva:
         kind = "eva"
     elif type(model) is Beit:
         kind = "beit"
     else:
-        raise _Unsupported(f"{type(model).__name__} is not a timm Eva or Beit")
+        raise Unsupported(f"{type(model).__name__} is not a timm Eva or Beit")
     name = _arch_name(model)
     if name is None:
-        raise _Unsupported("it has no timm pretrained_cfg naming its architecture")
+        raise Unsupported("it has no timm pretrained_cfg naming its architecture")
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d or pe.img_size is None:
-        raise _Unsupported("patch embedding is not a timm PatchEmbed with a Conv2d and a fixed size")
+        raise Unsupported("patch embedding is not a timm PatchEmbed with a Conv2d and a fixed size")
     if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
-        raise _Unsupported("dynamic image size or padding")
+        raise Unsupported("dynamic image size or padding")
     if getattr(model, "patch_drop", None) is not None:
-        raise _Unsupported("patch dropout")
+        raise Unsupported("patch dropout")
     conv, patch = pe.proj, _pair(pe.patch_size)
     if (
         isinstance(conv.padding, str) or tuple(conv.kernel_size) != patch
         or tuple(conv.stride) != patch or _pair(conv.padding) != (0, 0) or conv.groups != 1
     ):
-        raise _Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify")
+        raise Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify")
     embed, img = conv.out_channels, _pair(pe.img_size)
     grid = (img[0] // patch[0]) * (img[1] // patch[1])
     norms: set[str] = set()
     if _norm_kind(model, "patch_embed.norm", embed):
-        raise _Unsupported("a norm inside the patch embedding")
+        raise Unsupported("a norm inside the patch embedding")
     pre_norm = _norm_kind(model, "norm_pre", embed) if hasattr(model, "norm_pre") else None
     if pre_norm:
         norms.add(pre_norm)
@@ -263,16 +259,16 @@ def _read(model: nn.Module) -> _Info:
         int(p.shape[1]) for t in ("cls_token", "reg_token") if (p := getattr(model, t, None)) is not None
     )
     if count != prefix:
-        raise _Unsupported(f"{prefix} prefix tokens declared, {count} token parameters found")
+        raise Unsupported(f"{prefix} prefix tokens declared, {count} token parameters found")
     if model.pos_embed is None:
         pos = "none"
     else:
         pos = "patches" if getattr(model, "no_embed_class", False) else "all"
         want = grid if pos == "patches" else grid + prefix
         if tuple(model.pos_embed.shape) != (1, want, embed):
-            raise _Unsupported(f"pos_embed has shape {tuple(model.pos_embed.shape)}")
+            raise Unsupported(f"pos_embed has shape {tuple(model.pos_embed.shape)}")
     if getattr(model, "rel_pos_bias", None) is not None:
-        raise _Unsupported(
+        raise Unsupported(
             "a relative position bias shared by all blocks (use_shared_rel_pos_bias): its heads "
             "are every block's heads"
         )
@@ -280,37 +276,32 @@ def _read(model: nn.Module) -> _Info:
     r = getattr(model, "rope", None)
     if r is not None:
         if type(r) is not RotaryEmbeddingCat or getattr(model, "rope_mixed", False):
-            raise _Unsupported(f"rotary embedding {type(r).__name__}; handled: RotaryEmbeddingCat")
+            raise Unsupported(f"rotary embedding {type(r).__name__}; handled: RotaryEmbeddingCat")
         if r.pos_embed is None or tuple(r.pos_embed.shape) != (grid, 2 * r.dim) or r.aug_active:
-            raise _Unsupported("the rotary embedding is not a fixed table over the patch grid")
+            raise Unsupported("the rotary embedding is not a fixed table over the patch grid")
         rope, rope_half = int(r.dim), bool(r.rotate_half)
     if not isinstance(model.blocks, nn.ModuleList):
-        raise _Unsupported("blocks is not an nn.ModuleList")
+        raise Unsupported("blocks is not an nn.ModuleList")
     blks = tuple(_read_block(model, kind, i, embed, norms) for i in range(len(model.blocks)))
     for i, b in enumerate(blks):
         if rope and b.rope_idx is None and b.qk != rope:
-            raise _Unsupported(f"blocks.{i} has {b.qk} query/key channels per head, the rotary table {rope}")
+            raise Unsupported(f"blocks.{i} has {b.qk} query/key channels per head, the rotary table {rope}")
         if rope and b.qk % 2:
-            raise _Unsupported(f"blocks.{i} has an odd number of rotated query/key channels")
+            raise Unsupported(f"blocks.{i} has an odd number of rotated query/key channels")
         if b.rel_pos and kind != "beit":
-            raise _Unsupported("relative position bias outside BEiT")
+            raise Unsupported("relative position bias outside BEiT")
     if getattr(model, "attn_pool", None) is not None:
-        raise _Unsupported(f"attention pooling head (global_pool={model.global_pool!r})")
+        raise Unsupported(f"attention pooling head (global_pool={model.global_pool!r})")
     pool = str(model.global_pool)
     if pool not in (POOLS if kind == "eva" else ("avg", "token")):
-        raise _Unsupported(f"global pool {pool!r}")
+        raise Unsupported(f"global pool {pool!r}")
     final_norm, fc_norm = _norm_kind(model, "norm", embed), _norm_kind(model, "fc_norm", embed)
     if final_norm and fc_norm:
-        raise _Unsupported("both a final norm and an fc_norm")
+        raise Unsupported("both a final norm and an fc_norm")
     norms |= {k for k in (final_norm, fc_norm) if k}
     if len(norms) > 1:
-        raise _Unsupported(f"mixed normalization layers {sorted(norms)}")
-    num_classes = 0
-    if type(model.head) is not nn.Identity:
-        lin = _linear(model, "head", embed)
-        if lin.bias is None:
-            raise _Unsupported("classifier head has no bias")
-        num_classes = lin.out_features
+        raise Unsupported(f"mixed normalization layers {sorted(norms)}")
+    num_classes = _classes(model, "head", embed)
     known = {"patch_embed.proj", *EMBED_NORMS, "head"}
     for i in range(len(blks)):
         n = f"blocks.{i}"
@@ -322,7 +313,7 @@ def _read(model: nn.Module) -> _Info:
         }
     extra = [p for p, _ in model.named_parameters() if p not in TOKENS and p.rsplit(".", 1)[0] not in known]
     if extra:
-        raise _Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
+        raise Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
     return _Info(
         kind, name, conv.in_channels, img, patch, grid, embed, prefix, pos, conv.bias is not None,
         pre_norm is not None, norms.pop() if norms else "layernorm",
@@ -592,11 +583,7 @@ def _terms(info: _Info) -> list[Term]:
             mlp_c.append(("mlp_norm", True))
         if b.act != "gelu":
             mlp_c.append(("act", b.act))
-        terms += [
-            Term(f"{n}.attn_qk", "attn_qk", ("embed", f"{n}.heads", f"{n}.qk"), tuple(qk_c), n),
-            Term(f"{n}.attn_v", "attn_v", ("embed", f"{n}.heads", f"{n}.v"), tuple(v_c), n),
-            Term(f"{n}.mlp", "mlp", ("embed", f"{n}.mlp"), tuple(mlp_c), n),
-        ]
+        terms += _block_terms(n, qk_c, v_c, mlp_c)
     head: list[tuple[str, Any]] = [("num_classes", info.num_classes), tokens, ("pool", info.pool),
                                    ("prefix", info.prefix)]
     if info.final != "norm":
@@ -629,8 +616,7 @@ def _pruned_attention(model: nn.Module, info: _Info, i: int, e: torch.Tensor, he
                       qk: torch.Tensor, v: torch.Tensor) -> PrunedEvaAttention:
     b = info.blocks[i]
     attn: Any = model.get_submodule(f"blocks.{i}.attn")  # timm's or a pruned one, as _attn_of read it
-    q_rows = (heads[:, None] * b.qk + qk[None, :]).flatten()
-    v_rows = (heads[:, None] * b.v + v[None, :]).flatten()
+    q_rows, v_rows = head_rows(heads, qk, b.qk), head_rows(heads, v, b.v)
     rope_idx = None
     if info.rope and len(qk) < b.qk:
         old = torch.as_tensor(b.rope_idx) if b.rope_idx is not None else torch.arange(2 * b.qk)
@@ -645,28 +631,25 @@ def _pruned_attention(model: nn.Module, info: _Info, i: int, e: torch.Tensor, he
         proj_bias=b.proj_bias, num_prefix_tokens=info.prefix, rotate_half=info.rope_half,
         rope_idx=rope_idx, rel_pos=rel, attn_drop=float(attn.attn_drop.p), proj_drop=float(attn.proj_drop.p),
     ).to(e.device)
-    hq = b.heads * b.qk
     if b.fused:
         assert new.qkv is not None
-        rows = torch.cat([q_rows, q_rows + hq, v_rows + 2 * hq])
-        new.qkv.weight = _new(attn.qkv.weight, attn.qkv.weight[rows][:, e])
+        rows, _ = qkv_rows(heads, qk, v, b.heads, b.qk, b.v)
+        new.qkv.weight = new_param(attn.qkv.weight, attn.qkv.weight[rows][:, e])
         if b.qv_bias:
-            new.q_bias = _new(attn.q_bias, attn.q_bias[q_rows])
-            new.v_bias = _new(attn.v_bias, attn.v_bias[v_rows])
+            new.q_bias = new_param(attn.q_bias, attn.q_bias[q_rows])
+            new.v_bias = new_param(attn.v_bias, attn.v_bias[v_rows])
     else:
         for r, idx in (("q", q_rows), ("k", q_rows), ("v", v_rows)):
             lin = copy.deepcopy(attn.get_submodule(f"{r}_proj"))
-            _slice_linear(lin, idx, e)
+            slice_linear(lin, idx, e)
             setattr(new, f"{r}_proj", lin)
-    for s in ("q_norm", "k_norm") if b.qk_norm else ():
-        norm = copy.deepcopy(attn.get_submodule(s))
-        _slice_vector(norm, ("weight", "bias"), qk)
-        setattr(new, s, norm)
+    if b.qk_norm:
+        sliced_qk_norms(attn, new, qk)
     if b.rel_pos:
         table = attn.relative_position_bias_table
-        new.relative_position_bias_table = _new(table, table[:, heads])
+        new.relative_position_bias_table = new_param(table, table[:, heads])
     new.proj = copy.deepcopy(attn.proj)
-    _slice_linear(new.proj, e, v_rows)
+    slice_linear(new.proj, e, v_rows)
     new.train(attn.training)
     return new
 
@@ -675,14 +658,14 @@ def _pruned_attention(model: nn.Module, info: _Info, i: int, e: torch.Tensor, he
 def _slice_mlp(mlp: Any, b: _Blk, e: torch.Tensor, hidden: torch.Tensor) -> None:
     """Slice timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` (``b.mlp_kind`` names which) in place."""
     if b.mlp_kind == "swiglu":
-        _slice_linear(mlp.fc1_g, hidden, e)
-        _slice_linear(mlp.fc1_x, hidden, e)
+        slice_linear(mlp.fc1_g, hidden, e)
+        slice_linear(mlp.fc1_x, hidden, e)
     elif b.mlp_kind == "glu":
-        _slice_linear(mlp.fc1, torch.cat([hidden, hidden + b.mlp]), e)
+        slice_linear(mlp.fc1, torch.cat([hidden, hidden + b.mlp]), e)
     else:
-        _slice_linear(mlp.fc1, hidden, e)
-    _slice_vector(mlp.norm, ("weight", "bias"), hidden)
-    _slice_linear(mlp.fc2, e, hidden)
+        slice_linear(mlp.fc1, hidden, e)
+    slice_vector(mlp.norm, ("weight", "bias"), hidden)
+    slice_linear(mlp.fc2, e, hidden)
 
 
 # -- the adapter ----------------------------------------------------------------------------
@@ -698,17 +681,10 @@ class EvaAdapter:
         return isinstance(model, self.cls)
 
     def why_not(self, model: nn.Module) -> str:
-        try:
-            _read(model)
-        except _Unsupported as exc:
-            return str(exc)
-        return ""
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Info:
-        try:
-            return _read(model)
-        except _Unsupported as exc:
-            raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {exc}") from exc
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and the keyword arguments that rebuild the dense model, checked by
@@ -777,15 +753,7 @@ class EvaAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        for f in ("min_step", "max_choices", "head_step", "per_head_step"):
-            if getattr(config, f) < 1:
-                raise MdpError(f"space config {f} must be >= 1, got {getattr(config, f)}")
-        r = config.resolution
-        if r is not None and (r, r) != info.img:
-            raise MdpError(
-                f"this {info.name} takes {info.img[0]}x{info.img[1]} images, resolution {r} was "
-                f"asked; create the model with img_size={r}"
-            )
+        common.check_config(config, info.name, info.img)
         layers = _dim_layers(model, info)
         dims = []
         for name, kind, size in _dim_names(info):
@@ -850,11 +818,8 @@ class EvaAdapter:
 
     def _fitting(self, model: nn.Module, space: PruningSpace) -> _Info:
         info = self._require(model)
-        mine = [(n, s) for n, _, s in _dim_names(info)]
-        if (mine != [(d.name, d.size) for d in space.dims] or info.name != space.model
-                or space.family != self.family or (info.in_chans, *info.img) != tuple(space.input_size)):
-            raise PlanError(f"the pruning space (of {space.model}, id {space.space_id}) was not built "
-                            f"from this model ({info.name}, {len(mine)} dims)")
+        dims = [(n, s) for n, _, s in _dim_names(info)]
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def magnitude(self, model: nn.Module, space: PruningSpace) -> Importance:
@@ -862,19 +827,7 @@ class EvaAdapter:
         the norm of each output row of its attention projection and fc2, times |gamma|."""
         info = self._fitting(model, space)
         sq = _unit_sums(model, info, lambda p: p.detach().double() ** 2)
-        blocks = {}
-        with torch.no_grad():
-            for i in range(len(info.blocks)):
-                score = 0.0
-                for w, b, g in _branch_outputs(info, i):
-                    rows = model.get_parameter(w).detach().double().pow(2).sum(1)
-                    if b is not None:
-                        rows = rows + model.get_parameter(b).detach().double().pow(2)
-                    norm = rows.sqrt()
-                    if g is not None:
-                        norm = norm * model.get_parameter(g).detach().double().abs()
-                    score += float(norm.sum())
-                blocks[f"blocks.{i}"] = score
+        blocks = {f"blocks.{i}": common.residual_norm(model, _branch_outputs(info, i)) for i in range(len(info.blocks))}
         return Importance({k: np.sqrt(v) for k, v in sq.items()}, blocks)
 
     def taylor_terms(self, model: nn.Module, space: PruningSpace
@@ -882,9 +835,8 @@ class EvaAdapter:
         """Signed sums of ``w * dL/dw`` per unit; a block: over its attention projection and fc2
         (linear, so the first-order change when both residual branches are zeroed)."""
         info = self._fitting(model, space)
-
-        units = _unit_sums(model, info, weight_grad)
-        blocks = {f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+        units = _unit_sums(model, info, common.weight_grad)
+        blocks = {f"blocks.{i}": common.signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
                   for i in range(len(info.blocks))}
         return units, blocks
 
@@ -892,19 +844,8 @@ class EvaAdapter:
 
     def apply(self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance) -> nn.Module:
         info = self._fitting(model, space)
-        space.validate(plan)
-        missing = [d.name for d in space.dims if d.name not in importance.units]
-        if missing:
-            raise PlanError(f"importance lacks dims {missing[:5]}")
-        keep: dict[str, np.ndarray] = {}
-        for d in space.dims:
-            scores = np.asarray(importance.units[d.name])
-            if scores.shape != (d.size,):
-                raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
-            if d.kind == "qk":
-                keep[d.name] = _keep_qk(scores, plan.widths[d.name], info)
-            else:
-                keep[d.name] = _top_k(scores, plan.widths[d.name])
+        keep = common.kept_units(space, plan, importance,
+                          lambda d, scores, k: _keep_qk(scores, k, info) if d.kind == "qk" else _top_k(scores, k))
         arch = self.arch(model)
         device = next(model.parameters()).device
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in keep.items()}
@@ -915,13 +856,13 @@ class EvaAdapter:
             _slice_conv_out(conv, e)
             for name in EMBED_NORMS:
                 if hasattr(pruned, name.split(".")[0]):
-                    _slice_vector(pruned.get_submodule(name), ("weight", "bias"), e)
+                    slice_vector(pruned.get_submodule(name), ("weight", "bias"), e)
             for name in TOKENS:
                 p = getattr(pruned, name, None)
                 if isinstance(p, nn.Parameter):
-                    setattr(pruned, name, _new(p, p.index_select(2, e)))
+                    setattr(pruned, name, new_param(p, p.index_select(2, e)))
             if isinstance(pruned.head, nn.Linear):
-                _slice_linear(pruned.head, None, e)
+                slice_linear(pruned.head, None, e)
             removed = set(plan.removed)
             for i, b in enumerate(info.blocks):
                 n = f"blocks.{i}"
@@ -929,8 +870,8 @@ class EvaAdapter:
                     continue
                 blk = pruned.get_submodule(n)
                 for part in ("norm1", "norm2"):
-                    _slice_vector(blk.get_submodule(part), ("weight", "bias"), e)
-                _slice_vector(blk, ("gamma_1", "gamma_2"), e)
+                    slice_vector(blk.get_submodule(part), ("weight", "bias"), e)
+                slice_vector(blk, ("gamma_1", "gamma_2"), e)
                 blk.attn = _pruned_attention(model, info, i, e, idx[f"{n}.heads"], idx[f"{n}.qk"], idx[f"{n}.v"])
                 _slice_mlp(blk.mlp, b, e, idx[f"{n}.mlp"])
         blocks = pruned.blocks
@@ -942,10 +883,7 @@ class EvaAdapter:
         pruned.embed_dim = pruned.num_features = pruned.head_hidden_size = width
         pruned.feature_info = [dict(module=f"blocks.{i}", num_chs=width, reduction=info.patch[0])
                                for i in range(len(blocks))]
-        for p in pruned.parameters():
-            p.grad = None
-        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}
-        pruned.mdp_arch = arch
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:
@@ -969,9 +907,9 @@ class BeitAdapter(EvaAdapter):
 
 @torch.no_grad()
 def _slice_conv_out(conv: nn.Conv2d, e: torch.Tensor) -> None:
-    conv.weight = _new(conv.weight, conv.weight.index_select(0, e))
+    conv.weight = new_param(conv.weight, conv.weight.index_select(0, e))
     if conv.bias is not None:
-        conv.bias = _new(conv.bias, conv.bias.index_select(0, e))
+        conv.bias = new_param(conv.bias, conv.bias.index_select(0, e))
     conv.out_channels = len(e)
 
 

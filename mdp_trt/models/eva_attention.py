@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
+from mdp_trt.models.attention import HeadAttention
 
-class PrunedEvaAttention(nn.Module):
+
+class PrunedEvaAttention(HeadAttention):
     """Self-attention with ``num_heads`` heads of ``qk_dim`` query/key and ``v_dim`` value channels.
 
     ``fused``: one ``qkv`` projection writing ``[q | k | v]`` (head-major, ``v`` last) with the
@@ -48,9 +50,7 @@ class PrunedEvaAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
-        self.scale = float(scale)
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.num_prefix_tokens = num_prefix_tokens
         self.rotate_half = rotate_half
         self.fused = fused
@@ -95,11 +95,7 @@ class PrunedEvaAttention(nn.Module):
         else:
             assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (
-            q.reshape(b, n, h, dq).transpose(1, 2),
-            k.reshape(b, n, h, dq).transpose(1, 2),
-            v.reshape(b, n, h, dv).transpose(1, 2),
-        )
+        return self.split_heads(q, k, v, b, n)
 
     def rel_pos_bias(self) -> torch.Tensor | None:
         """The ``(1, heads, tokens, tokens)`` relative position bias, as BEiT gathers it."""
@@ -136,20 +132,7 @@ class PrunedEvaAttention(nn.Module):
             raise RuntimeError("a pruned BEiT block takes no shared relative position bias")
         if attn_mask is not None:
             mask = attn_mask if mask is None else mask + attn_mask
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=bool(is_causal),  # the ONNX tracer hands keyword flags over as tensors
-            scale=self.scale,
-        )
-        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.v_dim)
-        return self.proj_drop(self.proj(out))
+        return self.attend(q, k, v, mask, is_causal, b, n)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
-            f"scale={self.scale:.6g}, fused={self.fused}"
-        )
+        return f"{super().extra_repr()}, fused={self.fused}"

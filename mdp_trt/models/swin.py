@@ -44,25 +44,22 @@ from timm.models import swin_transformer as sw1
 from timm.models import swin_transformer_v2 as sw2
 from torch import nn
 
-from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
-from mdp_trt.models import vit
-from mdp_trt.models.attention import qkv_rows
+from mdp_trt.errors import MdpError, UnsupportedModelError
+from mdp_trt.models import common, vit
+from mdp_trt.models.attention import qkv_rows, sliced_qkv_proj
 from mdp_trt.models.base import Importance, SpaceConfig
+from mdp_trt.models.common import Reducer, Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.models.common import arch_name as _arch_name
-from mdp_trt.models.common import signed_taylor, weight_grad
-from mdp_trt.models.common import top_k as _top_k
 from mdp_trt.models.vit import (
+    _classes,
     _cols,
     _heads_proj,
     _heads_qkv,
     _linear,
-    _new,
     _pair,
     _qk_qkv,
     _rows,
     _scalar_or_pair,
-    _slice_linear,
-    _slice_vector,
     _v_proj,
     _v_qkv,
 )
@@ -70,12 +67,7 @@ from mdp_trt.space import Block, Dim, Plan, PruningSpace, Term, aligned_choices,
 
 FAMILY = "swin"
 POOLS = ("avg", "max", "avgmax")
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 Pair = tuple[int, int]
-
-
-class _Unsupported(Exception):
-    """Something in the model that this adapter cannot handle (message says what)."""
 
 
 # -- pruned window attention ----------------------------------------------------------------
@@ -277,9 +269,9 @@ class _Swin:
 def _layernorm(model: nn.Module, name: str, width: int) -> None:
     m = model.get_submodule(name)
     if type(m) is not nn.LayerNorm or m.weight is None or m.bias is None:
-        raise _Unsupported(f"normalization {name} is {type(m).__name__}; handled: affine nn.LayerNorm")
+        raise Unsupported(f"normalization {name} is {type(m).__name__}; handled: affine nn.LayerNorm")
     if tuple(m.normalized_shape) != (width,):
-        raise _Unsupported(f"{name} normalizes {tuple(m.normalized_shape)}, expected ({width},)")
+        raise Unsupported(f"{name} normalizes {tuple(m.normalized_shape)}, expected ({width},)")
 
 
 def _read_attn(model: nn.Module, n: str, width: int, v2: bool) -> tuple[int, int, int, float, bool, int]:
@@ -294,19 +286,19 @@ def _read_attn(model: nn.Module, n: str, width: int, v2: bool) -> tuple[int, int
         heads = int(a.num_heads)
         qk = v = _linear(model, f"{n}.attn.qkv", width).out_features // (3 * heads)
     else:
-        raise _Unsupported(f"attention {n}.attn is {type(a).__name__}, expected timm's "
-                           f"{timm_cls.__module__.rsplit('.', 1)[-1]}.WindowAttention")
+        raise Unsupported(f"attention {n}.attn is {type(a).__name__}, expected timm's "
+                          f"{timm_cls.__module__.rsplit('.', 1)[-1]}.WindowAttention")
     qkv = _linear(model, f"{n}.attn.qkv", width, heads * (2 * qk + v))
     if _linear(model, f"{n}.attn.proj", heads * v, width).bias is None:
-        raise _Unsupported(f"{n}.attn.proj has no bias")
+        raise Unsupported(f"{n}.attn.proj has no bias")
     if v2:
         if qkv.bias is not None:
-            raise _Unsupported(f"{n}.attn.qkv has a bias of its own besides q_bias/v_bias")
+            raise Unsupported(f"{n}.attn.qkv has a bias of its own besides q_bias/v_bias")
         cpb = a.cpb_mlp
         if not (isinstance(cpb, nn.Sequential) and len(cpb) == 3 and type(cpb[1]) is nn.ReLU
                 and type(cpb[0]) is nn.Linear and type(cpb[2]) is nn.Linear and cpb[0].in_features == 2
                 and cpb[2].out_features == heads and cpb[2].bias is None):
-            raise _Unsupported(f"{n}.attn.cpb_mlp is not Linear(2, h), ReLU, Linear(h, {heads}, bias=False)")
+            raise Unsupported(f"{n}.attn.cpb_mlp is not Linear(2, h), ReLU, Linear(h, {heads}, bias=False)")
         return heads, qk, v, 0.0, a.q_bias is not None, cpb[0].out_features
     return heads, qk, v, float(a.scale), qkv.bias is not None, 0
 
@@ -315,24 +307,24 @@ def _read_block(model: nn.Module, n: str, width: int, res: Pair, v2: bool) -> _B
     blk: Any = model.get_submodule(n)
     cls = sw2.SwinTransformerV2Block if v2 else sw1.SwinTransformerBlock
     if type(blk) is not cls:
-        raise _Unsupported(f"block {n} is {type(blk).__name__}, expected {cls.__name__}")
+        raise Unsupported(f"block {n} is {type(blk).__name__}, expected {cls.__name__}")
     if blk.dynamic_mask:
-        raise _Unsupported(f"block {n} builds its shift mask on every forward (dynamic_mask)")
+        raise Unsupported(f"block {n} builds its shift mask on every forward (dynamic_mask)")
     if _pair(blk.input_resolution) != res:
-        raise _Unsupported(f"block {n} is built for a {_pair(blk.input_resolution)} grid, its stage has {res}")
+        raise Unsupported(f"block {n} is built for a {_pair(blk.input_resolution)} grid, its stage has {res}")
     for norm in ("norm1", "norm2"):
         _layernorm(model, f"{n}.{norm}", width)
     heads, qk, v, scale, bias, cpb = _read_attn(model, n, width, v2)
     window = _pair(blk.window_size)
     if _pair(blk.attn.window_size) != window:
-        raise _Unsupported(f"{n}.attn has window {blk.attn.window_size}, its block {window}")
+        raise Unsupported(f"{n}.attn has window {blk.attn.window_size}, its block {window}")
     mlp = blk.mlp
     if type(mlp) is not Mlp or type(mlp.norm) is not nn.Identity:
-        raise _Unsupported(f"MLP {n}.mlp is {type(mlp).__name__}; handled: timm Mlp without a hidden norm")
+        raise Unsupported(f"MLP {n}.mlp is {type(mlp).__name__}; handled: timm Mlp without a hidden norm")
     fc1 = _linear(model, f"{n}.mlp.fc1", width)
     fc2 = _linear(model, f"{n}.mlp.fc2", fc1.out_features, width)
     if fc1.bias is None or fc2.bias is None:
-        raise _Unsupported(f"{n}.mlp has a layer without a bias")
+        raise Unsupported(f"{n}.mlp has a layer without a bias")
     return _Blk(n, heads, qk, v, fc1.out_features, window, _pair(blk.shift_size), scale, bias, cpb,
                 _act(mlp.act, f"{n}.mlp.act"))
 
@@ -342,32 +334,29 @@ def _act(m: nn.Module, where: str) -> str:
     timm_acts = {tacts.GELU: "gelu", tacts.GELUTanh: "gelu_tanh", tacts.QuickGELU: "quick_gelu"}
     if type(m) in timm_acts:
         return timm_acts[type(m)]
-    try:
-        return vit._act_name(m, where)
-    except vit._Unsupported as exc:
-        raise _Unsupported(str(exc)) from exc
+    return vit._act_name(m, where)
 
 
 def _read(model: nn.Module) -> _Swin:
-    """Read ``model`` into a :class:`_Swin`; raises ``_Unsupported`` with what blocked it."""
+    """Read ``model`` into a :class:`_Swin`; raises ``Unsupported`` with what blocked it."""
     if type(model) not in (sw1.SwinTransformer, sw2.SwinTransformerV2):
-        raise _Unsupported(f"{type(model).__name__} is not timm's SwinTransformer or SwinTransformerV2")
+        raise Unsupported(f"{type(model).__name__} is not timm's SwinTransformer or SwinTransformerV2")
     v2 = type(model) is sw2.SwinTransformerV2
     name = _arch_name(model)
     if name is None:
-        raise _Unsupported("it has no timm pretrained_cfg naming its architecture "
-                           "(create it with timm.create_model so that it can be rebuilt)")
+        raise Unsupported("it has no timm pretrained_cfg naming its architecture "
+                          "(create it with timm.create_model so that it can be rebuilt)")
     if model.dynamic_img_size:
-        raise _Unsupported("it takes any image size (dynamic_img_size), so its shift masks are "
-                           "built on every forward; create it with a fixed img_size")
+        raise Unsupported("it takes any image size (dynamic_img_size), so its shift masks are "
+                          "built on every forward; create it with a fixed img_size")
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d or pe.img_size is None:
-        raise _Unsupported(f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed "
-                           f"with a Conv2d and a fixed image size")
+        raise Unsupported(f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed "
+                          f"with a Conv2d and a fixed image size")
     conv, patch = pe.proj, _pair(pe.patch_size)
     if (tuple(conv.kernel_size) != patch or tuple(conv.stride) != patch or isinstance(conv.padding, str)
             or _pair(conv.padding) != (0, 0) or conv.groups != 1 or conv.bias is None):
-        raise _Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify with a bias")
+        raise Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify with a bias")
     width = conv.out_channels
     embed_norm = type(pe.norm) is not nn.Identity
     if embed_norm:
@@ -380,43 +369,38 @@ def _read(model: nn.Module) -> _Swin:
     for s, st in enumerate(layers):
         n = f"layers.{s}"
         if type(st) is not stage_cls:
-            raise _Unsupported(f"stage {n} is {type(st).__name__}, expected {stage_cls.__name__}")
+            raise Unsupported(f"stage {n} is {type(st).__name__}, expected {stage_cls.__name__}")
         if s == 0 and type(st.downsample) is not nn.Identity:
-            raise _Unsupported(f"{n} merges patches before the first stage")
+            raise Unsupported(f"{n} merges patches before the first stage")
         if s > 0:
             if type(st.downsample) is not merge_cls:
-                raise _Unsupported(f"{n}.downsample is {type(st.downsample).__name__}, expected PatchMerging")
+                raise Unsupported(f"{n}.downsample is {type(st.downsample).__name__}, expected PatchMerging")
             red = _linear(model, f"{n}.downsample.reduction", 4 * width)
             if red.bias is not None:
-                raise _Unsupported(f"{n}.downsample.reduction has a bias")
+                raise Unsupported(f"{n}.downsample.reduction has a bias")
             _layernorm(model, f"{n}.downsample.norm", red.out_features if v2 else 4 * width)
             width, res = red.out_features, ((res[0] + 1) // 2, (res[1] + 1) // 2)
         blocks = tuple(_read_block(model, f"{n}.blocks.{j}", width, res, v2)
                        for j, b in enumerate(st.blocks) if type(b) is not nn.Identity)
         if not blocks:
-            raise _Unsupported(f"stage {n} has no blocks")
+            raise Unsupported(f"stage {n} has no blocks")
         stages.append(_Stage(width, res, blocks))
     if not stages:
-        raise _Unsupported("it has no stages")
+        raise Unsupported("it has no stages")
     _layernorm(model, "norm", width)
     head = model.head
     if type(head) is not ClassifierHead:
-        raise _Unsupported(f"head is {type(head).__name__}, expected timm ClassifierHead")
+        raise Unsupported(f"head is {type(head).__name__}, expected timm ClassifierHead")
     pool = str(head.global_pool.pool_type)
     if pool not in POOLS or type(head.flatten) is not nn.Identity:
-        raise _Unsupported(f"global pool {pool!r}; handled: {', '.join(POOLS)} (pooled, then the classifier)")
-    num_classes = 0
-    if type(head.fc) is not nn.Identity:
-        fc = _linear(model, "head.fc", width)
-        if fc.bias is None:
-            raise _Unsupported("classifier head.fc has no bias")
-        num_classes = fc.out_features
+        raise Unsupported(f"global pool {pool!r}; handled: {', '.join(POOLS)} (pooled, then the classifier)")
+    num_classes = _classes(model, "head.fc", width)
     info = _Swin(name, v2, conv.in_channels, _pair(pe.img_size), patch, embed_norm, tuple(stages),
                  pool, num_classes)
     known = set(_param_names(info))
     extra = [p for p, _ in model.named_parameters() if p not in known]
     if extra:
-        raise _Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
+        raise Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
     return info
 
 
@@ -526,18 +510,8 @@ def _param_names(info: _Swin) -> list[str]:
 def _unit_sums(model: nn.Module, info: _Swin, f: Callable[[nn.Parameter], torch.Tensor | None]
                ) -> dict[str, np.ndarray]:
     """Per dim, the per-unit sums of ``f(param)`` over the parameters its units own."""
-    params = dict(model.named_parameters())
     sizes = {name: size for name, _, size, _ in _dim_names(info)}
-    out = {}
-    with torch.no_grad():
-        for dim, items in _owners(info).items():
-            acc = torch.zeros(sizes[dim], dtype=torch.float64)
-            for pname, red in items:
-                t = f(params[pname])
-                if t is not None:
-                    acc += red(t).cpu()
-            out[dim] = acc.numpy()
-    return out
+    return common.unit_sums(model, sizes, _owners(info), f)
 
 
 def _branch_outputs(info: _Swin, b: _Blk) -> list[str]:
@@ -560,25 +534,22 @@ def _cut_attn(src: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
     if v2:
         new = PrunedWindowAttentionV2(len(e), len(heads), len(qk), len(v), b.window, b.qkv_bias, b.cpb,
                                       bool(src.qkv_bias_separate), *drops)
-        new.logit_scale = _new(src.logit_scale, src.logit_scale.index_select(0, heads))
+        new.logit_scale = new_param(src.logit_scale, src.logit_scale.index_select(0, heads))
         new.cpb_mlp = copy.deepcopy(src.cpb_mlp)
-        _slice_linear(cast(nn.Linear, new.cpb_mlp[2]), heads)
+        slice_linear(cast(nn.Linear, new.cpb_mlp[2]), heads)
         if b.qkv_bias:
             q_rows = rows[: len(heads) * len(qk)]
-            new.q_bias = _new(src.q_bias, src.q_bias.index_select(0, q_rows))
+            new.q_bias = new_param(src.q_bias, src.q_bias.index_select(0, q_rows))
             new.k_bias = src.k_bias.index_select(0, q_rows)
-            new.v_bias = _new(src.v_bias, src.v_bias.index_select(0, cols))
+            new.v_bias = new_param(src.v_bias, src.v_bias.index_select(0, cols))
         new.relative_coords_table = src.relative_coords_table.clone()
     else:
         new = PrunedWindowAttention(len(e), len(heads), len(qk), len(v), b.window, b.scale, b.qkv_bias,
                                     bool(getattr(src, "fused_attn", False)), *drops)
         table = src.relative_position_bias_table
-        new.relative_position_bias_table = _new(table, table.index_select(1, heads))
+        new.relative_position_bias_table = new_param(table, table.index_select(1, heads))
     new.relative_position_index = src.relative_position_index.clone()
-    new.qkv = copy.deepcopy(src.qkv)
-    new.proj = copy.deepcopy(src.proj)
-    _slice_linear(new.qkv, rows, e)
-    _slice_linear(new.proj, e, cols)
+    new.qkv, new.proj = sliced_qkv_proj(src.qkv, src.proj, rows, cols, e)
     return new.train(src.training)
 
 
@@ -586,10 +557,10 @@ def _cut_attn(src: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
 def _cut_block(blk: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor,
                qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor) -> None:
     for part in ("norm1", "norm2"):
-        _slice_vector(blk.get_submodule(part), ("weight", "bias"), e)
+        slice_vector(blk.get_submodule(part), ("weight", "bias"), e)
     blk.attn = _cut_attn(blk.get_submodule("attn"), b, v2, e, heads, qk, v)
-    _slice_linear(blk.get_submodule("mlp.fc1"), mlp, e)
-    _slice_linear(blk.get_submodule("mlp.fc2"), e, mlp)
+    slice_linear(blk.get_submodule("mlp.fc1"), mlp, e)
+    slice_linear(blk.get_submodule("mlp.fc2"), e, mlp)
     blk.dim = len(e)
 
 
@@ -597,26 +568,26 @@ def _cut_block(blk: Any, b: _Blk, v2: bool, e: torch.Tensor, heads: torch.Tensor
 def _cut_merge(ds: Any, v2: bool, prev: torch.Tensor, prev_size: int, e: torch.Tensor) -> None:
     """Patch merging from a stage of ``prev_size`` channels (``prev`` kept) to ``e``."""
     four = torch.cat([prev + c * prev_size for c in range(4)])
-    _slice_linear(ds.get_submodule("reduction"), e, four)
-    _slice_vector(ds.get_submodule("norm"), ("weight", "bias"), e if v2 else four)
+    slice_linear(ds.get_submodule("reduction"), e, four)
+    slice_vector(ds.get_submodule("norm"), ("weight", "bias"), e if v2 else four)
     ds.dim, ds.out_dim = len(prev), len(e)
 
 
 @torch.no_grad()
 def _cut_patch_embed(pe: Any, e: torch.Tensor) -> None:
     conv = pe.get_submodule("proj")
-    conv.weight = _new(conv.weight, conv.weight.index_select(0, e))
-    conv.bias = _new(conv.bias, conv.bias.index_select(0, e))
+    conv.weight = new_param(conv.weight, conv.weight.index_select(0, e))
+    conv.bias = new_param(conv.bias, conv.bias.index_select(0, e))
     conv.out_channels = len(e)
-    _slice_vector(pe.get_submodule("norm"), ("weight", "bias"), e)
+    slice_vector(pe.get_submodule("norm"), ("weight", "bias"), e)
 
 
 @torch.no_grad()
 def _cut_head(norm: nn.Module, head: Any, e: torch.Tensor) -> None:
-    _slice_vector(norm, ("weight", "bias"), e)
+    slice_vector(norm, ("weight", "bias"), e)
     fc = head.get_submodule("fc")
     if isinstance(fc, nn.Linear):
-        _slice_linear(fc, None, e)
+        slice_linear(fc, None, e)
     head.in_features = head.num_features = len(e)
 
 
@@ -737,17 +708,10 @@ class SwinAdapter:
         return isinstance(model, (sw1.SwinTransformer, sw2.SwinTransformerV2))
 
     def why_not(self, model: nn.Module) -> str:
-        try:
-            _read(model)
-        except _Unsupported as exc:
-            return str(exc)
-        return ""
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Swin:
-        try:
-            return _read(model)
-        except _Unsupported as exc:
-            raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {exc}") from exc
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and keyword arguments that rebuild the dense model (a pruned model
@@ -793,14 +757,7 @@ class SwinAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        for f in ("min_step", "max_choices", "head_step", "per_head_step"):
-            if getattr(config, f) < 1:
-                raise MdpError(f"space config {f} must be >= 1, got {getattr(config, f)}")
-        r = config.resolution
-        if r is not None and (r, r) != info.img:
-            raise MdpError(f"a Swin's input size is fixed when it is created: this {info.name} takes "
-                           f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
-                           f"model with img_size={r}")
+        common.check_config(config, info.name, info.img, "a Swin's input size is fixed when it is created: ")
         layers = _dim_layers(info)
         dims = []
         for name, kind, size, block in _dim_names(info):
@@ -874,14 +831,14 @@ class SwinAdapter:
         if term.kind == "mlp":
             part: Any = nn.Module()
             part.norm2, part.mlp = copy.deepcopy(src.norm2), copy.deepcopy(src.mlp)
-            _slice_vector(part.norm2, ("weight", "bias"), e)
+            slice_vector(part.norm2, ("weight", "bias"), e)
             m = first(f"{b.name}.mlp")
-            _slice_linear(part.mlp.fc1, m, e)
-            _slice_linear(part.mlp.fc2, e, m)
+            slice_linear(part.mlp.fc1, m, e)
+            slice_linear(part.mlp.fc2, e, m)
             return _MlpTerm(part, info.v2).eval(), (st.res[0], st.res[1], len(e))
         part = nn.Module()
         part.norm1 = copy.deepcopy(src.norm1)
-        _slice_vector(part.norm1, ("weight", "bias"), e)
+        slice_vector(part.norm1, ("weight", "bias"), e)
         part.attn_mask = src.attn_mask
         attn = _cut_attn(src.attn, b, info.v2, e, *(first(f"{b.name}.{k}") for k in ("heads", "qk", "v")))
         if term.kind == "attn_qk":
@@ -900,16 +857,11 @@ class SwinAdapter:
         info = self._fitting(model, space)
         units = {k: np.sqrt(v) for k, v in _unit_sums(model, info, lambda p: p.detach().double() ** 2).items()}
         blocks = {}
-        with torch.no_grad():
-            for st in info.stages:
-                for b in st.blocks:
-                    params = _branch_outputs(info, b)
-                    score = 0.0
-                    for w, bias in zip(params[::2], params[1::2], strict=True):
-                        pw = model.get_parameter(w).detach().double()
-                        rows = pw.reshape(pw.shape[0], -1).pow(2).sum(1)
-                        score += float((rows + model.get_parameter(bias).detach().double() ** 2).sqrt().sum())
-                    blocks[b.name] = score
+        for st in info.stages:
+            for b in st.blocks:
+                params = _branch_outputs(info, b)
+                blocks[b.name] = common.residual_norm(
+                    model, ((w, bias, None) for w, bias in zip(params[::2], params[1::2], strict=True)))
         return Importance(units, blocks)
 
     def taylor_terms(self, model: nn.Module, space: PruningSpace
@@ -922,9 +874,8 @@ class SwinAdapter:
         both branches are zeroed, which is what removing the block does.
         """
         info = self._fitting(model, space)
-
-        units = _unit_sums(model, info, weight_grad)
-        blocks = {b.name: signed_taylor(model, _branch_outputs(info, b)) for st in info.stages for b in st.blocks}
+        units = _unit_sums(model, info, common.weight_grad)
+        blocks = {b.name: common.signed_taylor(model, _branch_outputs(info, b)) for st in info.stages for b in st.blocks}
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------
@@ -932,25 +883,13 @@ class SwinAdapter:
     def _fitting(self, model: nn.Module, space: PruningSpace) -> _Swin:
         """The reading of ``model``, checked to be the model ``space`` was built from."""
         info = self._require(model)
-        mine = [(n, s) for n, _, s, _ in _dim_names(info)]
-        if (mine != [(d.name, d.size) for d in space.dims] or info.name != space.model
-                or space.family != self.family or (info.in_chans, *info.img) != tuple(space.input_size)):
-            raise PlanError(f"the pruning space (of {space.model}, id {space.space_id}) was not built "
-                            f"from this model ({info.name}, {len(mine)} dims)")
+        dims = [(n, s) for n, _, s, _ in _dim_names(info)]
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def apply(self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance) -> nn.Module:
         info = self._fitting(model, space)
-        space.validate(plan)
-        missing = [d.name for d in space.dims if d.name not in importance.units]
-        if missing:
-            raise PlanError(f"importance lacks dims {missing[:5]}")
-        keep: dict[str, np.ndarray] = {}
-        for d in space.dims:
-            scores = np.asarray(importance.units[d.name])
-            if scores.shape != (d.size,):
-                raise PlanError(f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units")
-            keep[d.name] = _top_k(scores, plan.widths[d.name])
+        keep = common.kept_units(space, plan, importance)
         arch = self.arch(model)
         device = next(model.parameters()).device
         idx = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in keep.items()}
@@ -974,10 +913,7 @@ class SwinAdapter:
         pruned.num_features = pruned.head_hidden_size = len(last)
         for s, f in enumerate(pruned.feature_info):
             f["num_chs"] = len(idx[f"layers.{s}.embed"])
-        for p in pruned.parameters():
-            p.grad = None
-        pruned.mdp_indices = {k: [int(i) for i in v] for k, v in keep.items()}
-        pruned.mdp_arch = arch
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:

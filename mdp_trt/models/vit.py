@@ -33,10 +33,18 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 from torch import nn
 
-from mdp_trt.errors import MdpError, PlanError, UnsupportedModelError
-from mdp_trt.models.attention import AttnQKTerm, AttnVTerm, PrunedAttention, qkv_rows
+from mdp_trt.errors import MdpError, UnsupportedModelError
+from mdp_trt.models import common
+from mdp_trt.models.attention import (
+    AttnQKTerm,
+    AttnVTerm,
+    PrunedAttention,
+    qkv_rows,
+    sliced_qk_norms,
+    sliced_qkv_proj,
+)
 from mdp_trt.models.base import Importance, SpaceConfig
-from mdp_trt.models.common import arch_name, signed_taylor, top_k, weight_grad
+from mdp_trt.models.common import Reducer, Unsupported, new_param, slice_linear, slice_vector
 from mdp_trt.space import Block as SpaceBlock
 from mdp_trt.space import Dim, Plan, PruningSpace, Term, aligned_choices, choices_for
 
@@ -54,12 +62,7 @@ ACTIVATIONS: tuple[tuple[type[nn.Module], tuple[tuple[str, Any], ...], str], ...
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 EMBED_NORMS = ("patch_embed.norm", "norm_pre", "norm", "fc_norm")
 QK_NORM_PARAMS = tuple(f"attn.{m}_norm.{p}" for m in "qk" for p in ("weight", "bias"))
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 _M = TypeVar("_M", bound=nn.Module)
-
-
-class _Unsupported(Exception):
-    """Something in the model that this adapter cannot handle (message says what)."""
 
 
 @dataclass(frozen=True)
@@ -136,28 +139,28 @@ def _norm_kind(model: nn.Module, name: str, width: int) -> str | None:
         return None
     if type(m) in (nn.LayerNorm, LayerNorm):
         if m.weight is None or m.bias is None:
-            raise _Unsupported(f"LayerNorm {name} has no affine weight or bias")
+            raise Unsupported(f"LayerNorm {name} has no affine weight or bias")
         kind = "layernorm"
     elif type(m) is RmsNorm:
         if m.weight is None:
-            raise _Unsupported(f"RmsNorm {name} has no affine weight")
+            raise Unsupported(f"RmsNorm {name} has no affine weight")
         kind = "rmsnorm"
     else:
-        raise _Unsupported(
+        raise Unsupported(
             f"normalization {name} is {type(m).__name__}; handled: LayerNorm, RmsNorm"
         )
     shape = tuple(getattr(m, "normalized_shape", ()))
     if shape != (width,):
-        raise _Unsupported(f"{name} normalizes {shape}, expected ({width},)")
+        raise Unsupported(f"{name} normalizes {shape}, expected ({width},)")
     return kind
 
 
 def _linear(model: nn.Module, name: str, fan_in: int, fan_out: int | None = None) -> nn.Linear:
     m = model.get_submodule(name)
     if type(m) is not nn.Linear:
-        raise _Unsupported(f"{name} is {type(m).__name__}, expected a Linear")
+        raise Unsupported(f"{name} is {type(m).__name__}, expected a Linear")
     if m.in_features != fan_in or (fan_out is not None and m.out_features != fan_out):
-        raise _Unsupported(
+        raise Unsupported(
             f"{name} maps {m.in_features}->{m.out_features}, expected "
             f"{fan_in}->{fan_out if fan_out is not None else 'any'}"
         )
@@ -169,7 +172,7 @@ def _act_name(m: nn.Module, where: str) -> str:
         if type(m) is cls and all(getattr(m, k, None) == v for k, v in attrs):
             return name
     handled = ", ".join(dict.fromkeys(cls.__name__ for cls, _, _ in ACTIVATIONS))
-    raise _Unsupported(f"MLP activation {where} is {m!r}; handled: {handled}")
+    raise Unsupported(f"MLP activation {where} is {m!r}; handled: {handled}")
 
 
 def _activation(name: str) -> nn.Module:
@@ -184,56 +187,71 @@ def _layer_scale(model: nn.Module, name: str, width: int) -> bool:
     if type(m) is nn.Identity:
         return False
     if type(m) is not LayerScale or tuple(m.gamma.shape) != (width,):
-        raise _Unsupported(
+        raise Unsupported(
             f"{name} is {type(m).__name__}, expected timm LayerScale over {width} channels"
         )
     return True
+
+
+def _block_norms(model: nn.Module, n: str, embed: int, norms: set[str]) -> None:
+    """Add the kinds of block ``n``'s ``norm1`` and ``norm2`` to ``norms``; both must exist."""
+    for norm in ("norm1", "norm2"):
+        kind = _norm_kind(model, f"{n}.{norm}", embed)
+        if kind is None:
+            raise Unsupported(f"block {n} has no {norm}")
+        norms.add(kind)
+
+
+def _classes(model: nn.Module, name: str, embed: int) -> int:
+    """Outputs of the classifier ``name`` (a Linear with a bias), 0 where it is an Identity."""
+    if type(model.get_submodule(name)) is nn.Identity:
+        return 0
+    lin = _linear(model, name, embed)
+    if lin.bias is None:
+        raise Unsupported(f"classifier {name} has no bias")
+    return lin.out_features
 
 
 def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
     n = f"blocks.{i}"
     blk = model.get_submodule(n)
     if type(blk) is not Block:
-        raise _Unsupported(
+        raise Unsupported(
             f"block {n} is {type(blk).__name__}; only the plain timm Block (pre-norm "
             f"attention then MLP) is handled, not fused or parallel variants"
         )
-    for norm in ("norm1", "norm2"):
-        kind = _norm_kind(model, f"{n}.{norm}", embed)
-        if kind is None:
-            raise _Unsupported(f"block {n} has no {norm}")
-        norms.add(kind)
+    _block_norms(model, n, embed, norms)
     attn = blk.attn
     if type(attn) is Attention:
         if type(getattr(attn, "norm", nn.Identity())) is not nn.Identity:
-            raise _Unsupported(f"{n}.attn normalizes its output before the projection (scale_norm)")
+            raise Unsupported(f"{n}.attn normalizes its output before the projection (scale_norm)")
         if getattr(attn, "gate", None) is not None:
-            raise _Unsupported(f"{n}.attn has an output gate")
+            raise Unsupported(f"{n}.attn has an output gate")
         heads, qk = int(attn.num_heads), int(attn.head_dim)
         v = qk
     elif type(attn) is PrunedAttention:
         heads, qk, v = attn.num_heads, attn.qk_dim, attn.v_dim
     else:
-        raise _Unsupported(
+        raise Unsupported(
             f"attention {n}.attn is {type(attn).__name__}; handled: timm Attention "
             f"(no relative position, rotary, differential or fused variants)"
         )
     qk_norms = {_norm_kind(model, f"{n}.attn.{sub}", qk) for sub in ("q_norm", "k_norm")}
     if len(qk_norms) > 1:
-        raise _Unsupported(f"{n}.attn normalizes queries and keys differently ({qk_norms})")
+        raise Unsupported(f"{n}.attn normalizes queries and keys differently ({qk_norms})")
     qkv = _linear(model, f"{n}.attn.qkv", embed, heads * (2 * qk + v))
     proj = _linear(model, f"{n}.attn.proj", heads * v, embed)
     mlp = blk.mlp
     if type(mlp) is not Mlp:
-        raise _Unsupported(
+        raise Unsupported(
             f"MLP {n}.mlp is {type(mlp).__name__}; handled: timm Mlp (not GLU/SwiGLU)"
         )
     if type(mlp.norm) is not nn.Identity:
-        raise _Unsupported(f"MLP {n}.mlp normalizes its hidden units (scale_mlp_norm)")
+        raise Unsupported(f"MLP {n}.mlp normalizes its hidden units (scale_mlp_norm)")
     fc1 = _linear(model, f"{n}.mlp.fc1", embed)
     fc2 = _linear(model, f"{n}.mlp.fc2", fc1.out_features, embed)
     if (fc1.bias is None) != (fc2.bias is None):
-        raise _Unsupported(f"{n}.mlp has a bias on one of its two layers only")
+        raise Unsupported(f"{n}.mlp has a bias on one of its two layers only")
     return _Blk(
         heads,
         qk,
@@ -251,32 +269,32 @@ def _read_block(model: nn.Module, i: int, embed: int, norms: set[str]) -> _Blk:
 
 
 def _read(model: nn.Module) -> _Vit:
-    """Read ``model`` into a :class:`_Vit`; raises ``_Unsupported`` with what blocked it."""
+    """Read ``model`` into a :class:`_Vit`; raises ``Unsupported`` with what blocked it."""
     if not isinstance(model, VisionTransformer):
-        raise _Unsupported(f"{type(model).__name__} is not a timm VisionTransformer")
+        raise Unsupported(f"{type(model).__name__} is not a timm VisionTransformer")
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
-        raise _Unsupported(
+        raise Unsupported(
             f"{type(model).__name__} subclasses VisionTransformer with its own behaviour"
         )
-    name = arch_name(model)
+    name = common.arch_name(model)
     if name is None:
-        raise _Unsupported(
+        raise Unsupported(
             "it has no timm pretrained_cfg naming its architecture "
             "(create it with timm.create_model so that it can be rebuilt)"
         )
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or type(pe.proj) is not nn.Conv2d:
-        raise _Unsupported(
+        raise Unsupported(
             f"patch embedding is {type(pe).__name__}; handled: timm PatchEmbed with a Conv2d"
         )
     if pe.img_size is None:
-        raise _Unsupported("the patch embedding has no fixed image size")
+        raise Unsupported("the patch embedding has no fixed image size")
     if getattr(pe, "dynamic_img_pad", False):
-        raise _Unsupported("the patch embedding pads images (dynamic_img_pad)")
+        raise Unsupported("the patch embedding pads images (dynamic_img_pad)")
     conv = pe.proj
     patch = _pair(pe.patch_size)
     if isinstance(conv.padding, str):
-        raise _Unsupported(f"patch embedding conv uses padding {conv.padding!r}")
+        raise Unsupported(f"patch embedding conv uses padding {conv.padding!r}")
     if (
         tuple(conv.kernel_size) != patch
         or tuple(conv.stride) != patch
@@ -284,7 +302,7 @@ def _read(model: nn.Module) -> _Vit:
         or conv.groups != 1
         or tuple(conv.dilation) != (1, 1)
     ):
-        raise _Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify")
+        raise Unsupported(f"patch embedding conv {conv} is not a plain {patch} patchify")
     embed = conv.out_channels
     img = _pair(pe.img_size)
     grid = (img[0] // patch[0]) * (img[1] // patch[1])
@@ -307,11 +325,11 @@ def _read(model: nn.Module) -> _Vit:
             or p.shape[0] != 1
             or p.shape[2] != embed
         ):
-            raise _Unsupported(f"{tok} has shape {tuple(p.shape)}, expected (1, n, {embed})")
+            raise Unsupported(f"{tok} has shape {tuple(p.shape)}, expected (1, n, {embed})")
         counts[tok] = p.shape[1]
     prefix = int(model.num_prefix_tokens)
     if sum(counts.values()) != prefix:
-        raise _Unsupported(
+        raise Unsupported(
             f"{prefix} prefix tokens declared, {sum(counts.values())} token parameters found"
         )
     pos_p = model.pos_embed
@@ -321,42 +339,36 @@ def _read(model: nn.Module) -> _Vit:
         pos = "patches" if model.no_embed_class else "all"
         want = grid if pos == "patches" else grid + prefix
         if tuple(pos_p.shape) != (1, want, embed):
-            raise _Unsupported(
+            raise Unsupported(
                 f"pos_embed has shape {tuple(pos_p.shape)}, expected (1, {want}, {embed})"
             )
 
     blocks = model.blocks
     if not isinstance(blocks, nn.Sequential):
-        raise _Unsupported(f"blocks is {type(blocks).__name__}, expected nn.Sequential")
+        raise Unsupported(f"blocks is {type(blocks).__name__}, expected nn.Sequential")
     blks = tuple(_read_block(model, i, embed, norms) for i in range(len(blocks)))
 
     if getattr(model, "attn_pool", None) is not None:
-        raise _Unsupported(f"attention pooling head (global_pool={model.global_pool!r})")
+        raise Unsupported(f"attention pooling head (global_pool={model.global_pool!r})")
     pool = str(model.global_pool)
     if pool not in POOLS:
-        raise _Unsupported(f"global pool {pool!r}; handled: {', '.join(repr(p) for p in POOLS)}")
+        raise Unsupported(f"global pool {pool!r}; handled: {', '.join(repr(p) for p in POOLS)}")
     final_norm = _norm_kind(model, "norm", embed)
     fc_norm = _norm_kind(model, "fc_norm", embed)
     if final_norm and fc_norm:
-        raise _Unsupported("both a final norm and an fc_norm")
+        raise Unsupported("both a final norm and an fc_norm")
     final = "norm" if final_norm else "fc_norm" if fc_norm else "none"
     for kind in (final_norm, fc_norm):
         if kind:
             norms.add(kind)
     if len(norms) > 1:
-        raise _Unsupported(f"mixed normalization layers {sorted(norms)}")
+        raise Unsupported(f"mixed normalization layers {sorted(norms)}")
     distilled = isinstance(model, VisionTransformerDistilled)
     num_classes = 0
     for head in ("head", "head_dist") if distilled else ("head",):
-        m = model.get_submodule(head)
-        if type(m) is nn.Identity:
-            continue
-        lin = _linear(model, head, embed)
-        if lin.bias is None:
-            raise _Unsupported(f"classifier {head} has no bias")
-        num_classes = lin.out_features
+        num_classes = _classes(model, head, embed) or num_classes
     if distilled and type(model.head) is not type(model.head_dist):
-        raise _Unsupported("the class and distillation heads differ in kind")
+        raise Unsupported("the class and distillation heads differ in kind")
 
     known = {"patch_embed.proj", *EMBED_NORMS, "head", "head_dist"}
     for i in range(len(blks)):
@@ -371,7 +383,7 @@ def _read(model: nn.Module) -> _Vit:
         if p not in TOKEN_PARAMS and p.rsplit(".", 1)[0] not in known
     ]
     if extra:
-        raise _Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
+        raise Unsupported(f"parameters outside the layers this adapter prunes: {extra[:3]}")
     return _Vit(
         name,
         conv.in_channels,
@@ -494,18 +506,8 @@ def _unit_sums(
     model: nn.Module, info: _Vit, f: Callable[[nn.Parameter], torch.Tensor | None]
 ) -> dict[str, np.ndarray]:
     """Per dim, the per-unit sums of ``f(param)`` over the parameters its units own."""
-    params = dict(model.named_parameters())
     sizes = {name: size for name, _, size in _dim_names(info)}
-    out = {}
-    with torch.no_grad():
-        for dim, items in _owners(model, info).items():
-            acc = torch.zeros(sizes[dim], dtype=torch.float64)
-            for pname, red in items:
-                t = f(params[pname])
-                if t is not None:
-                    acc += red(t).cpu()
-            out[dim] = acc.numpy()
-    return out
+    return common.unit_sums(model, sizes, _owners(model, info), f)
 
 
 def _branch_outputs(info: _Vit, i: int) -> list[tuple[str, str | None, str | None]]:
@@ -623,37 +625,6 @@ class _HeadTerm(nn.Module):
 # -- surgery helpers ------------------------------------------------------------------------
 
 
-def _new(p: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.clone(), requires_grad=p.requires_grad)
-
-
-@torch.no_grad()
-def _slice_linear(
-    lin: nn.Linear, out: torch.Tensor | None = None, inp: torch.Tensor | None = None
-) -> None:
-    w = lin.weight
-    if out is not None:
-        w = w.index_select(0, out)
-        if lin.bias is not None:
-            lin.bias = _new(lin.bias, lin.bias.index_select(0, out))
-    if inp is not None:
-        w = w.index_select(1, inp)
-    lin.weight = _new(lin.weight, w)
-    lin.out_features, lin.in_features = w.shape
-
-
-@torch.no_grad()
-def _slice_vector(module: nn.Module, names: tuple[str, ...], idx: torch.Tensor) -> None:
-    """Keep entries ``idx`` of the 1-D parameters ``names`` of ``module`` (those that exist)."""
-    for pname in names:
-        p = getattr(module, pname, None)
-        if isinstance(p, nn.Parameter):
-            setattr(module, pname, _new(p, p.index_select(0, idx)))
-    if hasattr(module, "normalized_shape"):
-        # a plain attribute that nn.Module does not declare, hence setattr
-        setattr(module, "normalized_shape", (len(idx),))  # noqa: B010
-
-
 @torch.no_grad()
 def _pruned_attention(
     attn: nn.Module,
@@ -678,14 +649,10 @@ def _pruned_attention(
         attn_drop=float(getattr(drop, "p", 0.0)),
         proj_drop=float(getattr(out_drop, "p", 0.0)),
     )
-    for sub in ("q_norm", "k_norm"):
-        norm = copy.deepcopy(attn.get_submodule(sub))
-        _slice_vector(norm, ("weight", "bias"), qk)
-        setattr(new, sub, norm)
-    new.qkv = copy.deepcopy(_sub(attn, "qkv", nn.Linear))
-    new.proj = copy.deepcopy(_sub(attn, "proj", nn.Linear))
-    _slice_linear(new.qkv, rows, e)
-    _slice_linear(new.proj, e, cols)
+    sliced_qk_norms(attn, new, qk)
+    new.qkv, new.proj = sliced_qkv_proj(
+        _sub(attn, "qkv", nn.Linear), _sub(attn, "proj", nn.Linear), rows, cols, e
+    )
     new.train(attn.training)
     return new
 
@@ -704,17 +671,10 @@ class ViTAdapter:
         return isinstance(model, VisionTransformer)
 
     def why_not(self, model: nn.Module) -> str:
-        try:
-            _read(model)
-        except _Unsupported as exc:
-            return str(exc)
-        return ""
+        return common.why_not(_read, model)
 
     def _require(self, model: nn.Module) -> _Vit:
-        try:
-            return _read(model)
-        except _Unsupported as exc:
-            raise UnsupportedModelError(f"cannot prune {type(model).__name__}: {exc}") from exc
+        return common.require(_read, model)
 
     def arch(self, model: nn.Module) -> dict[str, Any]:
         """The timm name and the keyword arguments that rebuild the dense model.
@@ -774,7 +734,9 @@ class ViTAdapter:
 
     def space(self, model: nn.Module, config: SpaceConfig) -> PruningSpace:
         info = self._require(model)
-        _check_config(info, config)
+        common.check_config(
+            config, info.name, info.img, "a ViT's input size is fixed when it is created: "
+        )
         dims = []
         layers = _dim_layers(model, info)
         block_of = {
@@ -893,19 +855,10 @@ class ViTAdapter:
         info = self._fitting(model, space)
         sq = _unit_sums(model, info, lambda p: p.detach().double() ** 2)
         units = {k: np.sqrt(v) for k, v in sq.items()}
-        blocks = {}
-        with torch.no_grad():
-            for i in range(len(info.blocks)):
-                score = 0.0
-                for w, b, g in _branch_outputs(info, i):
-                    rows = model.get_parameter(w).detach().double().pow(2).sum(1)
-                    if b is not None:
-                        rows = rows + model.get_parameter(b).detach().double().pow(2)
-                    norm = rows.sqrt()
-                    if g is not None:
-                        norm = norm * model.get_parameter(g).detach().double().abs()
-                    score += float(norm.sum())
-                blocks[f"blocks.{i}"] = score
+        blocks = {
+            f"blocks.{i}": common.residual_norm(model, _branch_outputs(info, i))
+            for i in range(len(info.blocks))
+        }
         return Importance(units, blocks)
 
     def taylor_terms(
@@ -920,10 +873,11 @@ class ViTAdapter:
         Parameters without a gradient contribute nothing.
         """
         info = self._fitting(model, space)
-
-        units = _unit_sums(model, info, weight_grad)
-        blocks = {f"blocks.{i}": signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
-                  for i in range(len(info.blocks))}
+        units = _unit_sums(model, info, common.weight_grad)
+        blocks = {
+            f"blocks.{i}": common.signed_taylor(model, (n for w, b, _ in _branch_outputs(info, i) for n in (w, b)))
+            for i in range(len(info.blocks))
+        }
         return units, blocks
 
     # -- surgery ------------------------------------------------------------------------
@@ -931,36 +885,15 @@ class ViTAdapter:
     def _fitting(self, model: nn.Module, space: PruningSpace) -> _Vit:
         """The reading of ``model``, checked to be the model ``space`` was built from."""
         info = self._require(model)
-        mine = [(n, s) for n, _, s in _dim_names(info)]
-        theirs = [(d.name, d.size) for d in space.dims]
-        if (
-            mine != theirs
-            or info.name != space.model
-            or space.family != self.family
-            or (info.in_chans, *info.img) != tuple(space.input_size)
-        ):
-            raise PlanError(
-                f"the pruning space (of {space.model}, id {space.space_id}) was not built "
-                f"from this model ({info.name}, {len(mine)} dims)"
-            )
+        dims = [(n, s) for n, _, s in _dim_names(info)]
+        common.check_fits(space, self.family, info.name, dims, (info.in_chans, *info.img))
         return info
 
     def apply(
         self, model: nn.Module, space: PruningSpace, plan: Plan, importance: Importance
     ) -> nn.Module:
         info = self._fitting(model, space)
-        space.validate(plan)
-        missing = [d.name for d in space.dims if d.name not in importance.units]
-        if missing:
-            raise PlanError(f"importance lacks dims {missing[:5]}")
-        keep: dict[str, np.ndarray] = {}
-        for d in space.dims:
-            scores = np.asarray(importance.units[d.name])
-            if scores.shape != (d.size,):
-                raise PlanError(
-                    f"importance for {d.name} has shape {scores.shape}, the dim has {d.size} units"
-                )
-            keep[d.name] = top_k(scores, plan.widths[d.name])
+        keep = common.kept_units(space, plan, importance)
         if not isinstance(model, VisionTransformer):  # _fitting has read it as one
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
         arch = self.arch(model)
@@ -970,20 +903,20 @@ class ViTAdapter:
         pruned = copy.deepcopy(model)
         with torch.no_grad():
             conv = pruned.patch_embed.proj
-            conv.weight = _new(conv.weight, conv.weight.index_select(0, e))
+            conv.weight = new_param(conv.weight, conv.weight.index_select(0, e))
             if conv.bias is not None:
-                conv.bias = _new(conv.bias, conv.bias.index_select(0, e))
+                conv.bias = new_param(conv.bias, conv.bias.index_select(0, e))
             conv.out_channels = len(e)
             for name in EMBED_NORMS:
-                _slice_vector(pruned.get_submodule(name), ("weight", "bias"), e)
+                slice_vector(pruned.get_submodule(name), ("weight", "bias"), e)
             for name in TOKEN_PARAMS:
                 p = getattr(pruned, name, None)
                 if isinstance(p, nn.Parameter):
-                    setattr(pruned, name, _new(p, p.index_select(2, e)))
+                    setattr(pruned, name, new_param(p, p.index_select(2, e)))
             for name in ("head", "head_dist"):
                 head = getattr(pruned, name, None)
                 if isinstance(head, nn.Linear):
-                    _slice_linear(head, None, e)
+                    slice_linear(head, None, e)
         removed = set(plan.removed)
         blocks = pruned.blocks
         for i, b in enumerate(info.blocks):
@@ -992,12 +925,12 @@ class ViTAdapter:
                 continue
             blk = _sub(blocks, str(i), Block)
             for part in ("norm1", "norm2", "ls1", "ls2"):
-                _slice_vector(blk.get_submodule(part), ("weight", "bias", "gamma"), e)
+                slice_vector(blk.get_submodule(part), ("weight", "bias", "gamma"), e)
             blk.attn = _pruned_attention(
                 blk.get_submodule("attn"), b, e, idx[f"{n}.heads"], idx[f"{n}.qk"], idx[f"{n}.v"]
             )
-            _slice_linear(_sub(blk, "mlp.fc1", nn.Linear), idx[f"{n}.mlp"], e)
-            _slice_linear(_sub(blk, "mlp.fc2", nn.Linear), e, idx[f"{n}.mlp"])
+            slice_linear(_sub(blk, "mlp.fc1", nn.Linear), idx[f"{n}.mlp"], e)
+            slice_linear(_sub(blk, "mlp.fc2", nn.Linear), e, idx[f"{n}.mlp"])
         for i in reversed(range(len(info.blocks))):
             if f"blocks.{i}" in removed:
                 del blocks[i]
@@ -1010,11 +943,7 @@ class ViTAdapter:
             dict(module=f"blocks.{i}", num_chs=width, reduction=reduction)
             for i in range(len(blocks))
         ]
-        for p in pruned.parameters():
-            p.grad = None
-        kept = {k: [int(i) for i in v] for k, v in keep.items()}
-        pruned.mdp_indices = kept  # type: ignore[assignment]
-        pruned.mdp_arch = arch  # type: ignore[assignment]
+        common.mark_pruned(pruned, keep, arch)
         return pruned
 
     def param_count(self, space: PruningSpace, plan: Plan) -> int:
@@ -1059,21 +988,6 @@ class ViTAdapter:
         return total
 
 
-def _check_config(info: _Vit, config: SpaceConfig) -> None:
-    for field_name in ("min_step", "max_choices", "head_step", "per_head_step"):
-        if getattr(config, field_name) < 1:
-            raise MdpError(
-                f"space config {field_name} must be >= 1, got {getattr(config, field_name)}"
-            )
-    r = config.resolution
-    if r is not None and (r, r) != info.img:
-        raise MdpError(
-            f"a ViT's input size is fixed when it is created: this {info.name} takes "
-            f"{info.img[0]}x{info.img[1]} images, resolution {r} was asked; create the "
-            f"model with img_size={r}"
-        )
-
-
 def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:
     """Every module (or token parameter) that reads or writes each dim."""
     present = {n for n, m in model.named_modules() if type(m) is not nn.Identity}
@@ -1098,6 +1012,15 @@ def _dim_layers(model: nn.Module, info: _Vit) -> dict[str, tuple[str, ...]]:
         if (getattr(model, m, None) is not None if m in TOKEN_PARAMS else m in present)
     )
     return out
+
+
+def _block_terms(n: str, qk_c: list[Any], v_c: list[Any], mlp_c: list[Any]) -> list[Term]:
+    """Block ``n``'s three latency terms (``attn_qk``, ``attn_v``, ``mlp``) with their constants."""
+    return [
+        Term(f"{n}.attn_qk", "attn_qk", ("embed", f"{n}.heads", f"{n}.qk"), tuple(qk_c), n),
+        Term(f"{n}.attn_v", "attn_v", ("embed", f"{n}.heads", f"{n}.v"), tuple(v_c), n),
+        Term(f"{n}.mlp", "mlp", ("embed", f"{n}.mlp"), tuple(mlp_c), n),
+    ]
 
 
 def _terms(info: _Vit) -> list[Term]:
@@ -1137,11 +1060,7 @@ def _terms(info: _Vit) -> list[Term]:
         )
         if b.act != "gelu":
             mlp_c.append(("act", b.act))
-        terms += [
-            Term(f"{n}.attn_qk", "attn_qk", ("embed", f"{n}.heads", f"{n}.qk"), tuple(qk_c), n),
-            Term(f"{n}.attn_v", "attn_v", ("embed", f"{n}.heads", f"{n}.v"), tuple(v_c), n),
-            Term(f"{n}.mlp", "mlp", ("embed", f"{n}.mlp"), tuple(mlp_c), n),
-        ]
+        terms += _block_terms(n, qk_c, v_c, mlp_c)
     head: list[tuple[str, Any]] = [
         ("num_classes", info.num_classes),
         tokens,

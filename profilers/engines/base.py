@@ -118,6 +118,24 @@ class HostRunner:
             self._close = None
 
 
+def identity_of(engine: Any, version: str, threads: int | None) -> EngineIdentity:
+    """The identity of ``engine`` (its name, ``device``, ``precision``, ``batch_size`` and
+    ``resolution``) at ``version``: on a CUDA device the GPU's name and driver, on ``"cpu"``
+    the CPU's name and no driver."""
+    on_gpu = engine.device != "cpu"
+    return EngineIdentity(
+        engine=engine.name,
+        version=version,
+        device=gpu_name(cuda_index(engine.device)) if on_gpu else cpu_name(),
+        driver=driver_version() if on_gpu else "",
+        precision=engine.precision,
+        batch_size=engine.batch_size,
+        resolution=engine.resolution,
+        threads=threads,
+        mdp_trt_version=mdp_trt_version(),
+    )
+
+
 def mdp_trt_version() -> str:
     return __version__
 

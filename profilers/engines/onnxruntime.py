@@ -31,16 +31,7 @@ import numpy as np
 from torch import nn
 
 from mdp_common.errors import EngineError
-from profilers.engines.base import (
-    EngineIdentity,
-    HostRunner,
-    cpu_name,
-    cuda_index,
-    driver_version,
-    gpu_name,
-    mdp_trt_version,
-    require_cuda,
-)
+from profilers.engines.base import EngineIdentity, HostRunner, cuda_index, identity_of, require_cuda
 from profilers.export import export_onnx
 
 PRECISIONS = ("fp32", "fp16")
@@ -107,19 +98,8 @@ class OnnxRuntimeEngine:
         self.clock = clock
 
     def identity(self) -> EngineIdentity:
-        ort = _ort()
-        on_gpu = self.device != "cpu"
-        return EngineIdentity(
-            engine=self.name,
-            version=f"{ort.__version__}/{self.provider}" + ("/thread-cpu-time" if self.clock == "cpu" else ""),
-            device=gpu_name(cuda_index(self.device)) if on_gpu else cpu_name(),
-            driver=driver_version() if on_gpu else "",
-            precision=self.precision,
-            batch_size=self.batch_size,
-            resolution=self.resolution,
-            threads=self.threads,
-            mdp_trt_version=mdp_trt_version(),
-        )
+        clock = "/thread-cpu-time" if self.clock == "cpu" else ""
+        return identity_of(self, f"{_ort().__version__}/{self.provider}{clock}", self.threads)
 
     def _session_options(self) -> Any:
         ort = _ort()

@@ -47,7 +47,7 @@ import numpy as np
 from torch import nn
 
 from mdp_common.errors import EngineError
-from profilers.engines.base import EngineIdentity, HostRunner, cpu_name, mdp_trt_version
+from profilers.engines.base import EngineIdentity, HostRunner, cpu_name, identity_of
 from profilers.engines.onnxruntime import ThreadTimedRunner, _resolve_shape
 from profilers.export import export_onnx
 
@@ -138,17 +138,7 @@ class OpenVinoEngine:
 
     def identity(self) -> EngineIdentity:
         clock = "/thread-cpu-time" if self.clock == "cpu" else ""
-        return EngineIdentity(
-            engine=self.name,
-            version=f"{self.version}/CPU/{self.hint}{clock}",
-            device=cpu_name(),
-            driver="",
-            precision=self.precision,
-            batch_size=self.batch_size,
-            resolution=self.resolution,
-            threads=self.threads,
-            mdp_trt_version=mdp_trt_version(),
-        )
+        return identity_of(self, f"{self.version}/CPU/{self.hint}{clock}", self.threads)
 
     def config(self) -> dict[str, Any]:
         """The properties every model is compiled with (see the module docstring)."""

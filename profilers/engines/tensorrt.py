@@ -26,14 +26,7 @@ import torch
 from torch import nn
 
 from mdp_common.errors import EngineError
-from profilers.engines.base import (
-    EngineIdentity,
-    cuda_index,
-    driver_version,
-    gpu_name,
-    mdp_trt_version,
-    require_cuda,
-)
+from profilers.engines.base import EngineIdentity, cuda_index, gpu_name, identity_of, require_cuda
 from profilers.export import export_onnx, write_atomic
 
 if TYPE_CHECKING:
@@ -124,17 +117,7 @@ class TensorRTEngine:
         self.cuda_graphs = cuda_graphs
 
     def identity(self) -> EngineIdentity:
-        return EngineIdentity(
-            engine=self.name,
-            version=f"{self.version}/opt{self.optimization_level}",
-            device=gpu_name(cuda_index(self.device)),
-            driver=driver_version(),
-            precision=self.precision,
-            batch_size=self.batch_size,
-            resolution=self.resolution,
-            threads=None,
-            mdp_trt_version=mdp_trt_version(),
-        )
+        return identity_of(self, f"{self.version}/opt{self.optimization_level}", None)
 
     def timing_cache_path(self) -> Path:
         """One timing-cache file per GPU model and TensorRT version."""

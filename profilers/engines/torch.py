@@ -21,16 +21,7 @@ import torch
 from torch import nn
 
 from mdp_common.errors import EngineError
-from profilers.engines.base import (
-    EngineIdentity,
-    HostRunner,
-    cpu_name,
-    cuda_index,
-    driver_version,
-    gpu_name,
-    mdp_trt_version,
-    require_cuda,
-)
+from profilers.engines.base import EngineIdentity, HostRunner, identity_of, require_cuda
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -102,17 +93,7 @@ class TorchEngine:
     def identity(self) -> EngineIdentity:
         on_gpu = self.device != "cpu"
         version = f"{torch.__version__}/{'cuda-graphs' if on_gpu and self.cuda_graphs else 'eager'}"
-        return EngineIdentity(
-            engine=self.name,
-            version=version,
-            device=gpu_name(cuda_index(self.device)) if on_gpu else cpu_name(),
-            driver=driver_version() if on_gpu else "",
-            precision=self.precision,
-            batch_size=self.batch_size,
-            resolution=self.resolution,
-            threads=self.threads,
-            mdp_trt_version=mdp_trt_version(),
-        )
+        return identity_of(self, version, self.threads)
 
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Any:
         """Fold BatchNorm, move to the device and precision, capture a CUDA graph on GPU."""

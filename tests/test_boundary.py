@@ -236,3 +236,32 @@ def test_onnxruntime_finds_the_conversions_of_a_whole_model(tmp_path: Path) -> N
     resnet = timm.create_model("resnet18").eval()
     rs = adapter_for(resnet).space(resnet, SpaceConfig(resolution=64))
     assert not any(i for i, _ in lab.boundary_context(rs, resnet).values())
+
+
+class ContextEngine(BoundaryEngine):
+    """:class:`BoundaryEngine`, whose whole model converts into the blocked layout before t2's conv."""
+
+    def whole_model_conversions(self, model: bytes) -> tuple[set[str], set[str]]:
+        return {"/t2/Conv"}, set()
+
+
+def test_lab_keeps_the_side_the_whole_model_converts_and_the_surface_reads_it(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mdp_trt.engine_io import CONTEXT, Lab
+    from mdp_trt.surface import LatencySurface
+
+    engine, sp = ContextEngine(), space()
+    lab = Lab("onnxruntime", "fp32", 1, 8, 1, tmp_path / "ort.sqlite", "m", progress=False, clock="cpu")
+    lab.engine, lab.table = engine, LatencyTable.open(tmp_path / "t.sqlite", engine.identity())  # type: ignore[assignment]
+    profile_space(sp, term_module, engine, lab.table, progress=False, budget=FAST)  # type: ignore[arg-type]
+    adapter = SimpleNamespace(term_module=lambda s, t, w: term_module(t, w))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1))
+    points = lab.points(adapter, sp, model)  # type: ignore[arg-type]
+    assert lab.table.kv_get(CONTEXT + sp.space_id) == {"t2": [True, False]}
+    surf = LatencySurface.from_points(sp, points)
+    plan = sp.plan({"a": 8, "b": 16})
+    assert surf.term_ms(sp.terms[0], plan) == pytest.approx(CORE_MS * 8 * 16)  # t1: both sides off
+    # t2 (widths b, a) keeps the conversion into its input, which the whole model makes too.
+    assert surf.term_ms(sp.terms[1], plan) == pytest.approx(CORE_MS * 16 * 8 + PER_ELEMENT_MS * 16 * 64)
+    assert lab.points(adapter, sp) == {t.signature: term_points(lab.table, t.signature) for t in sp.terms}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ from torch import nn
 
 from mdp_trt.errors import PlanError
 from mdp_trt.models import Adapter
-from mdp_trt.space import Plan, PruningSpace
+from mdp_trt.space import Plan, PruningSpace, Term
 from profilers.timing import Comparison
 
 if TYPE_CHECKING:
@@ -41,6 +41,63 @@ def _group_dense_ms(rec: dict[str, Any]) -> float:
 
 def _tries(rec: dict[str, Any]) -> int:
     return int(rec.get("tries", 1))
+
+
+CONTEXT = "boundary-context/"
+"""Table records (kv): per space, the terms whose edges the whole model converts too."""
+
+
+def onnx_scopes(node: str) -> list[str]:
+    """The module paths an exported ONNX node runs in, outermost first, from its name: the
+    exporter writes every module it enters as one scope (``/blocks/blocks.1/blocks.1.0/
+    conv_pwl/Conv``), each the last of its path's names with the numbered ones after it, so
+    each adds its last name. An engine's fused node may carry more names after them
+    (``/blocks/blocks.1/blocks.1.0/bn2/act/Mul/QuickGeluFusion/``); [] for a node without
+    scopes (one the engine made)."""
+    paths: list[str] = []
+    for scope in node.split("/")[1:-1]:
+        last = scope.rsplit(".", 1)[-1]
+        paths.append(f"{paths[-1]}.{last}" if paths else last)
+    return paths
+
+
+def boundary_context(terms: Sequence[Term], scopes: Mapping[str, Iterable[str]], into: Iterable[str],
+                     out_of: Iterable[str]) -> dict[str, tuple[bool, bool]]:
+    """Per term, whether the whole model converts layout at its input and at its output, from
+    the exported names of the nodes fed by a conversion (``into``) and of those feeding one
+    (``out_of``); only terms with either. A node is placed in the innermost module of its
+    name that a term runs in (``scopes``: term name -> the module paths its nodes run in,
+    default its name). The input counts when the node fed is the term's first layer (the
+    module named as the term); the output when the node feeding it runs in a module of the
+    term that no other term runs in. Names that match nothing leave the term as it was:
+    both costs taken off."""
+    owner: dict[str, str | None] = {}
+    for t in terms:
+        for path in {t.name, *scopes.get(t.name, ())}:
+            owner[path] = t.name if owner.get(path, t.name) == t.name else None
+
+    def module(node: str) -> str:
+        return next((p for p in reversed(onnx_scopes(node)) if p in owner), "")
+
+    first = {module(n) for n in into}
+    last = {owner.get(module(n)) for n in out_of}
+    out = {}
+    for t in terms:
+        sides = (t.name in first, t.name in last)
+        if any(sides):
+            out[t.name] = sides
+    return out
+
+
+def term_scopes(space: PruningSpace) -> dict[str, set[str]]:
+    """Term name -> the module paths its nodes run in, for spaces cut from a traced graph;
+    {} for others (their terms are then known by name alone)."""
+    from mdp_trt.models.generic import Proto
+
+    p = space.handle
+    if not isinstance(p, Proto):
+        return {}
+    return {c.name: {p.t.stack[n][-1] for n in c.nodes if p.t.stack.get(n)} for c in p.cuts}
 
 
 def plan_key(plan: Plan) -> str:
@@ -83,8 +140,15 @@ class Lab:
             self._sentinel = make_sentinel(self.engine)
         return self._sentinel
 
-    def points(self, adapter: Adapter, space: PruningSpace) -> dict[str, dict[tuple[int, ...], float]]:
-        """Profile what the table lacks for ``space``; every term signature's measured points."""
+    def points(self, adapter: Adapter, space: PruningSpace, model: nn.Module | None = None
+               ) -> dict[str, dict[tuple[int, ...], float]]:
+        """Profile what the table lacks for ``space``; every term signature's measured points
+        with their boundary costs taken off.
+
+        With ``model`` (the dense module ``space`` was built from), a conversion the whole
+        model makes at a term's edge too stays in that term (:meth:`boundary_context`); such
+        a term's points come under its own name, beside its signature's, which
+        :meth:`~mdp_trt.surface.LatencySurface.from_points` reads first."""
         from profilers.profile import profile_space, term_points
 
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
@@ -94,7 +158,35 @@ class Lab:
         if note and not self._noted:  # said once, and only when the table serves (it lacks nothing)
             print(note, file=sys.stderr, flush=True)
             self._noted = True
-        return {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
+        out = {sig: term_points(self.table, sig) for sig in {t.signature for t in space.terms}}
+        context = self.boundary_context(space, model) if model is not None else {}
+        for term in space.terms:
+            if term.name in context:
+                out[term.name] = term_points(self.table, term.signature, context[term.name])
+        return out
+
+    def boundary_context(self, space: PruningSpace, model: nn.Module) -> dict[str, tuple[bool, bool]]:
+        """The terms of ``space`` at whose input or output the whole ``model`` changes layout
+        too (engines that say where: ``whole_model_conversions``), each with (input, output).
+
+        Read once per table and space from the table (``boundary-context/<space id>``), else
+        found on the dense model exported at the table's batch and stored; {} when the
+        engine adds no conversions or took no boundary cost off."""
+        from profilers.profile import COST
+
+        find = getattr(self.engine, "whole_model_conversions", None)
+        if not callable(find) or not self.table.kv_keys(COST):
+            return {}
+        key = CONTEXT + space.space_id
+        rec = self.table.kv_get(key)
+        if not isinstance(rec, dict):
+            from profilers.export import export_onnx
+
+            into, out_of = find(export_onnx(model, (self.engine.identity().batch_size, *space.input_size)))
+            rec = {name: list(sides) for name, sides in
+                   boundary_context(space.terms, term_scopes(space), into, out_of).items()}
+            self.table.kv_set(key, rec)  # a read-only table keeps it for this run
+        return {name: (bool(sides[0]), bool(sides[1])) for name, sides in rec.items()}
 
     def measure_plans(self, subject: Subject, space: PruningSpace, plans: Sequence[Plan]) -> list[float]:
         """Whole-model latency of each plan applied to ``subject``, cached in the table.

@@ -91,7 +91,7 @@ def calibrated(lab: Lab, subject: Subject, space: PruningSpace, model: LatencyMo
     part of a larger model the measurements are of the whole model: the offset takes in the
     latency of everything outside the part (the user's head), a fixed part of every plan.
     """
-    surf = model.build(LatencySurface.from_points(space, lab.points(subject.adapter, space)))
+    surf = model.build(LatencySurface.from_points(space, lab.points(subject.adapter, space, subject.module)))
     if calibration is not None:
         surf.calibration = calibration
         return surf

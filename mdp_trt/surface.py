@@ -32,6 +32,7 @@ from mdp_trt.errors import TableError
 from mdp_trt.space import Plan, PruningSpace, Term
 
 Points = Mapping[str, Mapping[tuple[int, ...], float]]
+"""Term signature (or a term's name, for points of that term alone) -> widths -> ms."""
 
 MIN_TRAFFIC_POINTS = 5
 """Fewest whole-model measurements the three-parameter (weight-traffic) fit is tried on."""
@@ -158,15 +159,17 @@ class LatencySurface:
 
     @classmethod
     def from_points(cls, space: PruningSpace, points: Points) -> LatencySurface:
-        """Fill every term's array from measured points (``signature -> widths -> ms``)."""
+        """Fill every term's array from measured points (``signature -> widths -> ms``); a
+        term's own name, where given, takes precedence over its signature (a term whose
+        surroundings in the model change what part of its measurement it costs there)."""
         arrays: dict[str, np.ndarray] = {}
         interpolated: dict[str, int] = {}
         cache: dict[tuple[str, tuple[tuple[int, ...], ...]], tuple[np.ndarray, int]] = {}
         for term in space.terms:
             axes = tuple(space.dim(d).choices for d in term.dims)
-            key = (term.signature, axes)
+            key = (term.name if term.name in points else term.signature, axes)
             if key not in cache:
-                measured = points.get(term.signature)
+                measured = points.get(key[0])
                 if not measured:
                     raise TableError(
                         f"the latency table has no measurements for term {term.name} "

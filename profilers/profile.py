@@ -37,20 +37,36 @@ Key = tuple[str, tuple[int, ...]]
 
 SIDES, COST, PROBE = "boundary-sides/", "boundary-cost/", "boundary-probe/"
 """Table records (kv) of boundary costs: per signature, which edges the engine converts; per
-grid point, the cost taken off; per tensor shape (batch left out), the probe's latency."""
+grid point, the cost at the input and at the output (``{"into": ms, "out_of": ms}``; a plain
+float in older tables, both together); per tensor shape (batch left out), the probe's latency."""
 
 
-def term_points(table: LatencyTable, signature: str) -> dict[tuple[int, ...], float]:
+def term_points(table: LatencyTable, signature: str, keep: tuple[bool, bool] = (False, False)
+                ) -> dict[tuple[int, ...], float]:
     """A term's latency at every measured point with its boundary cost taken off: what the
     subgraph costs inside a whole model rather than timed alone (see :func:`profile_space`).
-    Never below a tenth of the measurement, so noise in a probe cannot make a term free."""
+
+    ``keep`` says, for the term's input and its output, whether the whole model converts
+    there too (a layout change the engine makes inside the model, e.g. ONNX Runtime around a
+    squeeze-excitation gate): that side's cost is then part of the term and stays. Points
+    recorded before costs were kept by side carry one figure for both; it is taken off whole
+    whatever ``keep`` says (as before; only tables from that time have them). Never below a
+    tenth of the measurement, so noise in a probe cannot make a term free."""
     points = table.points(signature)
     prefix = f"{COST}{signature}/"
     keys = table.kv_keys(prefix)
     if not keys:
         return points
-    cost = {parse_widths(k[len(prefix):]): float(table.kv_get(k)) for k in keys}
+    cost = {parse_widths(k[len(prefix):]): _cost(table.kv_get(k), keep) for k in keys}
     return {w: max(v - cost.get(w, 0.0), 0.1 * v) for w, v in points.items()}
+
+
+def _cost(rec: Any, keep: tuple[bool, bool]) -> float:
+    """What a boundary-cost record takes off: a plain float (both sides, an older record) as
+    it is; a per-side record without the sides the whole model pays too."""
+    if not isinstance(rec, dict):
+        return float(rec)
+    return (0.0 if keep[0] else float(rec["into"])) + (0.0 if keep[1] else float(rec["out_of"]))
 
 
 @dataclass
@@ -145,11 +161,11 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     sides_of: dict[str, tuple[int, int]] = {}
     has_boundaries = callable(getattr(engine, "boundary_sides", None))
 
-    def boundary(sig: str, module: nn.Module, shape: tuple[int, ...], runner: Any) -> float:
-        """The cost of the layout conversions the engine adds to this subgraph timed alone:
-        half of a probe (which converts both ways) per conversion, of the input's shape for
-        those into the engine's layout and of the output's for those out of it. 0 where
-        there are none."""
+    def boundary(sig: str, module: nn.Module, shape: tuple[int, ...], runner: Any) -> tuple[float, float]:
+        """The cost of the layout conversions the engine adds to this subgraph timed alone, at
+        its input and at its output: half of a probe (which converts both ways) per
+        conversion, of the input's shape for those into the engine's layout and of the
+        output's for those out of it. 0 where there are none."""
         if sig not in sides_of:
             rec = table.kv_get(SIDES + sig)
             if rec is None:
@@ -166,8 +182,7 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         out_shapes = getattr(runner, "output_shapes", None) or []
         if not out_shapes:
             out_of = 0
-        total = into * probe(shape) + (out_of * probe(tuple(out_shapes[0])) if out_of else 0.0)
-        return total / 2
+        return into * probe(shape) / 2, (out_of * probe(tuple(out_shapes[0])) / 2 if out_of else 0.0)
 
     def probe(shape: tuple[int, ...]) -> float:
         key = PROBE + widths_key(shape[1:])
@@ -221,7 +236,7 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         compile_s = float(getattr(runner, "compile_s", 0.0))
         try:
             timing, mark = timed(runner)
-            cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else 0.0
+            cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else (0.0, 0.0)
         finally:
             runner.close()
         if again:
@@ -231,8 +246,8 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
                 return
         marks[key] = mark
         t3 = time.perf_counter()
-        if cost > 0:
-            table.kv_set(f"{COST}{sig}/{widths_key(widths)}", cost)
+        if sum(cost) > 0:
+            table.kv_set(f"{COST}{sig}/{widths_key(widths)}", {"into": cost[0], "out_of": cost[1]})
         table.put(sig, widths, timing)
         if not again:
             stats.measured += 1

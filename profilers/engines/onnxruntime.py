@@ -174,13 +174,35 @@ class OnnxRuntimeEngine:
         """How many tensors ONNX Runtime converts from NCHW into its blocked NCHWc layout
         (``ReorderInput``) and back (``ReorderOutput``) when it runs this graph alone.
 
-        A convolution timed alone pays those conversions once per run; inside a whole model the
-        blocked layout runs from the first convolution to the head (residual adds included), so
-        they are not paid there. Read off the optimized graph ONNX Runtime writes for these
-        session settings; (0, 0) off the CPU provider.
+        A convolution timed alone pays those conversions once per run. Inside a whole model
+        the blocked layout mostly runs from one convolution to the next (residual adds
+        included), so they are mostly not paid there; where they are (around a
+        squeeze-excitation gate, which runs in NCHW), :meth:`whole_model_conversions` says.
+        Read off the optimized graph ONNX Runtime writes for these session settings; (0, 0)
+        off the CPU provider.
         """
         if self.device != "cpu":
             return 0, 0
+        ops = [n.op_type for n in self._optimized(model).node if n.domain == NCHWC]
+        return ops.count("ReorderInput"), ops.count("ReorderOutput")
+
+    def whole_model_conversions(self, model: bytes) -> tuple[set[str], set[str]]:
+        """Where a whole model changes layout: the names (as exported, module scopes kept) of
+        the nodes ONNX Runtime feeds from a ``ReorderInput``, and of those whose output goes
+        to a ``ReorderOutput``. A term whose edge is there pays that conversion inside the
+        model too, so it is not a cost of timing it alone. Empty off the CPU provider."""
+        if self.device != "cpu":
+            return set(), set()
+        graph = self._optimized(model)
+        reorder_in = {o for n in graph.node if n.domain == NCHWC and n.op_type == "ReorderInput" for o in n.output}
+        producer = {o: n for n in graph.node for o in n.output}
+        into = {n.name for n in graph.node if any(i in reorder_in for i in n.input)}
+        out_of = {producer[n.input[0]].name for n in graph.node
+                  if n.domain == NCHWC and n.op_type == "ReorderOutput" and n.input[0] in producer}
+        return into, out_of
+
+    def _optimized(self, model: bytes) -> Any:
+        """The graph (``onnx.GraphProto``) ONNX Runtime runs for ``model`` with these settings."""
         import tempfile
 
         import onnx
@@ -190,9 +212,7 @@ class OnnxRuntimeEngine:
             so = self._session_options()
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             ort.InferenceSession(model, so, providers=self._providers())
-            graph = onnx.load(so.optimized_model_filepath).graph
-        ops = [n.op_type for n in graph.node if n.domain == NCHWC]
-        return ops.count("ReorderInput"), ops.count("ReorderOutput")
+            return onnx.load(so.optimized_model_filepath).graph
 
     def boundary_probe(self, shape: Sequence[int]) -> bytes | None:
         """An ONNX graph that converts an NCHW tensor of ``shape`` to NCHWc and back: what a

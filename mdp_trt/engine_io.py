@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from mdp_trt.errors import PlanError
+from mdp_trt.errors import EngineError, PlanError
 from mdp_trt.models import Adapter
 from mdp_trt.space import Plan, PruningSpace, Term
 from profilers.timing import Comparison
@@ -182,7 +182,12 @@ class Lab:
         if not isinstance(rec, dict):
             from profilers.export import export_onnx
 
-            into, out_of = find(export_onnx(model, (self.engine.identity().batch_size, *space.input_size)))
+            try:
+                onnx_model = export_onnx(model, (self.engine.identity().batch_size, *space.input_size))
+            except EngineError as exc:  # e.g. timm's Eva, whose own forward the exporter cannot trace
+                self.log(f"boundary costs taken off on every side: {exc}")
+                return {}
+            into, out_of = find(onnx_model)
             rec = {name: list(sides) for name, sides in
                    boundary_context(space.terms, term_scopes(space), into, out_of).items()}
             self.table.kv_set(key, rec)  # a read-only table keeps it for this run

@@ -61,7 +61,7 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: str | Path 
                 dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                 dynamic_axes=axes, do_constant_folding=True,
             )
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
+    except (RuntimeError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:  # TypeError: a forward the tracer feeds tensors for Python values
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"cannot export {type(module).__name__} to ONNX (opset {opset}): {first}") from exc
     finally:

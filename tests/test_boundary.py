@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from mdp_trt.space import Dim, PruningSpace, Term
@@ -124,6 +125,19 @@ def test_onnxruntime_finds_its_layout_conversions_and_probes_them() -> None:
     assert engine.boundary_sides(export_onnx(Residual().eval(), (1, 16, 16, 16))) == (1, 1)
     mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).eval()
     assert engine.boundary_sides(export_onnx(mlp, (1, 4, 16))) == (0, 0)
+
+    class Gated(nn.Module):  # a depthwise conv with a squeeze-excitation gate, as in efficientnet
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.reduce, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.dw(x))
+            return y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+
+    into, _ = engine.boundary_sides(export_onnx(Gated().eval(), (1, 16, 16, 16)))
+    assert into == 1  # the graph's input; the pooled vector's conversion into the 1x1 conv is inside
     assert engine.boundary_probe((1, 1000)) is None  # a pooled head: nothing to convert
     runner = engine.prepare_onnx(engine.boundary_probe((1, 16, 8, 8)), (1, 16, 8, 8))
     try:

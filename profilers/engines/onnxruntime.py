@@ -171,8 +171,12 @@ class OnnxRuntimeEngine:
     # -- boundary costs of a standalone subgraph ------------------------------------------
 
     def boundary_sides(self, model: bytes) -> tuple[int, int]:
-        """How many tensors ONNX Runtime converts from NCHW into its blocked NCHWc layout
-        (``ReorderInput``) and back (``ReorderOutput``) when it runs this graph alone.
+        """How many of the graph's inputs ONNX Runtime converts from NCHW into its blocked NCHWc
+        layout (``ReorderInput``), and how many tensors it converts back (``ReorderOutput``),
+        when it runs this graph alone. A conversion into the blocked layout inside the graph
+        (a squeeze-excitation's pooled vector going into its 1x1 conv) is paid inside a whole
+        model as well, so it is not counted; one back out of it may be there only because an
+        input came in unblocked (a residual add beside a graph input), so all of those are.
 
         A convolution timed alone pays those conversions once per run. Inside a whole model
         the blocked layout mostly runs from one convolution to the next (residual adds
@@ -183,8 +187,11 @@ class OnnxRuntimeEngine:
         """
         if self.device != "cpu":
             return 0, 0
-        ops = [n.op_type for n in self._optimized(model).node if n.domain == NCHWC]
-        return ops.count("ReorderInput"), ops.count("ReorderOutput")
+        graph = self._optimized(model)
+        inputs = {i.name for i in graph.input}
+        nodes = [n for n in graph.node if n.domain == NCHWC]
+        return (sum(n.op_type == "ReorderInput" and n.input[0] in inputs for n in nodes),
+                sum(n.op_type == "ReorderOutput" for n in nodes))
 
     def whole_model_conversions(self, model: bytes) -> tuple[set[str], set[str]]:
         """Where a whole model changes layout: the names (as exported, module scopes kept) of

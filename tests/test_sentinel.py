@@ -129,6 +129,22 @@ def test_profiling_re_measures_points_taken_in_a_loud_episode(tmp_path: Path) ->
         assert ms == pytest.approx(1e-3 * a * b), (a, b)
 
 
+
+def fake_compare(factors, groups: list[int], cost, slowed):
+    """A ``Lab.compare`` whose groups run ``next(factors)`` slow: the dense model (first) by
+    that factor, the plans by ``slowed(factor)``; ``groups`` records each group's size."""
+    from profilers.timing import Comparison
+
+    def compare(modules, shape) -> Comparison:
+        f = next(factors)
+        groups.append(len(modules))
+        ms = [f * cost(modules[0])] + [slowed(f) * cost(m) for m in modules[1:]]
+        return Comparison(ms=ms, ratios=[ms[0] / v for v in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
+                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
+                          reliable=True)
+
+    return compare
+
 def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Path, monkeypatch) -> None:
     import timm
 
@@ -137,7 +153,6 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     from mdp_trt.models import SpaceConfig
     from mdp_trt.part import Subject
     from mdp_trt.surface import sample_plans
-    from profilers.timing import Comparison
 
     model = timm.create_model("resnet18", num_classes=10).eval()
     space = space_of(model, SpaceConfig(resolution=32, max_choices=4))
@@ -150,15 +165,7 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     factors = iter([1.0, 1.3, 1.0, 0.95])
     groups: list[int] = []
 
-    def fake_compare(modules, shape) -> Comparison:
-        f = next(factors)
-        groups.append(len(modules))
-        ms = [f * cost(m) for m in modules]
-        return Comparison(ms=ms, ratios=[ms[0] / v for v in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
-                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
-                          reliable=True)
-
-    monkeypatch.setattr(lab, "compare", fake_compare)
+    monkeypatch.setattr(lab, "compare", fake_compare(factors, groups, cost, slowed=lambda f: f))
     plans = sample_plans(space, 6, seed=1)
     subject = Subject(model)
     got = lab.measure_plans(subject, space, plans[:3]) + lab.measure_plans(subject, space, plans[3:])
@@ -190,7 +197,6 @@ def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_
     from mdp_trt.models import SpaceConfig
     from mdp_trt.part import Subject
     from mdp_trt.surface import sample_plans
-    from profilers.timing import Comparison
 
     model = timm.create_model("resnet18", num_classes=10).eval()
     space = space_of(model, SpaceConfig(resolution=32, max_choices=4))
@@ -202,15 +208,7 @@ def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_
     factors = iter([1.0, 1.5, 1.3, 1.4, 1.2])
     groups: list[int] = []
 
-    def fake_compare(modules, shape) -> Comparison:
-        f = next(factors)
-        groups.append(len(modules))
-        ms = [f * cost(modules[0])] + [f * f * cost(m) for m in modules[1:]]  # plans slowed by f squared
-        return Comparison(ms=ms, ratios=[ms[0] / v for v in ms], spread=[0.0] * len(ms), ratio_spread=0.0,
-                          rounds=[ms], clock="thread-cpu", others_cores=0.0, load_avg=0.0, attempts=1,
-                          reliable=True)
-
-    monkeypatch.setattr(lab, "compare", fake_compare)
+    monkeypatch.setattr(lab, "compare", fake_compare(factors, groups, cost, slowed=lambda f: f * f))
     plans = sample_plans(space, 4, seed=2)
     subject = Subject(model)
     quiet = lab.measure_plans(subject, space, plans[:2])

@@ -35,6 +35,7 @@ falls back to the MIP.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -213,6 +214,12 @@ def _front(lat: np.ndarray, val: np.ndarray, limit: float) -> np.ndarray:
     return order[keep]
 
 
+@functools.cache
+def _upper(n: int) -> np.ndarray:
+    """The pairs ``i < j`` of ``n`` points, as a mask."""
+    return np.triu(np.ones((n, n), dtype=bool), 1)
+
+
 def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
     """Indices of the vertices of a front's upper concave hull (latency up, importance up),
     from its fastest point; of equal latencies only the last (most importance) counts."""
@@ -225,7 +232,7 @@ def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
         # steeper than every chord from it to the right
         with np.errstate(divide="ignore", invalid="ignore"):
             slope = (y[None, :] - y[:, None]) / (x[None, :] - x[:, None])  # [i, j]: from i to j
-        upper = np.triu(np.ones((len(cand), len(cand)), dtype=bool), 1)
+        upper = _upper(len(cand))
         into = np.where(upper, slope, np.inf).min(axis=0)
         out = np.where(upper, slope, -np.inf).max(axis=1)
         return cand[into > out]
@@ -243,25 +250,25 @@ def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
     return cand[np.array(hull, dtype=np.int64)]
 
 
-def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+def _hull(fl: np.ndarray, fv: np.ndarray, h: np.ndarray | None = None) -> tuple[float, float, np.ndarray, np.ndarray]:
     """The fastest point of a front and the segments of its upper concave hull from there
-    (latency and importance steps, steepest first)."""
+    (latency and importance steps, steepest first); ``h``: its vertices, when known."""
     if not len(fl):
         return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    h = _vertices(fl, fv)
+    h = _vertices(fl, fv) if h is None else h
     return float(fl[h[0]]), float(fv[h[0]]), np.diff(fl[h]), np.diff(fv[h])
 
 
-def _shifted_hull(classes: list[tuple[int, np.ndarray, np.ndarray]], nu: float
+def _shifted_hull(points: tuple[np.ndarray, np.ndarray, np.ndarray], nu: float
                   ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """The hull of a front whose points with ``u`` removed blocks lose ``nu * u``: from the hull
-    vertices of each class of points (``u``, latencies, importances)."""
-    if not classes:
+    vertices of each class of its points of one ``u`` (latencies up, importances, ``u``)."""
+    lat, val, u = points
+    if not len(lat):
         return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    lat = np.concatenate([cl for _, cl, _ in classes])
-    val = np.concatenate([cv - nu * u for u, _, cv in classes])
-    order = np.argsort(lat, kind="stable")
-    keep = order[_front(lat[order], val[order], np.inf)]
+    val = val - nu * u
+    keep = np.ones(len(lat), dtype=bool)
+    keep[1:] = val[1:] > np.maximum.accumulate(val)[:-1]  # the front: importance strictly up
     return _hull(lat[keep], val[keep])
 
 
@@ -722,9 +729,11 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
             return cut_short("too_big")
         room = cap - float(lat0[s])
         here = [f.fronts[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
-        if float(_Relaxed([_hull(h[0], h[1]) for h in here])(room)) <= _beat(best) - float(val0[s]):
+        verts = [_vertices(h[0], h[1]) for h in here]
+        if float(_Relaxed([_hull(h[0], h[1], v) for h, v in zip(here, verts, strict=True)])(room)) \
+                <= _beat(best) - float(val0[s]):
             continue
-        picked = _greedy(here, room)  # a point to beat before merging (the first one has none else)
+        picked = _greedy(here, verts, room)  # a point to beat before merging (the first one has none else)
         if picked is not None:
             total = float(val0[s]) + sum(float(h[1][i]) for h, i in zip(here, picked, strict=True))
             if total > _beat(best):
@@ -774,12 +783,12 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
     return found if found is not None else Result("optimal")
 
 
-def _greedy(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], room: float) -> list[int] | None:
+def _greedy(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], verts: list[np.ndarray], room: float
+            ) -> list[int] | None:
     """A point of each front within ``room`` together (its index), or ``None`` when even the
     fastest ones break it: from the fastest hull vertices, each front's next hull segment taken,
     steepest first, while it fits (the LP relaxation's point, less its fractional segment and
-    what a skipped segment blocks)."""
-    verts = [_vertices(h[0], h[1]) for h in here]
+    what a skipped segment blocks); ``verts``: the fronts' hull vertices."""
     if any(not len(v) for v in verts):
         return None
     left = room - sum(float(h[0][v[0]]) for h, v in zip(here, verts, strict=True))
@@ -812,14 +821,12 @@ def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts:
     a golden-section search near its best make it nearly the least."""
     lo = sum(int(c.min()) for c in counts if len(c))
     hi = sum(int(c.max()) for c in counts if len(c))
-    classes = []
+    classes = []  # per front: the hull vertices of its points of each count, by latency
     for (fl, fv, _), fc in zip(here, counts, strict=True):
-        cls = []
-        for u in np.unique(fc):
-            g = np.flatnonzero(fc == u)
-            v = _vertices(fl[g], fv[g])
-            cls.append((int(u), fl[g][v], fv[g][v]))
-        classes.append(cls)
+        g = [np.flatnonzero(fc == u) for u in np.unique(fc)]
+        pick = np.concatenate([k[_vertices(fl[k], fv[k])] for k in g]) if g else np.zeros(0, dtype=np.int64)
+        pick = pick[np.argsort(fl[pick], kind="stable")]
+        classes.append((fl[pick], fv[pick], fc[pick].astype(np.float64)))
     memo: dict[float, float] = {}
 
     def relaxed(nu: float) -> float:

@@ -733,7 +733,7 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
         if float(_Relaxed([_hull(h[0], h[1], v) for h, v in zip(here, verts, strict=True)])(room)) \
                 <= _beat(best) - float(val0[s]):
             continue
-        picked = _greedy(here, verts, room)  # a point to beat before merging (the first one has none else)
+        picked = _greedy(here, verts, room) if not np.isfinite(best) else None  # a first point to beat
         if picked is not None:
             total = float(val0[s]) + sum(float(h[1][i]) for h, i in zip(here, picked, strict=True))
             if total > _beat(best):

@@ -35,6 +35,7 @@ falls back to the MIP.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
 MAX_CELLS = 1 << 16  # assignments of the axes one elimination step spans
 GOLDEN_STEPS = 12  # refinements of the price of a removed block, per count
+GOLDEN = (5 ** 0.5 - 1) / 2  # golden-section ratio
+SMALL_HULL = 96  # fronts up to this many points get their hull at once, not point by point
+MULTIPLIER_STEPS = 14  # refinements of the budget multiplier, when the caller has none
 MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
 
@@ -210,44 +214,61 @@ def _front(lat: np.ndarray, val: np.ndarray, limit: float) -> np.ndarray:
     return order[keep]
 
 
+@functools.cache
+def _upper(n: int) -> np.ndarray:
+    """The pairs ``i < j`` of ``n`` points, as a mask."""
+    return np.triu(np.ones((n, n), dtype=bool), 1)
+
+
 def _vertices(fl: np.ndarray, fv: np.ndarray) -> np.ndarray:
     """Indices of the vertices of a front's upper concave hull (latency up, importance up),
     from its fastest point; of equal latencies only the last (most importance) counts."""
     if not len(fl):
         return np.zeros(0, dtype=np.int64)
     cand = np.flatnonzero(np.append(fl[1:] != fl[:-1], True))
+    x, y = fl[cand], fv[cand]
+    if 2 < len(cand) <= SMALL_HULL and bool(np.all(y[1:] > y[:-1])):
+        # at once: a point of a front is a vertex when every chord to it from the left is
+        # steeper than every chord from it to the right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = (y[None, :] - y[:, None]) / (x[None, :] - x[:, None])  # [i, j]: from i to j
+        upper = _upper(len(cand))
+        into = np.where(upper, slope, np.inf).min(axis=0)
+        out = np.where(upper, slope, -np.inf).max(axis=1)
+        return cand[into > out]
+    xs, ys = x.tolist(), y.tolist()  # Python floats: the loop runs on scalars
     hull: list[int] = []
-    for i in cand:
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            if (fv[b] - fv[a]) * (fl[i] - fl[a]) <= (fv[i] - fv[a]) * (fl[b] - fl[a]):
+            if (ys[b] - ys[a]) * (x - xs[a]) <= (y - ys[a]) * (xs[b] - xs[a]):
                 hull.pop()
             else:
                 break
-        if not hull or fv[i] > fv[hull[-1]]:
-            hull.append(int(i))
-    return np.array(hull, dtype=np.int64)
+        if not hull or y > ys[hull[-1]]:
+            hull.append(i)
+    return cand[np.array(hull, dtype=np.int64)]
 
 
-def _hull(fl: np.ndarray, fv: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+def _hull(fl: np.ndarray, fv: np.ndarray, h: np.ndarray | None = None) -> tuple[float, float, np.ndarray, np.ndarray]:
     """The fastest point of a front and the segments of its upper concave hull from there
-    (latency and importance steps, steepest first)."""
+    (latency and importance steps, steepest first); ``h``: its vertices, when known."""
     if not len(fl):
         return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    h = _vertices(fl, fv)
+    h = _vertices(fl, fv) if h is None else h
     return float(fl[h[0]]), float(fv[h[0]]), np.diff(fl[h]), np.diff(fv[h])
 
 
-def _shifted_hull(classes: list[tuple[int, np.ndarray, np.ndarray]], nu: float
+def _shifted_hull(points: tuple[np.ndarray, np.ndarray, np.ndarray], nu: float
                   ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """The hull of a front whose points with ``u`` removed blocks lose ``nu * u``: from the hull
-    vertices of each class of points (``u``, latencies, importances)."""
-    if not classes:
+    vertices of each class of its points of one ``u`` (latencies up, importances, ``u``)."""
+    lat, val, u = points
+    if not len(lat):
         return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    lat = np.concatenate([cl for _, cl, _ in classes])
-    val = np.concatenate([cv - nu * u for u, _, cv in classes])
-    order = np.argsort(lat, kind="stable")
-    keep = order[_front(lat[order], val[order], np.inf)]
+    val = val - nu * u
+    keep = np.ones(len(lat), dtype=bool)
+    keep[1:] = val[1:] > np.maximum.accumulate(val)[:-1]  # the front: importance strictly up
     return _hull(lat[keep], val[keep])
 
 
@@ -526,15 +547,16 @@ def _eliminate(factors: list[_Factor], core: tuple[int, ...], leaves: list[tuple
     return work
 
 
-def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0.0,
+def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float | None = None,
           deadline: float = float("inf"), max_front: int = MAX_FRONT, max_heads: int = MAX_HEADS) -> Result:
     """The optimum of ``p`` under ``budget`` if it beats ``best``; ``lam``: a budget multiplier
-    for the bound (the LP dual of the budget is a good one; any value >= 0 is valid).
+    for the bound (the LP dual of the budget is a good one; any value >= 0 is valid; ``None``:
+    the one of the least Lagrangian bound, found on the parts' fronts).
     ``max_front``: the most partial points one merge may keep, ``max_heads``: the most shared
     assignments merged, before giving up (``too_big``, with the best point found so far)."""
     if not p.scale > 0:
         return Result("too_big")
-    lam = max(0.0, float(lam)) * p.scale  # per unit of the unscaled sum of terms
+    lam = None if lam is None else max(0.0, float(lam)) * p.scale  # per unit of the unscaled sum of terms
     split = _split(p)
     if split is None:
         return Result("too_big")
@@ -576,6 +598,8 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
         one = {key: (np.array([lat[key]]), np.array([val[key]]), np.zeros(1, dtype=np.int64))
                for key in itertools.product(*[range(sizes[a]) for a in ax])}
         factors.append(_Factor(ax, one, frozenset({len(factors)}), {key: np.zeros(1, dtype=np.int64) for key in one}))
+    if lam is None:
+        lam = _multiplier(factors, core, lat0, val0, sizes, cap)
     # bounds on what lies outside a merge: every factor, and the shared dims of the core alone
     leaves = [(f.axes, *f.table(sizes, lam)) for f in factors] + [(core, val0 - lam * lat0, lat0)]
     try:
@@ -585,6 +609,62 @@ def solve(p: Problem, budget: float, best: float = float("-inf"), lam: float = 0
     if elim is None:
         return Result("too_big")
     return _heads(p, shared, parts, core, elim, lat0, val0, sizes, cap, best, lam, deadline, max_front, max_heads)
+
+
+def _multiplier(factors: list[_Factor], core: tuple[int, ...], lat0: np.ndarray, val0: np.ndarray,
+                sizes: tuple[int, ...], cap: float) -> float:
+    """The budget multiplier of the least Lagrangian bound (``max over every point of value -
+    mu * latency, + mu * budget``, convex in ``mu``): a log grid, then golden sections
+    around its best; 0 where the bound cannot be computed."""
+    def bound(mu: float) -> float:
+        tables = [(f.axes, f.table(sizes, mu)[0]) for f in factors] + [(core, val0 - mu * lat0)]
+        out = _optimum(tables, (), sizes, True)
+        return np.inf if out is None else float(out) + mu * cap
+
+    top = bound(0.0)
+    if not np.isfinite(top) or cap <= 0:
+        return 0.0
+    grid = (abs(top) + 1.0) / cap * np.geomspace(1e-4, 1e2, 13)
+    at = [bound(float(mu)) for mu in grid]
+    j = int(np.argmin(at))
+    if top <= at[j]:
+        return 0.0
+    a, b = np.log(grid[max(j - 1, 0)]), np.log(grid[min(j + 1, len(grid) - 1)])
+    mu, least = float(grid[j]), at[j]
+    for _ in range(MULTIPLIER_STEPS):
+        m1, m2 = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+        f1, f2 = bound(float(np.exp(m1))), bound(float(np.exp(m2)))
+        if min(f1, f2) < least:
+            mu, least = (float(np.exp(m1)), f1) if f1 <= f2 else (float(np.exp(m2)), f2)
+        if f1 <= f2:
+            b = m2
+        else:
+            a = m1
+    return mu
+
+
+def min_latency(p: Problem) -> float | None:
+    """The least latency of any point, exactly: each part's fastest option at every assignment
+    of the shared widths it depends on, minimised over the shared widths one at a time;
+    ``None`` where a part or a step of the minimisation is too big (the MIP's job then)."""
+    split = _split(p)
+    if split is None:
+        return None
+    shared, parts, fixed_lat, _ = split
+    dims_by = {d.name: d for d in p.dims}
+    sizes = tuple(len(dims_by[n].choices) for n in shared)
+    tables = list(fixed_lat)
+    for part in parts:
+        fastest = np.zeros([sizes[a] for a in part.axes])
+        for key in itertools.product(*[range(sizes[a]) for a in part.axes]):
+            full = dict(zip(part.axes, key, strict=True))
+            lat = np.zeros(len(part.value))
+            for ax, arr in part.lat:
+                lat = lat + arr[tuple(full[a] for a in ax)]
+            fastest[key] = lat.min()
+        tables.append((part.axes, fastest))
+    total = _optimum(tables, (), sizes, False)
+    return None if total is None else p.scale * (p.fixed_ms + float(total)) + p.offset
 
 
 def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, ...], factors: list[_Factor], lat0: np.ndarray,
@@ -619,6 +699,22 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
     heads = heads[np.argsort(-bound.ravel()[heads], kind="stable")]
     found: Result | None = None
 
+    def plan(s: tuple[int, ...], refs: dict[int, int], total: float) -> Result:
+        """The widths and removed blocks behind the point of each factor (``refs``) at ``s``."""
+        values = {a: s[pos[a]] for a in core}
+        options: dict[int, int] = {}
+        for k, point in refs.items():
+            _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
+        widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
+        gone: list[str] = []
+        for k, o in options.items():
+            part = parts[k]
+            for n in part.dims:
+                c = int(part.choice[n][o])
+                widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
+            gone += [b for b in part.blocks if part.removed[b][o]]
+        return Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
+
     def cut_short(status: str) -> Result:
         """Nothing proven; the best point found so far comes along (an incumbent for the caller)."""
         return Result(status, found.widths, found.removed, found.value) if found is not None else Result(status)
@@ -633,8 +729,16 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
             return cut_short("too_big")
         room = cap - float(lat0[s])
         here = [f.fronts[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
-        if float(_Relaxed([_hull(h[0], h[1]) for h in here])(room)) <= _beat(best) - float(val0[s]):
+        verts = [_vertices(h[0], h[1]) for h in here]
+        if float(_Relaxed([_hull(h[0], h[1], v) for h, v in zip(here, verts, strict=True)])(room)) \
+                <= _beat(best) - float(val0[s]):
             continue
+        picked = _greedy(here, verts, room) if not np.isfinite(best) else None  # a first point to beat
+        if picked is not None:
+            total = float(val0[s]) + sum(float(h[1][i]) for h, i in zip(here, picked, strict=True))
+            if total > _beat(best):
+                best = total
+                found = plan(s, {k: int(h[2][i]) for k, (h, i) in enumerate(zip(here, picked, strict=True))}, total)
         counts = [f.removed[tuple(s[a] for a in ax)] for f, ax in zip(factors, axes, strict=True)]
         for target, nu, bound_c in _count_bounds(here, counts, room, _beat(best) - float(val0[s])):
             if bound_c <= _beat(best) - float(val0[s]):  # a point found at another count beats it
@@ -674,22 +778,36 @@ def _heads(p: Problem, shared: list[str], parts: list[_Part], core: tuple[int, .
             total = float(val0[s]) + tot + nu * target
             if total <= _beat(best):
                 continue
-            refs = _refs(halves[0], pf, ta, ia) | _refs(halves[1], pf, tb, ib)
-            values = {a: s[pos[a]] for a in core}
-            options: dict[int, int] = {}
-            for k, point in refs.items():
-                _trace(factors[k], tuple(s[a] for a in axes[k]), point, values, options)
-            widths = {n: dims_by[n].choices[values[i]] for i, n in enumerate(shared)}
-            gone: list[str] = []
-            for k, o in options.items():
-                part = parts[k]
-                for n in part.dims:
-                    c = int(part.choice[n][o])
-                    widths[n] = dims_by[n].choices[c] if c >= 0 else dims_by[n].choices[-1]
-                gone += [b for b in part.blocks if part.removed[b][o]]
             best = total
-            found = Result("optimal", widths, tuple(b.name for b in p.blocks if b.name in gone), total)
+            found = plan(s, _refs(halves[0], pf, ta, ia) | _refs(halves[1], pf, tb, ib), total)
     return found if found is not None else Result("optimal")
+
+
+def _greedy(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], verts: list[np.ndarray], room: float
+            ) -> list[int] | None:
+    """A point of each front within ``room`` together (its index), or ``None`` when even the
+    fastest ones break it: from the fastest hull vertices, each front's next hull segment taken,
+    steepest first, while it fits (the LP relaxation's point, less its fractional segment and
+    what a skipped segment blocks); ``verts``: the fronts' hull vertices."""
+    if any(not len(v) for v in verts):
+        return None
+    left = room - sum(float(h[0][v[0]]) for h, v in zip(here, verts, strict=True))
+    if left < 0:
+        return None
+    segs = [(float(h[1][v[i + 1]] - h[1][v[i]]) / float(h[0][v[i + 1]] - h[0][v[i]]), k, i)
+            for k, (h, v) in enumerate(zip(here, verts, strict=True)) for i in range(len(v) - 1)]
+    at = [0] * len(here)
+    blocked = [False] * len(here)
+    for _, k, i in sorted(segs, key=lambda x: -x[0]):
+        if blocked[k]:
+            continue
+        fl, v = here[k][0], verts[k]
+        step = float(fl[v[i + 1]] - fl[v[i]])
+        if step <= left:
+            at[k], left = i + 1, left - step
+        else:
+            blocked[k] = True
+    return [int(v[a]) for v, a in zip(verts, at, strict=True)]
 
 
 def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: list[np.ndarray], room: float,
@@ -703,14 +821,12 @@ def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts:
     a golden-section search near its best make it nearly the least."""
     lo = sum(int(c.min()) for c in counts if len(c))
     hi = sum(int(c.max()) for c in counts if len(c))
-    classes = []
+    classes = []  # per front: the hull vertices of its points of each count, by latency
     for (fl, fv, _), fc in zip(here, counts, strict=True):
-        cls = []
-        for u in np.unique(fc):
-            g = np.flatnonzero(fc == u)
-            v = _vertices(fl[g], fv[g])
-            cls.append((int(u), fl[g][v], fv[g][v]))
-        classes.append(cls)
+        g = [np.flatnonzero(fc == u) for u in np.unique(fc)]
+        pick = np.concatenate([k[_vertices(fl[k], fv[k])] for k in g]) if g else np.zeros(0, dtype=np.int64)
+        pick = pick[np.argsort(fl[pick], kind="stable")]
+        classes.append((fl[pick], fv[pick], fc[pick].astype(np.float64)))
     memo: dict[float, float] = {}
 
     def relaxed(nu: float) -> float:
@@ -731,17 +847,21 @@ def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts:
             continue
         a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
         nu, bound = float(grid[j]), float(f[j])
-        for _ in range(GOLDEN_STEPS):  # the bound is convex in nu
-            m1, m2 = a + 0.382 * (b - a), a + 0.618 * (b - a)
-            f1, f2 = relaxed(m1) + m1 * target, relaxed(m2) + m2 * target
-            if f1 < bound:
-                nu, bound = m1, f1
-            if f2 < bound:
-                nu, bound = m2, f2
+        m1, m2 = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+        f1, f2 = relaxed(m1) + m1 * target, relaxed(m2) + m2 * target
+        for _ in range(GOLDEN_STEPS):  # the bound is convex in nu: one new point per step
+            if min(f1, f2) < bound:
+                nu, bound = (m1, f1) if f1 <= f2 else (m2, f2)
             if f1 <= f2:
-                b = m2
+                b, m2, f2 = m2, m1, f1
+                m1 = b - GOLDEN * (b - a)
+                f1 = relaxed(m1) + m1 * target
             else:
-                a = m1
+                a, m1, f1 = m1, m2, f2
+                m2 = a + GOLDEN * (b - a)
+                f2 = relaxed(m2) + m2 * target
+        if min(f1, f2) < bound:
+            nu, bound = (m1, f1) if f1 <= f2 else (m2, f2)
         if bound > thr:
             out.append((target, nu, bound))
     return sorted(out, key=lambda x: -x[2])

@@ -222,8 +222,13 @@ def _failed(run: backends.Run, solver: str, t0: float) -> Solution:
 
 
 def min_latency(p: Problem, solver: str = "HIGHS", time_limit_s: float = 60.0) -> float:
-    """The smallest latency any point of the problem reaches."""
+    """The smallest latency any point of the problem reaches: from the parts' fastest options
+    where the problem splits into small parts (:func:`solvers.decompose.min_latency`), else by
+    a MIP."""
     _check_solver(solver)
+    fastest = decompose.min_latency(restrict(p, dominated(p)))  # dropping dominated choices keeps it
+    if fastest is not None:
+        return fastest
     m = build(p)
     run = backends.mip(m, None, solver, time_limit_s, False)
     if run.status != "optimal":

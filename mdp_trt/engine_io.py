@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from mdp_trt.errors import EngineError, PlanError
+from mdp_trt.errors import PlanError
 from mdp_trt.models import Adapter
 from mdp_trt.space import Plan, PruningSpace, Term
 from profilers.timing import Comparison
@@ -145,10 +145,10 @@ class Lab:
         """Profile what the table lacks for ``space``; every term signature's measured points
         with their boundary costs taken off.
 
-        With ``model`` (the dense module ``space`` was built from), a conversion the whole
-        model makes at a term's edge too stays in that term (:meth:`boundary_context`); such
-        a term's points come under its own name, beside its signature's, which
-        :meth:`~mdp_trt.surface.LatencySurface.from_points` reads first."""
+        With ``model`` (the dense module ``space`` was built from, as the adapter rebuilds it
+        at full width), a conversion the whole model makes at a term's edge too stays in that
+        term (:meth:`boundary_context`); such a term's points come under its own name, beside
+        its signature's, which :meth:`~mdp_trt.surface.LatencySurface.from_points` reads first."""
         from profilers.profile import profile_space, term_points
 
         stats = profile_space(space, lambda t, w: adapter.term_module(space, t, w), self.engine, self.table,
@@ -182,12 +182,7 @@ class Lab:
         if not isinstance(rec, dict):
             from profilers.export import export_onnx
 
-            try:
-                onnx_model = export_onnx(model, (self.engine.identity().batch_size, *space.input_size))
-            except EngineError as exc:  # e.g. timm's Eva, whose own forward the exporter cannot trace
-                self.log(f"boundary costs taken off on every side: {exc}")
-                return {}
-            into, out_of = find(onnx_model)
+            into, out_of = find(export_onnx(model, (self.engine.identity().batch_size, *space.input_size)))
             rec = {name: list(sides) for name, sides in
                    boundary_context(space.terms, term_scopes(space), into, out_of).items()}
             self.table.kv_set(key, rec)  # a read-only table keeps it for this run

@@ -91,7 +91,10 @@ def calibrated(lab: Lab, subject: Subject, space: PruningSpace, model: LatencyMo
     part of a larger model the measurements are of the whole model: the offset takes in the
     latency of everything outside the part (the user's head), a fixed part of every plan.
     """
-    surf = model.build(LatencySurface.from_points(space, lab.points(subject.adapter, space, subject.module)))
+    # The whole-model layout is read off the module as the adapter rebuilds it at full width,
+    # the form every measurement runs (some timm modules cannot be exported as they are).
+    dense = subject.cut_module(space.full_plan(), space=space)
+    surf = model.build(LatencySurface.from_points(space, lab.points(subject.adapter, space, dense)))
     if calibration is not None:
         surf.calibration = calibration
         return surf

@@ -43,12 +43,17 @@ class Subject:
         """The unrestricted space: the one importance is scored over."""
         return self.adapter.space(self.module, config)
 
+    def cut_module(self, plan: Plan, importance: Importance | None = None, space: PruningSpace | None = None
+                   ) -> nn.Module:
+        """The pruned module alone, cut to ``plan`` (``module`` is not modified)."""
+        from mdp_trt.api import apply_with
+
+        return apply_with(self.adapter, self.module, plan, importance, space)
+
     def cut(self, plan: Plan, importance: Importance | None = None, space: PruningSpace | None = None
             ) -> nn.Module:
         """The whole model with its pruned module cut to ``plan`` (``root`` is not modified)."""
-        from mdp_trt.api import apply_with
-
-        pruned = apply_with(self.adapter, self.module, plan, importance, space)
+        pruned = self.cut_module(plan, importance, space)
         if self.part is None:
             return pruned
         return copy.deepcopy(self.root, {id(self.module): pruned})  # every other module copied as it is

@@ -13,6 +13,7 @@ import pytest
 
 from solvers import (
     Problem,
+    Solution,
     SolverBlock,
     SolverDim,
     SolverError,
@@ -171,13 +172,22 @@ def test_value_terms_agree_with_brute_force(seed: int) -> None:
     _, fastest = brute_force(p, 0.0)
     full = p.latency({d.name: d.choices[-1] for d in p.dims})
     budget = fastest + random.Random(seed).uniform(0.05, 0.95) * (full - fastest)
+    assert_brute_force_optimum(p, budget)
+
+
+def assert_brute_force_optimum(p: Problem, budget: float) -> dict[bool, Solution]:
+    """The solve with and without reductions is the enumerated optimum, its objective the
+    arrays' importance of the plan, within budget; returns the solutions by ``reduce``."""
     expected, _ = brute_force(p, budget)
+    sols: dict[bool, Solution] = {}
     for reduce in (True, False):
         sol = solve(p, budget, reduce=reduce)
         assert sol.status == "optimal"
         assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
         assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
         assert latency_of(p, sol.widths, sol.removed) <= budget
+        sols[reduce] = sol
+    return sols
 
 
 @pytest.mark.parametrize(("stages", "per_stage", "k"), [(1, 3, 3), (2, 2, 2)])
@@ -191,15 +201,7 @@ def test_block_shares_of_bottlenecks_agree_with_brute_force(seed: int, stages: i
     full = p.latency({d.name: d.choices[-1] for d in p.dims})
     for share in (0.05, 0.3, 0.7):
         budget = fastest + share * (full - fastest)
-        expected, _ = brute_force(p, budget)
-        for reduce in (True, False):
-            sol = solve(p, budget, reduce=reduce)
-            assert sol.status == "optimal"
-            assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
-            assert objective_of(p, sol.widths, sol.removed) == pytest.approx(sol.objective)
-            assert latency_of(p, sol.widths, sol.removed) <= budget
-            if not reduce:
-                assert sol.lp_iterations > 0
+        assert assert_brute_force_optimum(p, budget)[False].lp_iterations > 0
 
 
 def test_value_terms_change_the_plan() -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import numpy as np
+
 from mdp_common.errors import TableError
 from mdp_common.space import PruningSpace, Term
 from profilers.engines.base import Engine
@@ -36,6 +38,9 @@ TermModuleFn: TypeAlias = "Callable[[Term, tuple[int, ...]], tuple[nn.Module, tu
 Key = tuple[str, tuple[int, ...]]
 
 SIDES, COST, PROBE = "boundary-sides/", "boundary-cost/", "boundary-probe/"
+RECHECK = "recheck/"
+"""Per grid point measured again because it read above a point that dominates it: the
+reading before and after (``{"before": ms, "after": ms}``), so it is checked once."""
 """Table records (kv) of boundary costs: per signature, which edges the engine converts; per
 grid point, the cost at the input and at the output (``{"into": ms, "out_of": ms}``; a plain
 float in older tables, both together); per tensor shape (batch left out), the probe's latency."""
@@ -91,6 +96,10 @@ class ProfileStats:
     """Points measured again because the sentinel read loud around them."""
     loud: int = 0
     """Points that stayed loud after every retry (kept: the quietest of their measurements)."""
+    rechecked: int = 0
+    """Points measured again because they read above a point with every width at least theirs."""
+    lowered: int = 0
+    """Rechecked points whose new reading was lower (kept: interference only adds time)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +111,32 @@ class ProfileStats:
                 f"reused, {self.probes} boundary probes, in {self.seconds:.1f} s (build {self.build_s:.1f} s, "
                 f"export+prepare {self.prepare_s:.1f} s{compiled}, timing {self.measure_s:.1f} s)"
                 + (f"; {self.remeasured} re-measured after a loud moment" if self.remeasured else "")
-                + (f", {self.loud} still loud" if self.loud else ""))
+                + (f", {self.loud} still loud" if self.loud else "")
+                + (f"; {self.rechecked} above a larger point measured again, {self.lowered} lower"
+                   if self.rechecked else ""))
+
+
+def suspects(points: dict[tuple[int, ...], float], tolerance: float) -> list[tuple[int, ...]]:
+    """The widths whose latency reads more than ``tolerance`` above that of some point whose
+    every width is at least as large: a subgraph that does no less work measured faster.
+
+    Real engines do show such steps (a kernel chosen at one width and not at the next), and
+    a measurement taken while something else ran reads high; only a second measurement tells
+    them apart. Largest excess first."""
+    if len(points) < 2:
+        return []
+    keys = list(points)
+    arr = np.array(keys, dtype=np.int64)
+    vals = np.array([points[k] for k in keys], dtype=np.float64)
+    out: list[tuple[float, tuple[int, ...]]] = []
+    for i, k in enumerate(keys):
+        dom = np.all(arr >= arr[i], axis=1)
+        dom[i] = False
+        if dom.any():
+            excess = vals[i] / vals[dom].min() - 1.0
+            if excess > tolerance:
+                out.append((excess, k))
+    return [k for _, k in sorted(out, key=lambda e: -e[0])]
 
 
 def grid_points(space: PruningSpace) -> dict[Key, Term]:
@@ -118,7 +152,8 @@ def grid_points(space: PruningSpace) -> dict[Key, Term]:
 def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine, table: LatencyTable,
                   shard: tuple[int, int] = (0, 1), progress: bool = True, seed: int = 0,
                   budget: Budget = PROFILE, sentinel: Callable[[], Sentinel] | None = None,
-                  tries: int = 2, wait_s: float = 1.0, clock: Clock = time.perf_counter) -> ProfileStats:
+                  tries: int = 2, wait_s: float = 1.0, clock: Clock = time.perf_counter,
+                  recheck: float | None = 0.08) -> ProfileStats:
     """Measure what ``table`` lacks of ``space``'s grid (this shard's part of it).
 
     ``sentinel`` makes the :class:`~profilers.timing.Sentinel` that guards every point (made
@@ -126,6 +161,13 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     quiet (waiting at most ``wait_s``) and measured again, up to ``tries`` times, while the
     sentinel read loud around it; the quietest try is kept. At the end, points whose
     readings are loud by the final floor (the quietest the machine was) are measured again.
+
+    ``recheck``: then every point of the shard that reads more than this fraction above a
+    point of its signature with every width at least as large (:func:`suspects`) is measured
+    once more, and the lower reading kept (interference only ever adds time; a real step of
+    the engine reads the same twice and stays). Each point is rechecked once (a ``recheck/``
+    record), so a complete table is rechecked by the first run that reads it; not on a
+    read-only table. ``None``: no recheck.
 
     Raises :class:`TableError` when the table belongs to another engine identity, or when
     the space was built for another input resolution than the engine's.
@@ -159,26 +201,35 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     )
     batch = identity.batch_size
     sides_of: dict[str, tuple[int, int]] = {}
-    has_boundaries = callable(getattr(engine, "boundary_sides", None))
+    edge_costs = getattr(engine, "edge_costs", None)
+    has_boundaries = callable(getattr(engine, "boundary_sides", None)) or callable(edge_costs)
 
     def boundary(sig: str, module: nn.Module, shape: tuple[int, ...], runner: Any) -> tuple[float, float]:
         """The cost of the layout conversions the engine adds to this subgraph timed alone, at
-        its input and at its output: half of a probe (which converts both ways) per
-        conversion, of the input's shape for those into the engine's layout and of the
+        its input and at its output: what the engine's own per-node profile says, where it
+        has one (``edge_costs``: openvino); else half of a probe (which converts both ways)
+        per conversion, of the input's shape for those into the engine's layout and of the
         output's for those out of it. 0 where there are none."""
+        from profilers.export import export_onnx
+
         if sig not in sides_of:
             rec = table.kv_get(SIDES + sig)
             if rec is None:
                 if any(k[0] == sig for k in have):  # measured before boundaries were: leave as it was
                     rec = {"into": 0, "out_of": 0}
+                elif callable(edge_costs):  # the engine measures them itself, per point
+                    rec = {"into": 1, "out_of": 1}
                 else:
-                    from profilers.export import export_onnx
-
                     into, out_of = engine.boundary_sides(export_onnx(module, shape))  # type: ignore[attr-defined]
                     rec = {"into": into, "out_of": out_of}
                 table.kv_set(SIDES + sig, rec)
             sides_of[sig] = (int(rec["into"]), int(rec["out_of"]))
         into, out_of = sides_of[sig]
+        if callable(edge_costs):
+            if not (into or out_of):
+                return 0.0, 0.0
+            got = edge_costs(export_onnx(module, shape), shape)
+            return float(got[0]), float(got[1])
         out_shapes = getattr(runner, "output_shapes", None) or []
         if not out_shapes:
             out_of = 0
@@ -202,7 +253,15 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         stats.probes += 1
         return timing.median_ms
 
-    guard = sentinel() if sentinel is not None and todo else None
+    guard: Sentinel | None = None
+
+    def guarded() -> None:
+        nonlocal guard
+        if guard is None and sentinel is not None:
+            guard = sentinel()
+
+    if todo:
+        guarded()
     marks: dict[Key, float] = {}
 
     def timed(runner: Any) -> tuple[Timing, float]:
@@ -256,7 +315,11 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         stats.compile_s += compile_s
         stats.measure_s += t3 - t2
 
-    if progress and todo:
+    def run(keys: list[Key], what: str, fn: Callable[[Key], None]) -> None:
+        if not (progress and keys):
+            for key in keys:
+                fn(key)
+            return
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -270,17 +333,51 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True)) as bar:
-            task = bar.add_task(f"profiling {space.model} on {identity.engine}", total=len(todo))
-            for key in todo:
-                one(key)
+            task = bar.add_task(f"{what} {space.model} on {identity.engine}", total=len(keys))
+            for key in keys:
+                fn(key)
                 bar.advance(task)
-    else:
-        for key in todo:
-            one(key)
+
+    def recheck_one(key: Key) -> None:
+        """Measure a suspect point once more; keep the lower reading."""
+        sig, widths = key
+        before = table.get(sig, widths)
+        t0 = time.perf_counter()
+        module, shape = term_module(points[key], widths)
+        t1 = time.perf_counter()
+        runner = engine.prepare(module, (batch, *shape))
+        t2 = time.perf_counter()
+        compile_s = float(getattr(runner, "compile_s", 0.0))
+        try:
+            timing, _ = timed(runner)
+        finally:
+            runner.close()
+        stats.build_s += t1 - t0
+        stats.prepare_s += t2 - t1 - compile_s
+        stats.compile_s += compile_s
+        stats.measure_s += time.perf_counter() - t2
+        stats.rechecked += 1
+        old = before.median_ms if before is not None else float("inf")
+        if timing.median_ms < old:
+            table.put(sig, widths, timing)
+            stats.lowered += 1
+        table.kv_set(f"{RECHECK}{sig}/{widths_key(widths)}", {"before": old, "after": timing.median_ms})
+
+    run(todo, "profiling", one)
     if guard is not None:
         loud = [k for k, v in marks.items() if guard.loudness(v) > guard.tolerance]
         for key in loud:
             one(key, again=True)
         stats.loud = sum(guard.loudness(marks[k]) > guard.tolerance for k in loud)
+    if recheck is not None and not table.read_only:
+        mine_set = set(mine)
+        done = {k[len(RECHECK):] for k in table.kv_keys(RECHECK)}
+        check: list[Key] = []
+        for sig in sorted({k[0] for k in mine}):
+            pts = {w: v for w, v in table.points(sig).items() if (sig, w) in mine_set}
+            check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in done]
+        if check:
+            guarded()
+            run(check, "rechecking", recheck_one)
     stats.seconds = time.perf_counter() - start
     return stats

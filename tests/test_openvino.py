@@ -389,3 +389,39 @@ def test_prune_on_openvino_writes_ir(tmp_path: Path) -> None:
     pruned = load_pruned(out / "pruned.pt")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     _close_to_torch(_engine(resolution=32), pruned, x, source=out / "model.xml")
+
+
+def test_edge_costs_are_the_layout_conversions_of_a_graph_run_alone() -> None:
+    engine = get_engine("openvino", resolution=None)
+    conv = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval()
+    into, out_of = engine.edge_costs(export_onnx(conv, (1, 32, 28, 28)), (1, 32, 28, 28))
+    assert into > 0 and out_of > 0  # NCHW into the layout the convolution runs in, and back
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    assert engine.edge_costs(export_onnx(head, (1, 64, 1, 1)), (1, 64, 1, 1)) == (0.0, 0.0)
+    # inside a model the layout runs from one convolution to the next: a conversion only at
+    # the model's input and output
+    into, out_of = engine.whole_model_conversions(export_onnx(_convnet(), (1, 3, 16, 16)))
+    assert into and out_of and len(into) <= 2 and len(out_of) <= 2
+
+
+def test_profiling_on_openvino_records_edge_costs_and_takes_them_off(tmp_path: Path) -> None:
+    from mdp_trt.space import Dim, PruningSpace, Term
+    from profilers.profile import COST, profile_space, term_points
+
+    engine = get_engine("openvino", resolution=16)
+    dims = [Dim("c", "channels", 32, 8, (16, 32))]
+    space = PruningSpace("fake", "test", dims, [], [Term("t", "conv", ("c",), (("hw", 16),))], (3, 16, 16))
+
+    def module(term: Term, w: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+        return nn.Sequential(nn.Conv2d(w[0], w[0], 3, padding=1), nn.ReLU()).eval(), (w[0], 16, 16)
+
+    with LatencyTable.open(tmp_path / "t.sqlite", engine.identity()) as table:
+        profile_space(space, module, engine, table, progress=False, budget=FAST, recheck=None)
+        costs = {k: table.kv_get(k) for k in table.kv_keys(COST)}
+        alone, inside = table.points(space.terms[0].signature), term_points(table, space.terms[0].signature)
+    sig = space.terms[0].signature
+    assert set(costs) == {f"{COST}{sig}/16", f"{COST}{sig}/32"}
+    for w in ((16,), (32,)):
+        rec = costs[f"{COST}{sig}/{w[0]}"]
+        assert rec["into"] > 0 and rec["out_of"] > 0
+        assert inside[w] == pytest.approx(max(alone[w] - rec["into"] - rec["out_of"], 0.1 * alone[w]))

@@ -166,8 +166,9 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     point of its signature with every width at least as large (:func:`suspects`) is measured
     once more, and the lower reading kept (interference only ever adds time; a real step of
     the engine reads the same twice and stays). Each point is rechecked once (a ``recheck/``
-    record), so a complete table is rechecked by the first run that reads it; not on a
-    read-only table. ``None``: no recheck.
+    record), until no unchecked point is a suspect (a lowered point can make others so), so a
+    complete table is rechecked by the first run that reads it and a later run measures
+    nothing; not on a read-only table. ``None``: no recheck.
 
     Raises :class:`TableError` when the table belongs to another engine identity, or when
     the space was built for another input resolution than the engine's.
@@ -371,13 +372,17 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         stats.loud = sum(guard.loudness(marks[k]) > guard.tolerance for k in loud)
     if recheck is not None and not table.read_only:
         mine_set = set(mine)
+        sigs = sorted({k[0] for k in mine})
         done = {k[len(RECHECK):] for k in table.kv_keys(RECHECK)}
-        check: list[Key] = []
-        for sig in sorted({k[0] for k in mine}):
-            pts = {w: v for w, v in table.points(sig).items() if (sig, w) in mine_set}
-            check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in done]
-        if check:
+        while True:  # a lowered point can make others suspects: until none is left unchecked
+            check: list[Key] = []
+            for sig in sigs:
+                pts = {w: v for w, v in table.points(sig).items() if (sig, w) in mine_set}
+                check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in done]
+            if not check:
+                break
             guarded()
             run(check, "rechecking", recheck_one)
+            done.update(f"{sig}/{widths_key(w)}" for sig, w in check)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -6,7 +6,9 @@
 For each model: wall time of a profile into an empty table, with the number of latency
 terms, distinct signatures (subgraphs actually measured), grid points and measurements,
 and where the time went (building term modules, export + engine preparation, engine compiles
-where the engine reports them (openvino), timing);
+where the engine reports them (openvino), timing, which includes reading the boundary costs:
+probes on onnxruntime, a second compile with the per-node profile on openvino), and how many
+points were measured again because they read above a larger point of their subgraph;
 then the wall time of the same profile again over the complete table (nothing to measure).
 Tables go to a temporary folder unless ``--out`` keeps them.
 """
@@ -101,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             compiled = f", engine compile {f['compile_s']:.1f} s" if f.get("compile_s") else ""
             print(f"    time per measurement {per * 1e3:.0f} ms: build {f['build_s']:.1f} s, export + "
                   f"prepare {f['prepare_s']:.1f} s{compiled}, timing {f['measure_s']:.1f} s")
+            if f.get("rechecked"):
+                print(f"    {f['rechecked']} points read above a larger point and were measured again "
+                      f"({f['lowered']} read lower the second time)")
             print(f"  rerun over the complete table: {r['rerun_s']:.2f} s, {r['rerun_measured']} measured")
             sys.stdout.flush()
     if args.json:

@@ -83,3 +83,20 @@ def test_part_needs_data() -> None:
 
     with pytest.raises(mdp_trt.MdpError, match="needs data="):
         mdp_trt.prune(Cls(), "2x", part="backbone")
+
+
+def test_output_width_is_kept_when_the_last_stage_is_one_block() -> None:
+    # timm's test_resnet has one block per stage: its last stage's width is that block's own dim,
+    # and it is the width the head reads.
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
+    from mdp_trt.surface import sample_plans
+
+    ex = _example()
+    model = ex.SegModel("test_resnet").eval()
+    subject = Subject(model, "backbone")
+    space = subject.space(SpaceConfig(max_choices=4, resolution=32))
+    assert ("layer4.res", "output width of the pruned part (the head reads it)") in space.locked
+    x = torch.randn(1, 1, 32, 32)
+    for plan in sample_plans(space, 12, seed=0):
+        assert subject.cut(plan).eval()(x).shape == (1, 1, 32, 32)

@@ -283,17 +283,26 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         assert best is not None
         return best
 
+    def prepared(key: Key) -> tuple[nn.Module, tuple[int, ...], Any, float]:
+        """The point's subgraph built and prepared on the engine (that time counted), and
+        the moment its timing starts."""
+        t0 = time.perf_counter()
+        module, shape = term_module(points[key], key[1])
+        t1 = time.perf_counter()
+        runner = engine.prepare(module, (batch, *shape))
+        t2 = time.perf_counter()
+        compile_s = float(getattr(runner, "compile_s", 0.0))
+        stats.build_s += t1 - t0
+        stats.prepare_s += t2 - t1 - compile_s
+        stats.compile_s += compile_s
+        return module, shape, runner, t2
+
     def one(key: Key, again: bool = False) -> None:
         sig, widths = key
         if key in table and not again:  # committed by another run since the grid was read
             stats.reused += 1
             return
-        t0 = time.perf_counter()
-        module, shape = term_module(points[key], widths)
-        t1 = time.perf_counter()
-        runner = engine.prepare(module, (batch, *shape))
-        t2 = time.perf_counter()
-        compile_s = float(getattr(runner, "compile_s", 0.0))
+        module, shape, runner, t2 = prepared(key)
         try:
             timing, mark = timed(runner)
             cost = boundary(sig, module, (batch, *shape), runner) if has_boundaries else (0.0, 0.0)
@@ -311,9 +320,6 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         table.put(sig, widths, timing)
         if not again:
             stats.measured += 1
-        stats.build_s += t1 - t0
-        stats.prepare_s += t2 - t1 - compile_s
-        stats.compile_s += compile_s
         stats.measure_s += t3 - t2
 
     def run(keys: list[Key], what: str, fn: Callable[[Key], None]) -> None:
@@ -343,19 +349,11 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         """Measure a suspect point once more; keep the lower reading."""
         sig, widths = key
         before = table.get(sig, widths)
-        t0 = time.perf_counter()
-        module, shape = term_module(points[key], widths)
-        t1 = time.perf_counter()
-        runner = engine.prepare(module, (batch, *shape))
-        t2 = time.perf_counter()
-        compile_s = float(getattr(runner, "compile_s", 0.0))
+        _, _, runner, t2 = prepared(key)
         try:
             timing, _ = timed(runner)
         finally:
             runner.close()
-        stats.build_s += t1 - t0
-        stats.prepare_s += t2 - t1 - compile_s
-        stats.compile_s += compile_s
         stats.measure_s += time.perf_counter() - t2
         stats.rechecked += 1
         old = before.median_ms if before is not None else float("inf")

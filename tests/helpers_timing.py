@@ -10,6 +10,16 @@ from mdp_trt.engine_io import Lab
 from profilers.timing import Comparison
 
 
+class FakeClock:
+    """A clock that only moves when a fake runner advances it (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def fake_ms(m: nn.Module) -> float:
     """A deterministic whole-model latency: affine in the parameter count."""
     return 0.02 + 3e-7 * sum(p.numel() for p in m.parameters())

@@ -9,19 +9,12 @@ import sys
 import time
 
 import pytest
+from helpers_timing import FakeClock as Clock
 
 from mdp_trt.report import EXIT_CODES, markdown, outcome, summary_line, verdict
 from profilers.timing import AB, Budget, Comparison, CpuMeter, compare, robust_spread, usable_cores
 
 FAST = Budget(warmup_ms=0.0, warmup_iters=1, repeats=9, iters=8, max_spread=0.03, max_rounds=3)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Interfered:

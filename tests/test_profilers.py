@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_timing import FakeClock
 from torch import nn
 
 from mdp_trt.errors import EngineError, TableError
@@ -33,14 +34,6 @@ FAST = Budget(warmup_ms=1.0, warmup_iters=1, repeats=2, repeat_ms=1.0, min_iters
 
 
 # -- timing -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeRunner:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from helpers_timing import FakeClock as Clock
 from torch import nn
 
 from mdp_trt.space import Dim, PruningSpace, Term
@@ -15,14 +16,6 @@ from profilers.table import LatencyTable
 from profilers.timing import Budget
 
 BUDGET = Budget(warmup_ms=0.0, warmup_iters=1, repeats=3, iters=2, max_rounds=1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class StepEngine:

@@ -63,21 +63,29 @@ class Subject:
         return Subject(root, self.part, self.adapter)
 
     def output_dims(self, space: PruningSpace) -> list[str]:
-        """The dims that set the part's output shape, found by cutting each alone. Every dim is
-        tried, a block's own ones too: in a stage of one block (timm's ``test_resnet``) the
-        stage's output width is that block's."""
+        """The dims that set the part's output shape. Every dim is a candidate, a block's own
+        ones too: in a stage of one block (timm's ``test_resnet``) the stage's output width is
+        that block's. Found by cutting groups of dims to their smallest width at once and
+        halving the groups that change the output (narrowing dims that do not set it cannot
+        change it), so a deep backbone with one output width costs a few cuts, not one per dim."""
         probe = torch.zeros(1, *space.input_size)
         with torch.no_grad():
             dense = _shapes(self.module.eval()(probe))
-            out = []
-            for d in space.dims:
-                if len(d.choices) < 2:
-                    continue
-                cut = self.adapter.apply(self.module, space, space.plan({d.name: d.choices[0]}),
-                                         self.adapter.magnitude(self.module, space))
-                if _shapes(cut.eval()(probe)) != dense:
-                    out.append(d.name)
-        return out
+            importance = self.adapter.magnitude(self.module, space)
+
+            def changes(names: list[str]) -> bool:
+                plan = space.plan({n: space.dim(n).choices[0] for n in names})
+                return _shapes(self.adapter.apply(self.module, space, plan, importance).eval()(probe)) != dense
+
+            def find(names: list[str]) -> list[str]:
+                if not names or not changes(names):
+                    return []
+                if len(names) == 1:
+                    return names
+                half = len(names) // 2
+                return find(names[:half]) + find(names[half:])
+
+            return find([d.name for d in space.dims if len(d.choices) > 1])
 
     def name(self) -> str:
         arch = str(self.adapter.arch(self.module).get("name", type(self.module).__name__))

@@ -38,12 +38,12 @@ TermModuleFn: TypeAlias = "Callable[[Term, tuple[int, ...]], tuple[nn.Module, tu
 Key = tuple[str, tuple[int, ...]]
 
 SIDES, COST, PROBE = "boundary-sides/", "boundary-cost/", "boundary-probe/"
-RECHECK = "recheck/"
-"""Per grid point measured again because it read above a point that dominates it: the
-reading before and after (``{"before": ms, "after": ms}``), so it is checked once."""
 """Table records (kv) of boundary costs: per signature, which edges the engine converts; per
 grid point, the cost at the input and at the output (``{"into": ms, "out_of": ms}``; a plain
 float in older tables, both together); per tensor shape (batch left out), the probe's latency."""
+RECHECK = "recheck/"
+"""Per grid point measured again because it read above a point that dominates it: the
+reading before and after (``{"before": ms, "after": ms}``), so it is checked once."""
 
 
 def term_points(table: LatencyTable, signature: str, keep: tuple[bool, bool] = (False, False)
@@ -229,7 +229,8 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         if callable(edge_costs):
             if not (into or out_of):
                 return 0.0, 0.0
-            got = edge_costs(export_onnx(module, shape), shape)
+            onnx = getattr(runner, "onnx", None) or export_onnx(module, shape)  # the runner's own export
+            got = edge_costs(onnx, shape)
             return float(got[0]), float(got[1])
         out_shapes = getattr(runner, "output_shapes", None) or []
         if not out_shapes:

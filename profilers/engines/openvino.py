@@ -39,7 +39,7 @@ created: without it the engine says which extra to install.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,12 @@ def cpu_capabilities(core: Any) -> list[str]:
 
 
 class OpenVinoRunner(HostRunner):
-    """A compiled model's prepared infer request; ``compile_s``: seconds its compile took."""
+    """A compiled model's prepared infer request; ``compile_s``: seconds its compile took;
+    ``onnx``: the ONNX bytes it was compiled from, where :meth:`OpenVinoEngine.prepare`
+    exported them (for :meth:`OpenVinoEngine.edge_costs`, which compiles them again)."""
 
     compile_s: float = 0.0
+    onnx: bytes | None = None
 
 
 class ThreadTimedOpenVinoRunner(ThreadTimedRunner, OpenVinoRunner):
@@ -188,10 +191,10 @@ class OpenVinoEngine:
             model.reshape(list(shape))
         return shape
 
-    def compile(self, model: Any) -> Any:
-        """``Core.compile_model`` on ``CPU`` with :meth:`config`."""
+    def compile(self, model: Any, **extra: Any) -> Any:
+        """``Core.compile_model`` on ``CPU`` with :meth:`config` (and ``extra`` properties)."""
         try:
-            return self.core.compile_model(model, "CPU", self.config())
+            return self.core.compile_model(model, "CPU", {**self.config(), **extra})
         except RuntimeError as exc:
             raise EngineError(f"openvino cannot compile the model: {_first_line(exc)}") from exc
 
@@ -199,7 +202,10 @@ class OpenVinoEngine:
 
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> OpenVinoRunner:
         """Export ``module`` through the one ONNX path, compile it, bind its input."""
-        return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
+        onnx = export_onnx(module, input_shape)
+        runner = self.prepare_onnx(onnx, input_shape)
+        runner.onnx = onnx
+        return runner
 
     def prepare_onnx(self, model: str | Path | bytes, input_shape: Sequence[int] | None = None
                      ) -> OpenVinoRunner:
@@ -244,15 +250,10 @@ class OpenVinoEngine:
 
         ov_model = self.read(model)
         shape = self._static(ov_model, input_shape)
-        try:
-            compiled = self.core.compile_model(ov_model, "CPU", {**self.config(), "PERF_COUNT": True})
-        except RuntimeError as exc:
-            raise EngineError(f"openvino cannot compile the model: {_first_line(exc)}") from exc
+        compiled = self.compile(ov_model, PERF_COUNT=True)
         into: set[str] = set()
         out_of: set[str] = set()
-        for op in compiled.get_runtime_model().get_ordered_ops():
-            if str(op.get_rt_info()["layerType"].astype(str)) != "Reorder":
-                continue
+        for op in _reorders(compiled):
             name = op.get_friendly_name()
             if any(op.input_value(i).get_node().get_type_name() == "Parameter" for i in range(op.get_input_size())):
                 into.add(name)
@@ -283,9 +284,7 @@ class OpenVinoEngine:
         self._static(ov_model, None)
         into: set[str] = set()
         out_of: set[str] = set()
-        for op in self.compile(ov_model).get_runtime_model().get_ordered_ops():
-            if str(op.get_rt_info()["layerType"].astype(str)) != "Reorder":
-                continue
+        for op in _reorders(self.compile(ov_model)):
             for i in range(op.get_input_size()):
                 out_of.add(op.input_value(i).get_node().get_friendly_name())
             for o in op.outputs():
@@ -318,6 +317,16 @@ class OpenVinoEngine:
         xml.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         return [xml, xml.with_suffix(".bin")]
+
+
+def _reorders(compiled: Any) -> Iterator[Any]:
+    """The layout conversions (``Reorder`` nodes) of the graph a compiled model runs. A
+    generator, so the runtime graph stays alive while its nodes are read: a node's consumers
+    are gone once the graph is freed."""
+    graph = compiled.get_runtime_model()
+    for op in graph.get_ordered_ops():
+        if str(op.get_rt_info()["layerType"].astype(str)) == "Reorder":
+            yield op
 
 
 def _first_line(exc: BaseException) -> str:

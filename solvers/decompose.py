@@ -49,7 +49,8 @@ MAX_FRONT = 200000  # partial points kept after one merge
 MAX_HEADS = 400  # shared assignments merged (a few ms each): past it the MIP is the better bet
 REL_TOL = 1e-9  # a point must beat the best by this (relative) to count as better
 MAX_CELLS = 1 << 16  # assignments of the axes one elimination step spans
-GOLDEN_STEPS = 12  # refinements of the price of a removed block, per count
+REFINE_ROUNDS = 3  # finer grids of the price of a removed block, per count
+REFINE_POINTS = 17  # prices on each (the bracket shrinks eightfold a round)
 GOLDEN = (5 ** 0.5 - 1) / 2  # golden-section ratio
 SMALL_HULL = 96  # fronts up to this many points get their hull at once, not point by point
 MULTIPLIER_STEPS = 14  # refinements of the budget multiplier, when the caller has none
@@ -259,17 +260,66 @@ def _hull(fl: np.ndarray, fv: np.ndarray, h: np.ndarray | None = None) -> tuple[
     return float(fl[h[0]]), float(fv[h[0]]), np.diff(fl[h]), np.diff(fv[h])
 
 
-def _shifted_hull(points: tuple[np.ndarray, np.ndarray, np.ndarray], nu: float
-                  ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """The hull of a front whose points with ``u`` removed blocks lose ``nu * u``: from the hull
-    vertices of each class of its points of one ``u`` (latencies up, importances, ``u``)."""
-    lat, val, u = points
-    if not len(lat):
-        return np.inf, -np.inf, np.zeros(0), np.zeros(0)
-    val = val - nu * u
-    keep = np.ones(len(lat), dtype=bool)
-    keep[1:] = val[1:] > np.maximum.accumulate(val)[:-1]  # the front: importance strictly up
-    return _hull(lat[keep], val[keep])
+def _priced_relaxed(classes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nus: np.ndarray,
+                    room: float) -> np.ndarray:
+    """The LP relaxation of picking one point of each front within ``room`` when a point with
+    ``u`` removed blocks loses ``nu * u`` of its importance, for each of ``nus`` at once (the
+    value of :class:`_Relaxed` over the fronts' hulls so shifted). ``classes``: per front, its
+    points by latency up (latencies, importances, ``u``); only the hull vertices of each
+    ``u`` apart matter, the others may be left out."""
+    nus = np.asarray(nus, dtype=np.float64)
+    k = len(nus)
+    if any(not len(c[0]) for c in classes):
+        return np.full(k, -np.inf)
+    base_l = 0.0
+    base_v = np.zeros(k)
+    dls, dvs, slopes = [], [], []
+    for fl, fv, fu in classes:
+        n = len(fl)
+        w = fv[None, :] - nus[:, None] * fu[None, :]  # [nu, point]
+        # of equal latencies only the most important counts; then the front: importance strictly up
+        starts = np.flatnonzero(np.append(True, fl[1:] != fl[:-1]))
+        top = np.repeat(np.maximum.reduceat(w, starts, axis=1), np.diff(np.append(starts, n)), axis=1)
+        run = np.maximum.accumulate(w, axis=1)
+        valid = w >= top
+        valid[:, 1:] &= w[:, 1:] > run[:, :-1]
+        # a vertex of the upper concave hull: every chord into it from the left steeper than
+        # every chord out of it to the right (among valid points)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = (w[:, None, :] - w[:, :, None]) / (fl[None, :] - fl[:, None])[None]  # [nu, i, j]: i to j
+        pair = _upper(n)[None] & valid[:, :, None] & valid[:, None, :]
+        into = np.where(pair, slope, np.inf).min(axis=1)
+        out = np.where(pair, slope, -np.inf).max(axis=2)
+        vert = valid & (into > out)
+        first = np.argmax(vert, axis=1)
+        rows = np.arange(k)
+        base_l += float(fl[first[0]])  # the fastest valid point: the same for every price
+        base_v += w[rows, first]
+        # each vertex but the first closes the segment from the vertex before it
+        idx = np.where(vert, np.arange(n)[None, :], -1)
+        prev = np.maximum.accumulate(idx, axis=1)
+        prev = np.concatenate([np.full((k, 1), -1), prev[:, :-1]], axis=1)
+        seg = vert & (prev >= 0)
+        pv = np.where(prev >= 0, prev, 0)
+        dl = np.where(seg, fl[None, :] - fl[pv], 0.0)
+        dv = np.where(seg, w - np.take_along_axis(w, pv, axis=1), 0.0)
+        dls.append(dl)
+        dvs.append(dv)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slopes.append(np.where(seg, dv / np.where(seg, dl, 1.0), -np.inf))
+    dl, dv, sl = (np.concatenate(x, axis=1) for x in (dls, dvs, slopes))
+    order = np.argsort(-sl, axis=1, kind="stable")  # steepest first, the padding last
+    dl, dv, sl = (np.take_along_axis(x, order, axis=1) for x in (dl, dv, sl))
+    cum_l = np.concatenate([np.zeros((k, 1)), np.cumsum(dl, axis=1)], axis=1)
+    cum_v = np.concatenate([np.zeros((k, 1)), np.cumsum(dv, axis=1)], axis=1)
+    x = room - base_l
+    if x < 0:
+        return np.full(k, -np.inf)
+    full = (cum_l[:, 1:] <= x).sum(axis=1)  # segments taken whole
+    m = dl.shape[1]
+    at = np.minimum(full, m - 1) if m else full
+    part = np.where(full < m, (x - cum_l[np.arange(k), full]) * (sl[np.arange(k), at] if m else 0.0), 0.0)
+    return base_v + cum_v[np.arange(k), full] + part
 
 
 class _Relaxed:
@@ -817,8 +867,9 @@ def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts:
     The number of removed blocks is an integer, the LP relaxation's is not (a block kept in
     part, a large share of one block's importance above any plan). For each count the bound
     is the LP relaxation with a price ``nu`` on each removed block, ``min over nu of
-    LP(importance - nu * removed) + nu * count``: any ``nu`` gives a valid bound, the grid and
-    a golden-section search near its best make it nearly the least."""
+    LP(importance - nu * removed) + nu * count``: any ``nu`` gives a valid bound; a grid of prices,
+    then finer grids around each count's best, make it nearly the least (all counts' prices
+    evaluated together, :func:`_priced_relaxed`)."""
     lo = sum(int(c.min()) for c in counts if len(c))
     hi = sum(int(c.max()) for c in counts if len(c))
     classes = []  # per front: the hull vertices of its points of each count, by latency
@@ -827,43 +878,35 @@ def _count_bounds(here: list[tuple[np.ndarray, np.ndarray, np.ndarray]], counts:
         pick = np.concatenate([k[_vertices(fl[k], fv[k])] for k in g]) if g else np.zeros(0, dtype=np.int64)
         pick = pick[np.argsort(fl[pick], kind="stable")]
         classes.append((fl[pick], fv[pick], fc[pick].astype(np.float64)))
-    memo: dict[float, float] = {}
-
-    def relaxed(nu: float) -> float:
-        if nu not in memo:
-            memo[nu] = float(_Relaxed([_shifted_hull(c, nu) for c in classes])(room))
-        return memo[nu]
-
     if lo == hi:
-        return [(lo, 0.0, relaxed(0.0))] if relaxed(0.0) > thr else []
+        at0 = float(_priced_relaxed(classes, np.zeros(1), room)[0])
+        return [(lo, 0.0, at0)] if at0 > thr else []
     span = max((float(fv.max() - fv.min()) for fv in (h[1] for h in here) if len(fv)), default=1.0)
     grid = span * np.concatenate([-np.geomspace(1.0, 1e-3, 12), [0.0], np.geomspace(1e-3, 1.0, 12)])
-    at = np.array([relaxed(float(nu)) for nu in grid])
-    out = []
-    for target in range(lo, hi + 1):
-        f = at + grid * target
-        j = int(np.argmin(f))
-        if f[j] <= thr:
-            continue
-        a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
-        nu, bound = float(grid[j]), float(f[j])
-        m1, m2 = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
-        f1, f2 = relaxed(m1) + m1 * target, relaxed(m2) + m2 * target
-        for _ in range(GOLDEN_STEPS):  # the bound is convex in nu: one new point per step
-            if min(f1, f2) < bound:
-                nu, bound = (m1, f1) if f1 <= f2 else (m2, f2)
-            if f1 <= f2:
-                b, m2, f2 = m2, m1, f1
-                m1 = b - GOLDEN * (b - a)
-                f1 = relaxed(m1) + m1 * target
-            else:
-                a, m1, f1 = m1, m2, f2
-                m2 = a + GOLDEN * (b - a)
-                f2 = relaxed(m2) + m2 * target
-        if min(f1, f2) < bound:
-            nu, bound = (m1, f1) if f1 <= f2 else (m2, f2)
-        if bound > thr:
-            out.append((target, nu, bound))
+    at = _priced_relaxed(classes, grid, room)
+    targets = np.arange(lo, hi + 1)
+    f = at[None, :] + grid[None, :] * targets[:, None]  # [count, price]
+    j = np.argmin(f, axis=1)
+    bound = f[np.arange(len(targets)), j]
+    nu = grid[j]
+    left = np.flatnonzero(bound > thr)
+    a = grid[np.maximum(j - 1, 0)]
+    b = grid[np.minimum(j + 1, len(grid) - 1)]
+    for _ in range(REFINE_ROUNDS):  # the bound is convex in nu: a finer grid inside the bracket
+        if not len(left):
+            break
+        t = np.linspace(0.0, 1.0, REFINE_POINTS)
+        cand = a[left, None] + (b[left] - a[left])[:, None] * t[None, :]  # [count left, price]
+        val = _priced_relaxed(classes, cand.ravel(), room).reshape(cand.shape) + cand * targets[left, None]
+        jj = np.argmin(val, axis=1)
+        rows = np.arange(len(left))
+        better = val[rows, jj] < bound[left]
+        bound[left] = np.where(better, val[rows, jj], bound[left])
+        nu[left] = np.where(better, cand[rows, jj], nu[left])
+        step = (b[left] - a[left]) / (REFINE_POINTS - 1)
+        a[left], b[left] = cand[rows, jj] - step, cand[rows, jj] + step
+        left = left[bound[left] > thr]
+    out = [(int(targets[i]), float(nu[i]), float(bound[i])) for i in np.flatnonzero(bound > thr)]
     return sorted(out, key=lambda x: -x[2])
 
 

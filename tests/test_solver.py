@@ -407,3 +407,38 @@ def test_smallest_latency_from_the_parts(seed: int) -> None:
         _, fastest = brute_force(p, 0.0)
         found = decompose.min_latency(p)
         assert found is not None and found == pytest.approx(fastest, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_priced_relaxation_is_the_lp_of_one_point_per_front(seed: int) -> None:
+    """The block-count bound's LP relaxation, for many prices at once, against scipy's LP of
+    the same multiple-choice knapsack (one point per front, fractions allowed, importance less
+    the price per removed block, total latency within the room)."""
+    from scipy.optimize import linprog
+
+    from solvers.decompose import _priced_relaxed
+
+    rng = np.random.default_rng(seed)
+    classes = []
+    for _ in range(int(rng.integers(1, 5))):
+        n = int(rng.integers(1, 25))
+        lat = np.sort(np.round(rng.uniform(0.0, 10.0, n), 1))  # ties of latency included
+        classes.append((lat, rng.uniform(0.0, 10.0, n), rng.integers(0, 3, n).astype(np.float64)))
+    lat = np.concatenate([c[0] for c in classes])
+    val = np.concatenate([c[1] for c in classes])
+    u = np.concatenate([c[2] for c in classes])
+    one = np.zeros((len(classes), len(lat)))
+    at = 0
+    for f, c in enumerate(classes):
+        one[f, at:at + len(c[0])] = 1.0
+        at += len(c[0])
+    room = float(sum(c[0].min() for c in classes) + rng.uniform(0.0, 12.0))
+    prices = rng.normal(0.0, 3.0, 5)
+    got = _priced_relaxed(classes, prices, room)
+    for nu, g in zip(prices, got, strict=True):
+        lp = linprog(-(val - nu * u), A_ub=lat[None, :], b_ub=[room], A_eq=one, b_eq=np.ones(len(classes)),
+                     bounds=(0, None), method="highs")
+        assert lp.status == 0
+        assert g == pytest.approx(-lp.fun, rel=1e-9, abs=1e-9)
+    # below the fastest point of every front there is no point at all
+    assert np.all(_priced_relaxed(classes, prices, sum(c[0].min() for c in classes) - 0.05) == -np.inf)

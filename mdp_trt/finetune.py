@@ -67,6 +67,13 @@ def init_distributed() -> bool:
     return True
 
 
+def finish_distributed() -> None:
+    """Leave the process group (every process, at the end of the job): left to interpreter
+    exit, gloo's threads can abort a process that has finished its work."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def share(obj: Any) -> Any:
     """The first process's ``obj`` on every process of the group (pickled); ``obj`` without one."""
     if not dist.is_initialized():

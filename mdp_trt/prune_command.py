@@ -113,7 +113,7 @@ def run(config: PruneConfig) -> Path:
 
     Under torchrun the first process does the job and the others only join its fine-tuning."""
     from mdp_trt import pipeline
-    from mdp_trt.finetune import init_distributed, is_main, share
+    from mdp_trt.finetune import finish_distributed, init_distributed, is_main, share
     from mdp_trt.outdir import check_out, written_into
     from mdp_trt.part import Subject
     from mdp_trt.target import parse_target
@@ -131,7 +131,10 @@ def run(config: PruneConfig) -> Path:
     torch.manual_seed(config.seed)
     distributed = init_distributed()
     if distributed and not is_main():
-        pipeline.follow(config)
+        try:
+            pipeline.follow(config)
+        finally:
+            finish_distributed()
         return out
 
     def log(msg: str) -> None:
@@ -145,6 +148,7 @@ def run(config: PruneConfig) -> Path:
     finally:
         if distributed:
             share(None)  # the job is over (done or failed): the other processes stop waiting
+            finish_distributed()
     return out
 
 

@@ -18,7 +18,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -27,7 +27,7 @@ from mdp_common.errors import TableError
 from mdp_common.space import PruningSpace, Term
 from profilers.engines.base import Engine
 from profilers.table import LatencyTable, in_shard, parse_widths, widths_key
-from profilers.timing import PROFILE, Budget, Clock, Sentinel, Timing, measure
+from profilers.timing import PROFILE, Budget, Clock, Sentinel, Timing, measure, measure_interleaved
 
 if TYPE_CHECKING:  # torch is loaded by whoever builds the modules, not by this module
     from torch import nn
@@ -41,9 +41,12 @@ SIDES, COST, PROBE = "boundary-sides/", "boundary-cost/", "boundary-probe/"
 """Table records (kv) of boundary costs: per signature, which edges the engine converts; per
 grid point, the cost at the input and at the output (``{"into": ms, "out_of": ms}``; a plain
 float in older tables, both together); per tensor shape (batch left out), the probe's latency."""
-RECHECK = "recheck/"
-"""Per grid point measured again because it read above a point that dominates it: the
-reading before and after (``{"before": ms, "after": ms}``), so it is checked once."""
+RECHECK = "recheck-paired/"
+"""Per grid point measured again because it read above a point that dominates it, side by
+side with that point: the reading before, the one kept after, the point it was measured
+beside and the ratio of the two (``{"before": ms, "after": ms, "beside": widths, "ratio": r}``),
+so it is checked once. (Tables of earlier versions hold ``recheck/`` records of a recheck
+measured alone; those points are checked again this way.)"""
 
 
 def term_points(table: LatencyTable, signature: str, keep: tuple[bool, bool] = (False, False)
@@ -123,20 +126,32 @@ def suspects(points: dict[tuple[int, ...], float], tolerance: float) -> list[tup
     Real engines do show such steps (a kernel chosen at one width and not at the next), and
     a measurement taken while something else ran reads high; only a second measurement tells
     them apart. Largest excess first."""
+    out = [(points[k] / points[ref] - 1.0, k) for k, ref in _dominated(points).items()]
+    return [k for excess, k in sorted(out, key=lambda e: -e[0]) if excess > tolerance]
+
+
+def _dominated(points: dict[tuple[int, ...], float]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """Per point with another point whose every width is at least as large: the fastest such."""
     if len(points) < 2:
-        return []
+        return {}
     keys = list(points)
     arr = np.array(keys, dtype=np.int64)
     vals = np.array([points[k] for k in keys], dtype=np.float64)
-    out: list[tuple[float, tuple[int, ...]]] = []
+    out: dict[tuple[int, ...], tuple[int, ...]] = {}
     for i, k in enumerate(keys):
         dom = np.all(arr >= arr[i], axis=1)
         dom[i] = False
         if dom.any():
-            excess = vals[i] / vals[dom].min() - 1.0
-            if excess > tolerance:
-                out.append((excess, k))
-    return [k for _, k in sorted(out, key=lambda e: -e[0])]
+            idx = np.flatnonzero(dom)
+            out[k] = keys[int(idx[np.argmin(vals[idx])])]
+    return out
+
+
+def _scaled(t: Timing, factor: float) -> Timing:
+    """``t`` with every latency figure times ``factor``."""
+    ms = {f: getattr(t, f) * factor for f in ("median_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms",
+                                               "max_ms")}
+    return replace(t, **ms, per_repeat_ms=[v * factor for v in t.per_repeat_ms])
 
 
 def grid_points(space: PruningSpace) -> dict[Key, Term]:
@@ -164,8 +179,10 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
 
     ``recheck``: then every point of the shard that reads more than this fraction above a
     point of its signature with every width at least as large (:func:`suspects`) is measured
-    once more, and the lower reading kept (interference only ever adds time; a real step of
-    the engine reads the same twice and stays). Each point is rechecked once (a ``recheck/``
+    once more, interleaved with the fastest such point, and kept at the lower of its reading
+    and that point's latency times their ratio (interference only ever adds time, and a slow
+    spell of the machine, minutes long on a shared VM, slows both alike; a real step of the
+    engine reads the same ratio again and stays). Each point is rechecked once (a ``recheck-paired/``
     record), until no unchecked point is a suspect (a lowered point can make others so), so a
     complete table is rechecked by the first run that reads it and a later run measures
     nothing; not on a read-only table. ``None``: no recheck.
@@ -347,21 +364,34 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
                 bar.advance(task)
 
     def recheck_one(key: Key) -> None:
-        """Measure a suspect point once more; keep the lower reading."""
+        """Measure a suspect point again side by side with the point above it that read
+        fastest (the same rounds, so a slow spell of the machine slows both); keep the lower
+        of its reading and that point's reading times their ratio."""
         sig, widths = key
         before = table.get(sig, widths)
+        pts = table.points(sig)
+        beside = _dominated(pts).get(widths)
+        ref_row = table.get(sig, beside) if beside is not None else None
+        if before is None or beside is None or ref_row is None:
+            return
         _, _, runner, t2 = prepared(key)
+        _, _, ref_runner, _ = prepared((sig, beside))
         try:
-            timing, _ = timed(runner)
+            if guard is not None:
+                guard.wait(clock() + wait_s, wall=clock)
+            timing, ref_timing = measure_interleaved([runner, ref_runner], budget, clock=clock)
         finally:
             runner.close()
+            ref_runner.close()
         stats.measure_s += time.perf_counter() - t2
         stats.rechecked += 1
-        old = before.median_ms if before is not None else float("inf")
-        if timing.median_ms < old:
-            table.put(sig, widths, timing)
+        ratio = timing.median_ms / ref_timing.median_ms
+        after = min(before.median_ms, ref_row.median_ms * ratio)
+        if after < before.median_ms * (1 - 1e-6):  # a real step gives its own reading back
+            table.put(sig, widths, _scaled(timing, after / timing.median_ms))
             stats.lowered += 1
-        table.kv_set(f"{RECHECK}{sig}/{widths_key(widths)}", {"before": old, "after": timing.median_ms})
+        table.kv_set(f"{RECHECK}{sig}/{widths_key(widths)}",
+                     {"before": before.median_ms, "after": after, "beside": list(beside), "ratio": ratio})
 
     run(todo, "profiling", one)
     if guard is not None:

@@ -21,7 +21,7 @@ BUDGET = Budget(warmup_ms=0.0, warmup_iters=1, repeats=3, iters=2, max_rounds=1)
 class StepEngine:
     """A ``1x1 conv`` costs ``in * out`` microseconds; ``slow`` widths are slowed by their
     factor on every prepare (an engine's real step), ``noisy`` ones on their first prepare only
-    (something else ran then)."""
+    (something else ran then); ``spell`` slows every run (the machine in a slow spell)."""
 
     name, precision, batch_size, resolution, device = "fake", "fp32", 1, 8, "cpu"
 
@@ -29,6 +29,7 @@ class StepEngine:
                  ) -> None:
         self.clock, self.slow, self.noisy = clock, slow, noisy
         self.prepared: list[tuple[int, int]] = []
+        self.spell = 1.0
 
     def identity(self) -> EngineIdentity:
         return EngineIdentity("fake", "1", "cpu", "", "fp32", 1, 8, 1, "test")
@@ -41,7 +42,7 @@ class StepEngine:
         ms = 1e-3 * w[0] * w[1] * factor
 
         def run() -> None:
-            self.clock.now += ms / 1e3
+            self.clock.now += ms * self.spell / 1e3
 
         return HostRunner(run)
 
@@ -78,7 +79,10 @@ def test_a_noisy_point_is_lowered_and_a_real_step_stays(tmp_path: Path) -> None:
         assert got[(8, 16)] == pytest.approx(0.128)  # its true cost
         assert got[(16, 24)] == pytest.approx(1.8 * 0.384)  # still the step
         sig = space.terms[0].signature
-        assert records[f"{sig}/8,16"] == {"before": pytest.approx(0.384), "after": pytest.approx(0.128)}
+        # measured beside the point above it that read fastest, (8, 24): a third of its latency
+        assert records[f"{sig}/8,16"] == {"before": pytest.approx(0.384), "after": pytest.approx(0.128),
+                                          "beside": [8, 24], "ratio": pytest.approx(16 / 24)}
+        assert records[f"{sig}/16,24"]["ratio"] == pytest.approx(1.8 * 24 / 32)
         assert set(records) == {f"{sig}/8,16", f"{sig}/16,24"}
         again = profile_space(space, _module, engine, table, progress=False, budget=BUDGET, clock=clock)
     assert again.measured == 0 and again.rechecked == 0  # each point is rechecked once
@@ -125,3 +129,21 @@ def test_a_lowered_point_makes_its_smaller_neighbours_suspects_in_the_same_run(t
     assert stats.rechecked == 2 and stats.lowered == 1
     assert got[(24,)] == pytest.approx(0.192) and got[(16,)] == pytest.approx(1.7 * 0.128)
     assert again.rechecked == 0 and again.measured == 0
+
+
+def test_a_slow_spell_during_the_recheck_does_not_set_the_value(tmp_path: Path) -> None:
+    """The machine runs everything 2x slow while a suspect is measured again: alone, the
+    second reading (2x) would replace the first (3x); beside the point above it, the ratio of
+    the two is the machine's to neither, and the point gets its true latency."""
+    clock = Clock()
+    engine = StepEngine(clock, slow={}, noisy={(8, 16): 3.0})
+    space = _space()
+    with LatencyTable.open(tmp_path / "t.sqlite", engine.identity()) as table:
+        profile_space(space, _module, engine, table, progress=False, budget=BUDGET, clock=clock, recheck=None)
+        sig = space.terms[0].signature
+        assert table.points(sig)[(8, 16)] == pytest.approx(0.384)
+        engine.spell = 2.0
+        stats = profile_space(space, _module, engine, table, progress=False, budget=BUDGET, clock=clock)
+        assert stats.rechecked == 1 and stats.lowered == 1
+        assert table.points(sig)[(8, 16)] == pytest.approx(0.128)
+        assert table.get(sig, (8, 16)).samples > 0

@@ -183,9 +183,9 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     and that point's latency times their ratio (interference only ever adds time, and a slow
     spell of the machine, minutes long on a shared VM, slows both alike; a real step of the
     engine reads the same ratio again and stays). Each point is rechecked once (a ``recheck-paired/``
-    record), until no unchecked point is a suspect (a lowered point can make others so), so a
-    complete table is rechecked by the first run that reads it and a later run measures
-    nothing; not on a read-only table. ``None``: no recheck.
+    record), judged against measured readings only (a point lowered by a ratio makes no
+    suspects and is no reference: ratios never chain), so a complete table is rechecked by
+    the first run that reads it and a later run measures nothing; not on a read-only table. ``None``: no recheck.
 
     Raises :class:`TableError` when the table belongs to another engine identity, or when
     the space was built for another input resolution than the engine's.
@@ -363,14 +363,15 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
                 fn(key)
                 bar.advance(task)
 
+    originals: dict[str, dict[tuple[int, ...], float]] = {}
+
     def recheck_one(key: Key) -> None:
         """Measure a suspect point again side by side with the point above it that read
         fastest (the same rounds, so a slow spell of the machine slows both); keep the lower
         of its reading and that point's reading times their ratio."""
         sig, widths = key
         before = table.get(sig, widths)
-        pts = table.points(sig)
-        beside = _dominated(pts).get(widths)
+        beside = _dominated(originals[sig]).get(widths)
         ref_row = table.get(sig, beside) if beside is not None else None
         if before is None or beside is None or ref_row is None:
             return
@@ -402,16 +403,18 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     if recheck is not None and not table.read_only:
         mine_set = set(mine)
         sigs = sorted({k[0] for k in mine})
-        done = {k[len(RECHECK):] for k in table.kv_keys(RECHECK)}
-        while True:  # a lowered point can make others suspects: until none is left unchecked
-            check: list[Key] = []
-            for sig in sigs:
-                pts = {w: v for w, v in table.points(sig).items() if (sig, w) in mine_set}
-                check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in done]
-            if not check:
-                break
+        records = {k[len(RECHECK):]: table.kv_get(k) for k in table.kv_keys(RECHECK)}
+        lowered = {k for k, r in records.items() if isinstance(r, dict) and r.get("after", 0) < r.get("before", 0)}
+        check: list[Key] = []
+        for sig in sigs:
+            # judged against measured readings only: a point lowered by its ratio to another
+            # neither makes suspects nor serves as a reference, so ratios never chain
+            pts = {w: v for w, v in table.points(sig).items()
+                   if (sig, w) in mine_set and f"{sig}/{widths_key(w)}" not in lowered}
+            check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in records]
+            originals[sig] = pts
+        if check:
             guarded()
             run(check, "rechecking", recheck_one)
-            done.update(f"{sig}/{widths_key(w)}" for sig, w in check)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -452,8 +452,8 @@ def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Se
     FLOPs alone. ``traffic`` / ``flops``: ``True`` fits that part, ``False`` leaves it out,
     ``None`` (the default) lets the leave-one-out error over ``plans`` decide (root mean
     square of the relative errors, so a bad tail counts), the affine fit staying unless
-    another is better by :data:`LOO_MARGIN`. So the calibrated surface is never knowingly worse than a predictor
-    proportional to FLOPs: where FLOPs explain whole-model latency better than the measured
+    another is better by :data:`LOO_MARGIN`. So the calibrated surface is never knowingly
+    worse than a predictor proportional to FLOPs: where FLOPs explain whole-model latency better than the measured
     terms, the fit says so (``form``) and uses them. Every candidate is a sum over terms, so
     the solver sees the same model. Where the parts matter depends on the engine, CPU and
     input size (README, "Latency model accuracy").

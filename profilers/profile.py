@@ -126,7 +126,13 @@ def suspects(points: dict[tuple[int, ...], float], tolerance: float) -> list[tup
     Real engines do show such steps (a kernel chosen at one width and not at the next), and
     a measurement taken while something else ran reads high; only a second measurement tells
     them apart. Largest excess first."""
-    out = [(points[k] / points[ref] - 1.0, k) for k, ref in _dominated(points).items()]
+    return _suspects(points, _dominated(points), tolerance)
+
+
+def _suspects(points: dict[tuple[int, ...], float], refs: dict[tuple[int, ...], tuple[int, ...]],
+              tolerance: float) -> list[tuple[int, ...]]:
+    """:func:`suspects`, given each point's fastest dominating point (:func:`_dominated`)."""
+    out = [(points[k] / points[ref] - 1.0, k) for k, ref in refs.items()]
     return [k for excess, k in sorted(out, key=lambda e: -e[0]) if excess > tolerance]
 
 
@@ -182,10 +188,11 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
     once more, interleaved with the fastest such point, and kept at the lower of its reading
     and that point's latency times their ratio (interference only ever adds time, and a slow
     spell of the machine, minutes long on a shared VM, slows both alike; a real step of the
-    engine reads the same ratio again and stays). Each point is rechecked once (a ``recheck-paired/``
-    record), judged against measured readings only (a point lowered by a ratio makes no
-    suspects and is no reference: ratios never chain), so a complete table is rechecked by
-    the first run that reads it and a later run measures nothing; not on a read-only table. ``None``: no recheck.
+    engine reads the same ratio again and stays). Each point is rechecked once (a
+    ``recheck-paired/`` record), judged against measured readings only (a point lowered by a
+    ratio makes no suspects and is no reference: ratios never chain), so a complete table is
+    rechecked by the first run that reads it and a later run measures nothing; not on a
+    read-only table. ``None``: no recheck.
 
     Raises :class:`TableError` when the table belongs to another engine identity, or when
     the space was built for another input resolution than the engine's.
@@ -363,7 +370,7 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
                 fn(key)
                 bar.advance(task)
 
-    originals: dict[str, dict[tuple[int, ...], float]] = {}
+    refs: dict[str, dict[tuple[int, ...], tuple[int, ...]]] = {}  # per signature: each point's reference
 
     def recheck_one(key: Key) -> None:
         """Measure a suspect point again side by side with the point above it that read
@@ -371,7 +378,7 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
         of its reading and that point's reading times their ratio."""
         sig, widths = key
         before = table.get(sig, widths)
-        beside = _dominated(originals[sig]).get(widths)
+        beside = refs[sig].get(widths)
         ref_row = table.get(sig, beside) if beside is not None else None
         if before is None or beside is None or ref_row is None:
             return
@@ -411,8 +418,8 @@ def profile_space(space: PruningSpace, term_module: TermModuleFn, engine: Engine
             # neither makes suspects nor serves as a reference, so ratios never chain
             pts = {w: v for w, v in table.points(sig).items()
                    if (sig, w) in mine_set and f"{sig}/{widths_key(w)}" not in lowered}
-            check += [(sig, w) for w in suspects(pts, recheck) if f"{sig}/{widths_key(w)}" not in records]
-            originals[sig] = pts
+            refs[sig] = _dominated(pts)
+            check += [(sig, w) for w in _suspects(pts, refs[sig], recheck) if f"{sig}/{widths_key(w)}" not in records]
         if check:
             guarded()
             run(check, "rechecking", recheck_one)

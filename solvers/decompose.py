@@ -53,6 +53,7 @@ REFINE_ROUNDS = 3  # finer grids of the price of a removed block, per count
 REFINE_POINTS = 17  # prices on each (the bracket shrinks eightfold a round)
 GOLDEN = (5 ** 0.5 - 1) / 2  # golden-section ratio
 SMALL_HULL = 96  # fronts up to this many points get their hull at once, not point by point
+PRICE_CELLS = 1 << 21  # prices x points x points of one front that a priced relaxation holds at once
 MULTIPLIER_STEPS = 14  # refinements of the budget multiplier, when the caller has none
 MU_STEPS = np.array([0.25, 0.5, 0.7, 0.85, 1.15, 1.3, 1.6, 2.0, 3.0])  # multipliers tried on the whole grid, times lam
 
@@ -269,10 +270,16 @@ def _priced_relaxed(classes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nu
     ``u`` apart matter, the others may be left out."""
     nus = np.asarray(nus, dtype=np.float64)
     k = len(nus)
+    if not classes:  # nothing to pick: no latency, no importance
+        return np.full(k, 0.0 if room >= 0 else -np.inf)
     if any(not len(c[0]) for c in classes):
         return np.full(k, -np.inf)
+    per = max(1, PRICE_CELLS // max(len(c[0]) for c in classes) ** 2)
+    if k > per:  # the hull test holds prices x points x points at once
+        return np.concatenate([_priced_relaxed(classes, nus[i:i + per], room) for i in range(0, k, per)])
     base_l = 0.0
     base_v = np.zeros(k)
+    rows = np.arange(k)
     dls, dvs, slopes = [], [], []
     for fl, fv, fu in classes:
         n = len(fl)
@@ -292,7 +299,6 @@ def _priced_relaxed(classes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nu
         out = np.where(pair, slope, -np.inf).max(axis=2)
         vert = valid & (into > out)
         first = np.argmax(vert, axis=1)
-        rows = np.arange(k)
         base_l += float(fl[first[0]])  # the fastest valid point: the same for every price
         base_v += w[rows, first]
         # each vertex but the first closes the segment from the vertex before it
@@ -316,10 +322,9 @@ def _priced_relaxed(classes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nu
     if x < 0:
         return np.full(k, -np.inf)
     full = (cum_l[:, 1:] <= x).sum(axis=1)  # segments taken whole
-    m = dl.shape[1]
-    at = np.minimum(full, m - 1) if m else full
-    part = np.where(full < m, (x - cum_l[np.arange(k), full]) * (sl[np.arange(k), at] if m else 0.0), 0.0)
-    return base_v + cum_v[np.arange(k), full] + part
+    m = dl.shape[1]  # one column per point of every front: at least one
+    part = np.where(full < m, (x - cum_l[rows, full]) * sl[rows, np.minimum(full, m - 1)], 0.0)
+    return base_v + cum_v[rows, full] + part
 
 
 class _Relaxed:

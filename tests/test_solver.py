@@ -410,7 +410,7 @@ def test_smallest_latency_from_the_parts(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_priced_relaxation_is_the_lp_of_one_point_per_front(seed: int) -> None:
+def test_priced_relaxation_is_the_lp_of_one_point_per_front(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The block-count bound's LP relaxation, for many prices at once, against scipy's LP of
     the same multiple-choice knapsack (one point per front, fractions allowed, importance less
     the price per removed block, total latency within the room)."""
@@ -442,3 +442,6 @@ def test_priced_relaxation_is_the_lp_of_one_point_per_front(seed: int) -> None:
         assert g == pytest.approx(-lp.fun, rel=1e-9, abs=1e-9)
     # below the fastest point of every front there is no point at all
     assert np.all(_priced_relaxed(classes, prices, sum(c[0].min() for c in classes) - 0.05) == -np.inf)
+    # prices taken one at a time (the memory bound) give the same values
+    monkeypatch.setattr("solvers.decompose.PRICE_CELLS", 1)
+    assert np.array_equal(_priced_relaxed(classes, prices, room), got)

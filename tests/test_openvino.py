@@ -344,22 +344,35 @@ def _fake_run(root: Path, name: str, engine: str, seed: int) -> Path:
     return out
 
 
-def test_cross_engine_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cross_engine_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks.cross_engine import main
+    from profilers import timing
 
+    comparisons: list[tuple[int, timing.Comparison]] = []
+
+    def recording(runners, *args, **kwargs):  # type: ignore[no-untyped-def]
+        comp = real(runners, *args, **kwargs)
+        comparisons.append((len(runners), comp))
+        return comp
+
+    real = timing.compare
+    monkeypatch.setattr(timing, "compare", recording)
     runs = [_fake_run(tmp_path, "ort", "onnxruntime", 0), _fake_run(tmp_path, "ov", "openvino", 1)]
     md = tmp_path / "t.md"
     assert run_cli(main, [*map(str, runs), "--out", str(md), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["made_for"] for r in rows] == ["onnxruntime", "openvino"]
-    for engine in ("onnxruntime", "openvino"):
+    # One comparison per engine, of the dense model beside both pruned ones (one architecture).
+    assert [n for n, _ in comparisons] == [3, 3]
+    for engine, (_, comp) in zip(("onnxruntime", "openvino"), comparisons, strict=True):
         a, b = (r["engines"][engine] for r in rows)
         assert a["identity"]["engine"] == engine
-        assert a["dense_ms"] == b["dense_ms"] > 0  # one dense model measured beside both plans
-        for cell in (a, b):
-            # Paired round by round: near, not equal to, the ratio of the medians.
-            assert cell["speedup"] == pytest.approx(cell["dense_ms"] / cell["pruned_ms"], rel=0.25)
-            assert cell["clock"] == "thread-cpu" and isinstance(cell["reliable"], bool)
+        assert a["dense_ms"] == b["dense_ms"] == comp.ms[0] > 0
+        for j, cell in enumerate((a, b), start=1):
+            # The figures are the comparison's own: its paired ratio, not the ratio of medians.
+            assert cell["pruned_ms"] == comp.ms[j] > 0 and cell["speedup"] == comp.ratios[j] > 0
+            assert cell["reliable"] == comp.reliable and cell["clock"] == comp.clock == "thread-cpu"
     lines = md.read_text().splitlines()
     assert len(lines) == 4 and "speedup on openvino" in lines[0] and "| test_resnet | openvino | 1.50x |" in lines[3]
     assert run_cli(main, [str(tmp_path)]) == 1

@@ -160,7 +160,7 @@ def _measure(lab: Any, subject: Any, space: Any, imp: Any, result: SweepResult) 
     """Every plan cut and measured beside the dense model, interleaved in the same rounds."""
     rows = [r for r in result.rows if r.target in result.plans]
     models = [subject.cut(result.plans[r.target], imp, space=space) for r in rows]
-    dense = subject.cut(space.full_plan(), space=space)  # rebuilt at full width, as the prune command measures it
+    dense = subject.dense(space)  # rebuilt at full width, as the prune command measures it
     comp = lab.compare([dense, *models], (lab.engine.identity().batch_size, *space.input_size))
     result.dense_ms = comp.ms[0]
     result.measurement = comp.to_dict()

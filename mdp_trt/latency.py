@@ -93,7 +93,7 @@ def calibrated(lab: Lab, subject: Subject, space: PruningSpace, model: LatencyMo
     """
     # The whole-model layout is read off the module as the adapter rebuilds it at full width,
     # the form every measurement runs (some timm modules cannot be exported as they are).
-    dense = subject.cut_module(space.full_plan(), space=space)
+    dense = subject.dense(space, whole=False)
     surf = model.build(LatencySurface.from_points(space, lab.points(subject.adapter, space, dense)))
     if calibration is not None:
         surf.calibration = calibration

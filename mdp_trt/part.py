@@ -32,6 +32,7 @@ class Subject:
         self.adapter = adapter or adapter_for(self.module)
         self.tag = "" if part is None else f"part:{_fingerprint(root, part)}/"
         """Prefix of this subject's whole-model records in a latency table ('' for a timm model)."""
+        self._dense: dict[str, tuple[nn.Module, nn.Module]] = {}
 
     def space(self, config: SpaceConfig, kinds: Iterable[str] | None = None, remove_blocks: bool = True
               ) -> PruningSpace:
@@ -57,6 +58,19 @@ class Subject:
         if self.part is None:
             return pruned
         return copy.deepcopy(self.root, {id(self.module): pruned})  # every other module copied as it is
+
+    def dense(self, space: PruningSpace, whole: bool = True) -> nn.Module:
+        """The whole model (``whole=False``: the pruned module alone) as the adapter rebuilds it
+        at the full width of ``space``, in eval mode: the form every measurement runs (the same
+        outputs as ``root``, a contract-suite check; some timm modules cannot be exported as
+        they are). Built once per space and shared by the calibration, the dense measurement
+        and a sweep's comparison, so callers must not modify it."""
+        if space.space_id not in self._dense:
+            module = self.cut_module(space.full_plan(), space=space).eval()
+            model = module if self.part is None else copy.deepcopy(self.root, {id(self.module): module}).eval()
+            self._dense[space.space_id] = (module, model)
+        module, model = self._dense[space.space_id]
+        return model if whole else module
 
     def after(self, root: nn.Module) -> Subject:
         """The same part of ``root`` (a model this subject's :meth:`cut` returned)."""

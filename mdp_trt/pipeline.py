@@ -157,7 +157,7 @@ def run(config: PruneConfig, subject: Subject, data: Data | None = None, log: Lo
     # contract-suite check), as in the calibration groups: every measurement then runs the
     # same modules, and models whose own forward the ONNX exporter cannot trace (timm's Eva
     # passes is_causal down as a keyword) are measured all the same.
-    dense = subject.cut(space.full_plan(), space=space).eval()
+    dense = subject.dense(space)  # the rebuild the calibration read its layout off
     dense_ms = lab.measure([dense], input_shape)[0]
     budget = target.budget_ms(dense_ms)
     log(f"dense: {dense_ms:.3f} ms measured, {dense_pred:.3f} ms predicted; budget {budget:.3f} ms ({target.text})")

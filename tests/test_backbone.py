@@ -100,3 +100,24 @@ def test_output_width_is_kept_when_the_last_stage_is_one_block() -> None:
     x = torch.randn(1, 1, 32, 32)
     for plan in sample_plans(space, 12, seed=0):
         assert subject.cut(plan).eval()(x).shape == (1, 1, 32, 32)
+
+
+def test_dense_rebuild_is_made_once_per_space_and_gives_the_users_outputs() -> None:
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
+
+    ex = _example()
+    model = ex.SegModel("test_resnet").eval()
+    subject = Subject(model, "backbone")
+    space = subject.space(SpaceConfig(max_choices=4, resolution=32))
+    whole, part = subject.dense(space), subject.dense(space, whole=False)
+    assert subject.dense(space) is whole and subject.dense(space, whole=False) is part  # built once
+    assert whole is not model and part is not model.backbone and whole.backbone is part
+    assert not whole.training and not part.training
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(whole(x), model(x), atol=1e-5)  # the rebuild runs as the user's model does
+    # Keyed by the structure: a coarser grid of the same model shares it, another input size does not.
+    assert subject.dense(subject.space(SpaceConfig(max_choices=2, resolution=32))) is whole
+    other = subject.space(SpaceConfig(max_choices=4, resolution=64))
+    assert other.space_id != space.space_id and subject.dense(other) is not whole

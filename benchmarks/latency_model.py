@@ -69,15 +69,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # (the quietest dense reading of any group) can fall as later groups are measured: so the
     # calibration plans are read again after the evaluated ones, and both are fitted and judged
     # at one reference (read before, they were 2.9% above the evaluated plans on resnet50).
-    def measure_all() -> tuple[list[float], list[float]]:
+    def measure_all(say: bool) -> tuple[list[float], list[float]]:
         measured: list[float] = []
         for i in range(0, len(eval_plans), len(cal_plans)):  # in groups the size of the calibration set
             measured += lab.measure_plans(subject, space, eval_plans[i:i + len(cal_plans)])
-            log(f"plans {i + 1}-{len(measured)} of {len(eval_plans)} measured")
+            if say:
+                log(f"plans {i + 1}-{len(measured)} of {len(eval_plans)} measured")
         return lab.measure_plans(subject, space, cal_plans), measured
 
-    measure_all()
-    cal_ms, measured = measure_all()  # from the table now, at the reference all groups left
+    measure_all(say=True)
+    cal_ms, measured = measure_all(say=False)  # from the table now, at the reference all groups left
     # Refit from the (cached) calibration measurements, so the figures follow the current fit
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)

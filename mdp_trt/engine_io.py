@@ -207,8 +207,7 @@ class Lab:
         each keeps the measurement of its quietest group (not in a read-only table: it is
         used as it is)."""
         prefix = f"model/{subject.tag}{space.space_id}/"
-        full = space.full_plan()
-        full_key = prefix + plan_key(full)
+        full_key = prefix + plan_key(space.full_plan())
         keys = [prefix + plan_key(p) for p in plans]
         by_key = dict(zip(keys, plans, strict=True))
         found: dict[str, dict[str, Any]] = {}
@@ -230,7 +229,8 @@ class Lab:
             todo = list(dict.fromkeys(missing + loud))
             if not todo and ref is not None:
                 break
-            comp = self.compare([subject.cut(by_key.get(k, full), space=space) for k in [full_key, *todo]], shape)
+            comp = self.compare([subject.dense(space) if k == full_key else subject.cut(by_key[k], space=space)
+                                 for k in [full_key, *todo]], shape)
             dense_ms = comp.ms[0]
             for key, speedup, ms in zip(todo, comp.ratios[1:], comp.ms[1:], strict=True):
                 old = found.get(key)

@@ -350,13 +350,13 @@ def test_cross_engine_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     from profilers import timing
 
     comparisons: list[tuple[int, timing.Comparison]] = []
+    real = timing.compare
 
     def recording(runners, *args, **kwargs):  # type: ignore[no-untyped-def]
         comp = real(runners, *args, **kwargs)
         comparisons.append((len(runners), comp))
         return comp
 
-    real = timing.compare
     monkeypatch.setattr(timing, "compare", recording)
     runs = [_fake_run(tmp_path, "ort", "onnxruntime", 0), _fake_run(tmp_path, "ov", "openvino", 1)]
     md = tmp_path / "t.md"

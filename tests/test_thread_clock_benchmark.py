@@ -13,7 +13,7 @@ from mdp_trt.cli import run_cli
 def test_passes_print_dense_pruned_and_paired_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.thread_clock import main
 
-    argv = ["--model", "test_resnet", "--resolution", "32", "--spinners", "0", "1", "--rounds", "2", "--runs", "3",
+    argv = ["--model", "test_resnet", "--resolution", "32", "--spinners", "0", "1", "--rounds", "2",
             "--out", str(tmp_path)]
     assert run_cli(main, argv) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -30,4 +30,4 @@ def test_bad_counts_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.thread_clock import main
 
     assert run_cli(main, ["--spinners", "-1"]) == 1
-    assert "--spinners must be >= 0" in capsys.readouterr().err
+    assert "--spinners must be >= 0 and --rounds >= 1" in capsys.readouterr().err

@@ -149,7 +149,7 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     import timm
 
     from mdp_trt import apply_plan, space_of
-    from mdp_trt.engine_io import Lab
+    from mdp_trt.engine_io import READINGS, Lab
     from mdp_trt.models import SpaceConfig
     from mdp_trt.part import Subject
     from mdp_trt.surface import sample_plans
@@ -161,8 +161,9 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     def cost(m: nn.Module) -> float:  # a latency that follows the parameter count
         return sum(p.numel() for p in m.parameters()) / 1e6
 
-    # the second group is measured 30% slow throughout, so it is measured again (at 1.0)
-    factors = iter([1.0, 1.3, 1.0, 0.95])
+    # every plan is read in READINGS quiet groups; the second group is measured 30% slow
+    # throughout, so its plans are measured a third time
+    factors = iter([1.0, 1.3, 1.0, 1.0, 1.0, 0.95, 0.95])
     groups: list[int] = []
 
     monkeypatch.setattr(lab, "compare", fake_compare(factors, groups, cost, slowed=lambda f: f))
@@ -170,13 +171,13 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
     subject = Subject(model)
     got = lab.measure_plans(subject, space, plans[:3]) + lab.measure_plans(subject, space, plans[3:])
     dense = cost(model)
-    assert groups == [4, 4, 4]  # the dense model joins every group
+    assert READINGS == 2 and groups == [4, 4, 4, 4, 4]  # the dense model joins every group
     assert got == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans])
     assert lab.measure_plans(subject, space, [space.full_plan()])[0] == pytest.approx(dense)
     # a later, quieter group lowers the reference every plan is read against
     smallest = space.plan({d.name: d.choices[0] for d in space.dims}, ())
     lab.measure_plans(subject, space, [smallest])
-    assert groups == [4, 4, 4, 2]
+    assert groups == [4, 4, 4, 4, 4, 2, 2]
     assert lab.measure_plans(subject, space, [plans[0]])[0] == pytest.approx(0.95 * cost(apply_plan(model, plans[0], space=space)))
     from mdp_trt.engine_io import plan_key
 
@@ -188,8 +189,9 @@ def test_plans_are_measured_against_the_dense_model_of_their_group(tmp_path: Pat
 def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_kept(tmp_path: Path,
                                                                                    monkeypatch) -> None:
     """A loud episode that slows the plans more than the dense model (so their speedup is
-    wrong too): the plans are measured again while their group's dense model reads more than
-    the tolerance above the reference, at most DENSE_TRIES groups in all, the quietest kept."""
+    wrong too): the plans are measured again while their groups' dense model reads more than
+    the tolerance above the reference, at most DENSE_TRIES groups in all; with no quiet group
+    the quietest is kept."""
     import timm
 
     from mdp_trt import apply_plan, space_of
@@ -205,7 +207,7 @@ def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_
     def cost(m: nn.Module) -> float:
         return sum(p.numel() for p in m.parameters()) / 1e6
 
-    factors = iter([1.0, 1.5, 1.3, 1.4, 1.2])
+    factors = iter([1.0, 1.0, 1.5, 1.3, 1.4, 1.35])
     groups: list[int] = []
 
     monkeypatch.setattr(lab, "compare", fake_compare(factors, groups, cost, slowed=lambda f: f * f))
@@ -214,7 +216,46 @@ def test_a_group_whose_dense_model_read_slow_is_measured_again_and_its_quietest_
     quiet = lab.measure_plans(subject, space, plans[:2])
     assert quiet == pytest.approx([cost(apply_plan(model, p, space=space)) for p in plans[:2]])
     loud = lab.measure_plans(subject, space, plans[2:])
-    assert DENSE_TRIES == 3 and groups == [3, 3, 3, 3]  # 1.5, then 1.3 (kept), then 1.4 (not kept)
+    assert DENSE_TRIES == 4 and groups == [3] * 6  # 1.5, 1.3 (kept), 1.4, 1.35: none quiet
     assert loud == pytest.approx([1.3 * cost(apply_plan(model, p, space=space)) for p in plans[2:]])
     assert lab.measure_plans(subject, space, plans) == pytest.approx(quiet + loud)  # no tries left
-    assert groups == [3, 3, 3, 3]
+    assert groups == [3] * 6
+
+
+def test_a_plan_is_the_mean_of_its_quiet_groups_and_loud_ones_are_left_out(tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """Groups whose plans read a few percent apart (the dense model quiet in both) are
+    averaged (geometric mean of the speedups); a loud group between them is measured past,
+    not averaged in, and a reopened table gives the same figures without measuring."""
+    import timm
+
+    from mdp_trt import apply_plan, space_of
+    from mdp_trt.engine_io import Lab
+    from mdp_trt.models import SpaceConfig
+    from mdp_trt.part import Subject
+    from mdp_trt.surface import sample_plans
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    space = space_of(model, SpaceConfig(resolution=32, max_choices=4))
+
+    def cost(m: nn.Module) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    lab = Lab("onnxruntime", "fp32", 1, 32, 1, tmp_path / "t.sqlite", "resnet18", progress=False)
+    groups: list[int] = []
+    # plans read f**2 / f = f slower than their dense model: 1.0, then loud 1.5, then 1.04
+    monkeypatch.setattr(lab, "compare", fake_compare(iter([1.0, 1.5, 1.04]), groups, cost,
+                                                     slowed=lambda f: f * f))
+    plans = sample_plans(space, 3, seed=3)
+    subject = Subject(model)
+    got = lab.measure_plans(subject, space, plans)
+    assert groups == [4, 4, 4]
+    want = [cost(apply_plan(model, p, space=space)) * 1.04 ** 0.5 for p in plans]
+    assert got == pytest.approx(want)
+    lab2 = Lab("onnxruntime", "fp32", 1, 32, 1, tmp_path / "t.sqlite", "resnet18", progress=False)
+    monkeypatch.setattr(lab2, "compare", fake_compare(iter([]), groups, cost, slowed=lambda f: f))
+    assert lab2.measure_plans(subject, space, plans) == pytest.approx(want)
+    from mdp_trt.engine_io import plan_key
+
+    points = {plan_key(p): ms for p, ms in lab2.measured_points(space)}
+    assert [points[plan_key(p)] for p in plans] == pytest.approx(want)

@@ -21,7 +21,7 @@ GPU_CHECK_ARGS ?=
 # run's code paths (cvxpy only for MIP solvers other than HiGHS; rich, timm, onnx are there).
 GPU_WHEELS ?= highspy==1.16.0
 
-.PHONY: setup test test-all lint typecheck demo profile bench gpu-check gpu-wheels clean
+.PHONY: setup test test-all lint typecheck demo probe-host profile bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ demo: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "could not install dataset-fashion-mnist: the demo runs on synthetic data"; }
+	-@$(PY) -m profilers.neighbours --if-missing
 	$(PY) -m mdp_trt.demo $(DEMO_ARGS)
+
+# Whether busy neighbour cores slow the thread clock on this CPU (once, on a quiet machine).
+probe-host: $(STAMP)
+	$(PY) -m profilers.neighbours
 
 profile: $(STAMP)
 	$(PY) -m mdp_trt.profile --model $(MODEL) --engine $(ENGINE) --precision $(PRECISION) \

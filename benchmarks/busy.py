@@ -12,8 +12,11 @@ and pruned ONNX files (plain ONNX Runtime sessions, ``sess.run`` on numpy inputs
 pruned alternating in blocks, the calling thread's CPU time on one thread or the wall clock
 for the multi-threaded run) gives the speedup to check the report against. With ``--demo CLONE``,
 ``make demo`` runs in that fresh clone beside the spinners first, checked the same way
-against its trained dense checkpoint. Prints a table and writes ``busy_machine.json`` /
-``.md`` under ``--results``.
+against its trained dense checkpoint. Before any spinner starts, the host is probed
+(:mod:`profilers.neighbours`: does a busy core slow the measured thread's own CPU time on this
+CPU?) where no probe of its CPU is stored, as a user would once on a quiet machine; the prune
+runs (and the demo in its clone, which shares the user's cache) read that probe. Prints a
+table and writes ``busy_machine.json`` / ``.md`` under ``--results``.
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from profilers.engines.base import cpu_name
 
     args.out.mkdir(parents=True, exist_ok=True)
+    probe = probe_host(args.probe)
     rows = []
     if args.demo is not None:
         procs = spinners(args.busy)
@@ -203,7 +207,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(rec)
             print(_row_text(rec), file=sys.stderr, flush=True)
     return {"cpu": cpu_name(), "machine": platform.machine(), "cores": os.cpu_count(), "busy": args.busy,
-            "rows": rows}
+            "host_probe": probe, "rows": rows}
+
+
+def probe_host(probe: bool) -> dict[str, Any] | None:
+    """The host probe of this CPU (:mod:`profilers.neighbours`), taken now, before any spinner,
+    where none is stored and ``probe``; None where there is none."""
+    from dataclasses import asdict
+
+    from profilers import neighbours
+
+    found = neighbours.load()
+    if found is None and probe:
+        found, why = neighbours.measure(neighbours.onnxruntime_timed())
+        if found is None:
+            print(f"host not probed: {why}", file=sys.stderr, flush=True)
+        else:
+            neighbours.save(found)
+    if found is not None:
+        print(f"host probe: busy cores x{found.inflation:.3f} on the measured thread "
+              f"({'slow it' if found.slows else 'do not slow it'})", file=sys.stderr, flush=True)
+    return None if found is None else asdict(found)
 
 
 def ab_again(res: dict[str, Any], out: Path) -> None:
@@ -236,7 +260,11 @@ def _row_text(r: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"CPU: {res['cpu']} ({res['cores']} cores), {res['busy']} spinning processes beside each prune run.", "",
+    probe = res.get("host_probe")
+    host = ("no host probe stored" if not probe else
+            f"host probe: busy cores x{probe['inflation']:.3f} on the measured thread's CPU time")
+    lines = [f"CPU: {res['cpu']} ({res['cores']} cores), {res['busy']} spinning processes beside each prune run; "
+             f"{host}.", "",
              "| model | setting | exit | outcome | report speedup | independent A/B | report vs A/B | in [1.94, 2.2] | "
              "dense / pruned (A/B, ms) | load during prune | load during A/B | prune wall time |",
              "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
@@ -263,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--wall-threads", type=int, default=2, help="also prune with --threads N --clock wall (0: skip)")
     ap.add_argument("--wall-extra", default="", help="more prune options for the wall-clock runs, one string "
                     "(--wall-extra='--max-choices 8')")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="do not probe the host first (profilers.neighbours) where no probe of its CPU is stored")
     ap.add_argument("--out", type=Path, default=Path("runs/busy"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--ab-again", action="store_true",

@@ -47,6 +47,19 @@ def plan_flops(model: Any, space: PruningSpace, plan: Plan) -> int:
     return count_flops(apply_plan(model, plan, space=space), (1, *space.input_size))
 
 
+def spread_among(few: Sequence[Plan], many: Sequence[Plan]) -> list[Plan]:
+    """``many`` in order with ``few`` placed evenly among them: the k-th (from 1) after
+    ``k * len(many) / (len(few) + 1)`` of ``many``."""
+    out: list[Plan] = []
+    k = 0
+    for i, p in enumerate(many):
+        out.append(p)
+        while k < len(few) and (i + 1) * (len(few) + 1) >= (k + 1) * len(many):
+            out.append(few[k])
+            k += 1
+    return out + list(few[k:])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mdp_trt.api import create_model
     from mdp_trt.engine_io import Lab, plan_key
@@ -60,25 +73,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
     lab = Lab(args.engine, args.precision, args.batch_size, space.input_size[1], args.threads, args.lut,
               args.model, progress=not args.json, log=log, clock=args.clock)
-    surface = calibrated(lab, subject, space, SurfaceModel(), n_plans=args.calibration_plans, seed=args.seed)
-
     cal_plans = calibration_plans(space, args.calibration_plans, args.seed)
     cal_keys = {plan_key(p) for p in cal_plans}
     eval_plans = [p for p in sample_plans(space, args.plans, seed=args.seed) if plan_key(p) not in cal_keys]
-    # Every whole-model figure is the table's dense reference over a speedup, and the reference
-    # (the quietest dense reading of any group) can fall as later groups are measured: so the
-    # calibration plans are read again after the evaluated ones, and both are fitted and judged
-    # at one reference (read before, they were 2.9% above the evaluated plans on resnet50).
-    def measure_all(say: bool) -> tuple[list[float], list[float]]:
-        measured: list[float] = []
-        for i in range(0, len(eval_plans), len(cal_plans)):  # in groups the size of the calibration set
-            measured += lab.measure_plans(subject, space, eval_plans[i:i + len(cal_plans)])
-            if say:
-                log(f"plans {i + 1}-{len(measured)} of {len(eval_plans)} measured")
-        return lab.measure_plans(subject, space, cal_plans), measured
-
-    measure_all(say=True)
-    cal_ms, measured = measure_all(say=False)  # from the table now, at the reference all groups left
+    # The terms first (profiling what the table lacks), then every whole model. A plan's
+    # speedup over the dense model moves by a percent or two from one stretch of minutes to the
+    # next on a shared host, and all plans measured in one stretch move together: calibration
+    # plans measured before the evaluated ones (as the prune command measures them, at its
+    # start) put the median up to 3 points off on resnet18 and resnet50 at 224 px (EPYC box)
+    # whatever the predictor. So calibration and evaluated plans are measured in the same
+    # groups, the calibration plans spread among the others, in two sweeps (the second in the
+    # reverse order, so in other groups): each plan is the mean of one reading from each, and
+    # both sets are read at the same times, under the same conditions.
+    lab.points(subject.adapter, space, subject.dense(space, whole=False))
+    mixed = spread_among(cal_plans[1:], eval_plans)
+    group = max(1, args.calibration_plans)
+    for sweep, order in ((1, mixed), (2, mixed[::-1])):
+        lab.readings = sweep
+        for i in range(0, len(order), group):
+            lab.measure_plans(subject, space, order[i:i + group])
+            log(f"sweep {sweep}: plans {i + 1}-{min(i + group, len(order))} of {len(order)} measured")
+    surface = calibrated(lab, subject, space, SurfaceModel(), n_plans=args.calibration_plans, seed=args.seed)
+    # Read again at the dense reference all groups left (the quietest dense reading of any);
+    # plans whose groups read loud against it are measured again here.
+    cal_ms = lab.measure_plans(subject, space, cal_plans)
+    measured = lab.measure_plans(subject, space, eval_plans)
     # Refit from the (cached) calibration measurements, so the figures follow the current fit
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)

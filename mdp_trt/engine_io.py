@@ -146,6 +146,9 @@ class Lab:
         self._noted = False
         self.progress = progress
         self.log = log
+        self.readings = READINGS
+        """Quiet groups :meth:`measure_plans` reads each plan in (a benchmark that spreads them
+        over time sets 1 for its first sweep)."""
         self._sentinel: Any = None
 
     @property
@@ -221,7 +224,7 @@ class Lab:
         not undo it. The dense model of every group is therefore also a sentinel: a group
         whose dense model read more than :data:`DENSE_TOLERANCE` above the reference is loud.
         And the plans of one group move together, by a percent or two, against another group
-        (:data:`READINGS`). So each plan is measured until :data:`READINGS` quiet groups have
+        (:data:`READINGS`). So each plan is measured until ``readings`` quiet groups have
         read it, in :data:`DENSE_TRIES` groups at most (across calls), and its speedup is the
         geometric mean of its quiet readings (none quiet: its quietest group's). A read-only
         table is used as it is."""
@@ -241,14 +244,15 @@ class Lab:
         shape = (self.engine.identity().batch_size, *space.input_size)
         while True:  # each pass measures, in one group, every plan still short of quiet readings
             todo = [k for k in dict.fromkeys(keys) if k != full_key
-                    and (k not in found or (ref is not None and self._due(found[k], float(ref["median_ms"]))))]
+                    and (k not in found or (ref is not None and self._due(found[k], float(ref["median_ms"]),
+                                                                          self.readings)))]
             if self.table.read_only:
                 todo = [k for k in todo if k not in found]
             if not todo and ref is not None:
                 break
             again = sum(k in found for k in todo)
             if again:
-                self.log(f"{again} plan(s) read in fewer than {READINGS} groups whose dense model was within "
+                self.log(f"{again} plan(s) read in fewer than {self.readings} groups whose dense model was within "
                          f"{DENSE_TOLERANCE:.0%} of its quietest reading: measuring them again")
             comp = self.compare([subject.dense(space) if k == full_key else subject.cut(by_key[k], space=space)
                                  for k in [full_key, *todo]], shape)
@@ -267,9 +271,9 @@ class Lab:
         return [dense_ref if k == full_key else dense_ref / _speedup(found[k], dense_ref) for k in keys]
 
     @staticmethod
-    def _due(rec: dict[str, Any], dense_ref: float) -> bool:
+    def _due(rec: dict[str, Any], dense_ref: float, readings: int) -> bool:
         """Whether a plan is short of quiet readings and has groups left."""
-        return len(_quiet(rec, dense_ref)) < READINGS and len(_readings(rec)) < DENSE_TRIES
+        return len(_quiet(rec, dense_ref)) < readings and len(_readings(rec)) < DENSE_TRIES
 
     def measured_points(self, space: PruningSpace, tag: str = "") -> list[tuple[Plan, float]]:
         """(plan, measured ms) of every whole model of this space (and subject ``tag``) measured so far."""
@@ -308,6 +312,7 @@ class Lab:
 
     def _compare(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...], times: int
                  ) -> list[Comparison]:
+        from profilers.neighbours import busy_cores_slow_thread
         from profilers.timing import compare, usable_cores
 
         threads = getattr(self.engine, "threads", None)
@@ -315,7 +320,9 @@ class Lab:
             threads = usable_cores()
         runners = [self.engine.prepare(m.eval(), input_shape) for m in modules]
         try:
-            return [compare(runners, threads=threads or 1, sentinel=self.sentinel) for _ in range(times)]
+            slow = busy_cores_slow_thread()
+            return [compare(runners, threads=threads or 1, sentinel=self.sentinel, busy_cores_slow_thread=slow)
+                    for _ in range(times)]
         finally:
             for r in runners:
                 r.close()

@@ -416,7 +416,8 @@ def _cpu_snapshot() -> tuple[float, float, float] | None:
 def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, threads: int = 1,
             clock: Clock = time.perf_counter, device_clock: bool = True,
             meter: Callable[[], CpuMeter] = CpuMeter, sentinel: Sentinel | None = None,
-            wait_s: float = 30.0, wall: Clock = time.perf_counter) -> Comparison:
+            wait_s: float = 30.0, wall: Clock = time.perf_counter,
+            busy_cores_slow_thread: bool = True) -> Comparison:
     """Measure ``runners`` side by side (see :class:`Comparison`), re-measuring when unreliable.
 
     An attempt is reliable when every model's round values and the paired ratios spread by
@@ -426,7 +427,9 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     count, but a neighbour on the same core, or on its hardware sibling, still slows the
     thread itself: on a 2-vCPU Intel Xeon VM, dense and pruned resnet18 at 128 px ran 1.71x
     and 1.78x slower by their own CPU time beside two spinning processes than alone, and
-    their speedup read 8% lower. So ``others_cores <= cores - threads`` there. Device clocks
+    their speedup read 8% lower. So ``others_cores <= cores - threads`` there, unless
+    ``busy_cores_slow_thread`` is False: a probe of this CPU found they do not
+    (:mod:`profilers.neighbours`; an AMD EPYC VM, for one). Device clocks
     judge spread only. Up to ``budget.max_rounds`` attempts; the first reliable one is
     returned, else the last, marked unreliable with the reason.
 
@@ -488,10 +491,11 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
         if kind == "host" and others is not None and others > cores - threads + 0.25:
             reasons.append(f"other processes kept {others:.1f} of {cores} cores busy, and the wall "
                            f"clock counts waiting for a core ({threads} thread(s) needed)")
-        elif kind == "thread-cpu" and others is not None and others > cores - threads:
+        elif kind == "thread-cpu" and busy_cores_slow_thread and others is not None and others > cores - threads:
             reasons.append(f"other processes kept {others:.1f} of {cores} cores busy: more than the "
                            f"{cores - threads} left to them, so they shared the measured thread's core "
-                           "(or its hardware sibling and caches), which slows its CPU time too")
+                           "(or its hardware sibling and caches), which slows its CPU time on some CPUs "
+                           "(`python -m profilers.neighbours` on a quiet machine tells whether on this one)")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         result = Comparison(ms=[float(np.median(v)) for v in per_model],
                             ratios=[float(np.median(r)) for r in ratios], spread=spread,

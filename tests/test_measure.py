@@ -109,7 +109,14 @@ def test_wall_clock_on_a_busy_machine_is_unreliable_but_thread_time_is_not() -> 
     spare = _compare([ThreadTimed()], clock, meter_cores=float(cores - 1))
     assert spare.reliable and spare.clock == "thread-cpu" and spare.others_cores == cores - 1
     crowded = _compare([ThreadTimed()], clock, meter_cores=float(cores) + 0.5)
-    assert not crowded.reliable and "sibling" in crowded.reason
+    assert not crowded.reliable and "sibling" in crowded.reason and "profilers.neighbours" in crowded.reason
+    # where a probe of this CPU found busy cores do not slow the thread, they are no reason
+    probed = compare([ThreadTimed()], FAST, clock=clock, meter=lambda: QuietMeter(float(cores) + 0.5),
+                     busy_cores_slow_thread=False)
+    assert probed.reliable and probed.reason == ""
+    # the wall clock still counts waiting for a core, probe or not
+    walled = compare([steady], FAST, clock=clock, meter=lambda: QuietMeter(float(cores)), busy_cores_slow_thread=False)
+    assert not walled.reliable and "cores busy" in walled.reason
 
 
 def test_robust_spread() -> None:

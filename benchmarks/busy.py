@@ -36,25 +36,14 @@ from typing import Any
 
 from mdp_trt.cli import run_cli
 from mdp_trt.errors import MdpError
+from profilers.neighbours import SPIN, spinners, stop
 
-SPIN = "while True:\n    pass\n"
+__all__ = ["SPIN", "ab", "spinners", "stop"]
 BAND = (1.94, 2.2)
 
 
 def _load() -> float:
     return os.getloadavg()[0]
-
-
-def spinners(n: int) -> list[subprocess.Popen[bytes]]:
-    """``n`` processes that keep one core busy each, until killed."""
-    return [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
-
-
-def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.wait()
 
 
 def export_dense(name: str, res: int, path: Path) -> None:

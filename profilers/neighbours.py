@@ -126,23 +126,25 @@ def busy_cores_slow_thread(cpu: str | None = None, path: Path | None = None) -> 
     return True if probe is None else probe.slows
 
 
-def _spinners(n: int) -> list[subprocess.Popen[bytes]]:
+def spinners(n: int) -> list[subprocess.Popen[bytes]]:
+    """``n`` processes that keep one core busy each, until killed (:func:`stop`)."""
     return [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.kill()
     for p in procs:
         p.wait()
 
 
-def measure(timed: Callable[[int], Sequence[float]], *, blocks: int = 4, iters: int = 60,
-            spin: Callable[[int], Any] = _spinners, stop: Callable[[Any], None] = _stop,
+def measure(timed: Callable[[int], Sequence[float]], *, blocks: int = 4, iters: int = 60, block_ms: float = 500.0,
+            spin: Callable[[int], Any] = spinners, end: Callable[[Any], None] = stop,
             meter: Callable[[], CpuMeter] = CpuMeter, settle_s: float = 0.3,
             cpu: str | None = None) -> tuple[Probe | None, str]:
     """Probe with ``timed(iters)`` (per-iteration ms by the thread clock) in ``blocks`` pairs
-    of blocks, alone then beside a spinner on every other core. Returns the probe, or None
+    of blocks (each at least ``iters`` iterations and ``block_ms`` long), alone then beside a
+    spinner on every other core. Returns the probe, or None
     and why not (a machine busy during the quiet blocks, a single core)."""
     n = usable_cores() - 1
     if n < 1:
@@ -150,7 +152,8 @@ def measure(timed: Callable[[int], Sequence[float]], *, blocks: int = 4, iters: 
     quiet: list[float] = []
     busy: list[float] = []
     others: list[float] = []
-    timed(iters)  # warm-up
+    warm = timed(iters)  # warm-up; blocks of at least ``block_ms`` (the meter counts in 10 ms ticks)
+    iters = max(iters, int(np.ceil(block_ms / max(float(np.median(warm)), 1e-6))))
     for _ in range(blocks):
         m = meter()
         quiet.append(float(np.quantile(timed(iters), 0.25)))
@@ -161,7 +164,7 @@ def measure(timed: Callable[[int], Sequence[float]], *, blocks: int = 4, iters: 
             time.sleep(settle_s)
             busy.append(float(np.quantile(timed(iters), 0.25)))
         finally:
-            stop(procs)
+            end(procs)
     busiest = max(others)
     if busiest > QUIET_CORES:
         return None, (f"other processes kept {busiest:.1f} cores busy while the probe ran alone "

@@ -50,7 +50,7 @@ def test_probe_measures_the_slowdown_and_stores_it_per_cpu(tmp_path: Path, two_c
                                                           slows: bool) -> None:
     """The Xeon VM's 1.7x and the EPYC VM's ~1.0x (benchmarks.thread_clock), faked."""
     timed, spin, stop, meter, state = fake_host(inflation)
-    probe, why = measure(timed, blocks=3, iters=9, spin=spin, stop=stop, meter=meter, settle_s=0.0, cpu="cpu A")
+    probe, why = measure(timed, blocks=3, iters=9, spin=spin, end=stop, meter=meter, settle_s=0.0, cpu="cpu A")
     assert probe is not None and why == ""
     assert probe.inflation == pytest.approx(inflation, rel=1e-9) and probe.spinners == 1
     assert probe.slows is slows and state["spinning"] == 0  # spinners stopped
@@ -64,7 +64,7 @@ def test_probe_measures_the_slowdown_and_stores_it_per_cpu(tmp_path: Path, two_c
 
 def test_a_busy_machine_is_not_probed(two_cores: None) -> None:
     timed, spin, stop, meter, _ = fake_host(1.0, quiet_cores=1.5)
-    probe, why = measure(timed, blocks=2, iters=6, spin=spin, stop=stop, meter=meter, settle_s=0.0, cpu="x")
+    probe, why = measure(timed, blocks=2, iters=6, spin=spin, end=stop, meter=meter, settle_s=0.0, cpu="x")
     assert probe is None and "1.5 cores busy" in why
 
 

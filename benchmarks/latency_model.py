@@ -14,7 +14,9 @@ three predictors, each fitted on the same calibration plans (never among the eva
   calibrated on the same plans;
 - ``flops``: latency proportional to FLOPs, the constant fitted on the calibration plans.
 
-All three are fitted by least relative error on the calibration plans.
+All three are fitted by least relative error on the calibration plans. The calibration plans
+are measured in the same groups as the evaluated ones, spread among them, in two sweeps
+(each plan the mean of two readings), so both sets are read under the same conditions.
 
 ``--clock cpu`` (the onnxruntime and openvino engines' clock option) times every inference,
 term tables and whole models alike, by the CPU time of the calling thread: on a shared box it is immune to

@@ -36,9 +36,8 @@ from typing import Any
 
 from mdp_trt.cli import run_cli
 from mdp_trt.errors import MdpError
-from profilers.neighbours import SPIN, spinners, stop
+from profilers.neighbours import spinners, stop
 
-__all__ = ["SPIN", "ab", "spinners", "stop"]
 BAND = (1.94, 2.2)
 
 

@@ -7,7 +7,7 @@ A dense timm model and a plan of it (every dim at the middle of its choices), ex
 ONNX, measured by the busy-machine benchmark's independent A/B (:func:`benchmarks.busy.ab`:
 plain ONNX Runtime sessions on one thread, dense and pruned alternating in ``--rounds``
 blocks, the calling thread's CPU time), once per entry of ``--spinners`` with that many
-processes spinning beside them (:func:`benchmarks.busy.spinners`). Prints per pass the
+processes spinning beside them (:func:`profilers.neighbours.spinners`). Prints per pass the
 dense and pruned ms and the paired speedup, with the load average. Where the figures beside
 spinners match the quiet passes, a neighbour does not slow the measured thread on this CPU;
 where they do not (a hardware sibling, a shared cache), it does.
@@ -22,7 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.busy import ab, spinners, stop
+from benchmarks.busy import ab
+from profilers.neighbours import spinners, stop
 
 
 def export_pair(name: str, res: int, out: Path) -> tuple[Path, Path]:

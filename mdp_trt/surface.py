@@ -484,16 +484,13 @@ def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Se
     if len(cands) == 1:
         return Calibration.fit(raw, measured, weights)
     errs = {name: _loo_errs(raw, measured, weights, kw) for name, kw in cands.items()}
-    rms = {name: float(np.sqrt(np.mean(np.square(e)))) if len(e) else float("inf") for name, e in errs.items()}
     better = [k for k in cands if k != "affine" and _clearly_better(errs["affine"], errs[k])]
-    best = min(better, key=lambda k: rms[k]) if better else "affine"
+    best = min(better, key=lambda k: _rms(errs[k])) if better else "affine"
     return Calibration.fit(raw, measured, weights, **cands[best])
 
 
-def _loo_err(raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None,
-             parts: Mapping[str, Any]) -> float:
-    """Root mean square of :func:`_loo_errs` (inf: too few points)."""
-    errs = _loo_errs(raw, measured, weights, parts)
+def _rms(errs: np.ndarray) -> float:
+    """Root mean square of leave-one-out errors (:func:`_loo_errs`; inf: none, too few points)."""
     return float(np.sqrt(np.mean(np.square(errs)))) if len(errs) else float("inf")
 
 

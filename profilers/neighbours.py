@@ -68,18 +68,21 @@ class Probe:
 
 
 def cpu_key() -> str:
-    """The CPU as the guest sees it: model name, family, model, usable cores."""
+    """The CPU as the guest sees it: model name (:func:`~profilers.engines.base.cpu_name`),
+    family, model, usable cores."""
+    from profilers.engines.base import cpu_name
+
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             k, _, v = line.partition(":")
             k = k.strip()
-            if k in ("model name", "cpu family", "model") and k not in fields:
+            if k in ("cpu family", "model") and k not in fields:
                 fields[k] = v.strip()
     except OSError:
         pass
-    name = fields.get("model name") or os.uname().machine
-    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}), {usable_cores()} cores"
+    return (f"{cpu_name()} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}), "
+            f"{usable_cores()} cores")
 
 
 def cache_path() -> Path:

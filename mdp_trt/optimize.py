@@ -5,7 +5,16 @@ from __future__ import annotations
 from mdp_trt.models import Importance
 from mdp_trt.space import Plan, PruningSpace
 from mdp_trt.surface import LatencySurface
-from solvers import Problem, Solution, SolverBlock, SolverDim, SolverTerm, SolverValue, solve
+from solvers import (
+    Problem,
+    Solution,
+    SolverBlock,
+    SolverDim,
+    SolverExcess,
+    SolverTerm,
+    SolverValue,
+    solve,
+)
 
 
 def problem(space: PruningSpace, surface: LatencySurface, importance: Importance) -> Problem:
@@ -13,7 +22,8 @@ def problem(space: PruningSpace, surface: LatencySurface, importance: Importance
 
     The arrays already carry the calibration's scale and weight-traffic charge
     (:meth:`LatencySurface.calibrated_arrays`), so the problem's scale is 1 and only the
-    offset is left; its latency of a plan equals ``surface.predict(plan)``.
+    offset is left; a spill part becomes the problem's excess (the terms' parameters past the
+    knee). Its latency of a plan equals ``surface.predict(plan)``.
 
     A removable block's shares of shared dims (``importance.block_shares``) become value terms
     over (block kept, the dim's choice), taken out of the dim's own value, so that removing
@@ -33,7 +43,14 @@ def problem(space: PruningSpace, surface: LatencySurface, importance: Importance
     arrays = surface.calibrated_arrays()
     terms = [SolverTerm(t.name, t.dims, arrays[t.name], t.block) for t in space.terms]
     values = [SolverValue(f"{b}>{d}", d, v, b) for (b, d), v in shares.items()]
-    return Problem(dims, blocks, terms, fixed_ms=0.0, scale=1.0, offset=surface.calibration.offset, values=values)
+    spill = surface.spill_arrays()
+    excess = None
+    if spill is not None:  # weights past the cache: a second row over the same terms
+        cal = surface.calibration
+        excess = SolverExcess({t.name: spill[t.name] for t in space.terms}, cal.spill_mparams,
+                              cal.ms_per_spilled_mparam)
+    return Problem(dims, blocks, terms, fixed_ms=0.0, scale=1.0, offset=surface.calibration.offset, values=values,
+                   excess=excess)
 
 
 def solve_plan(space: PruningSpace, surface: LatencySurface, importance: Importance, budget_ms: float,

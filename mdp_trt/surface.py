@@ -11,10 +11,11 @@ measurements by relative error (it absorbs what terms leave out: pooling, adds, 
 gaps, fusion across term borders). A third part may charge the kept terms' parameters:
 weight traffic, for engines where a term timed alone keeps its weights in cache while inside
 the whole model they stream from memory; it is kept when it lowers the leave-one-out error
-(:func:`fit_calibration`). Every part is a sum
+(:func:`fit_calibration`). Every part but one is a sum
 over terms, so the calibrated model stays additive: :meth:`LatencySurface.calibrated_arrays`
 gives per-term arrays that sum, plus the offset, to :meth:`LatencySurface.predict`; the
-solver takes exactly those.
+solver takes exactly those. The one that is not, weights spilling out of cache, charges the
+kept terms' parameters past a knee: the solver takes it as a second row over the same terms.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ Points = Mapping[str, Mapping[tuple[int, ...], float]]
 MIN_TRAFFIC_POINTS = 5
 """Fewest whole-model measurements the three-parameter (weight-traffic) fit is tried on."""
 
+MIN_SPILL_POINTS = 6
+"""Fewest whole-model measurements the four-parameter (weights spilling out of cache) fit is
+tried on."""
+
+SPILL_KNEES = 64
+"""Knees tried by the spill fit, evenly between the calibration plans' fewest and most parameters."""
+
 def _clearly_better(base: np.ndarray, cand: np.ndarray) -> bool:
     """Whether leave-one-out errors ``cand`` beat ``base`` by more than the noise of so few
     folds: the mean of the paired differences of squared errors exceeds its standard error
@@ -55,11 +63,18 @@ def _clearly_better(base: np.ndarray, cand: np.ndarray) -> bool:
 
 @dataclass
 class Calibration:
-    """``measured ~= scale * raw + ms_per_mparam * mparams + ms_per_gflop * gflops + offset``,
-    fitted on whole-model measurements (``raw``: the sum of kept terms' latency; ``mparams``,
-    ``gflops``: the sums of their parameters in millions and of their GFLOPs). ``scale`` is 0
-    where FLOPs alone predict better than the terms. Records written before a part existed
-    read it as 0. ``form`` names the candidate chosen (:func:`fit_calibration`)."""
+    """``measured ~= scale * raw + ms_per_mparam * mparams + ms_per_gflop * gflops + offset
+    + ms_per_spilled_mparam * max(0, mparams - spill_mparams)``, fitted on whole-model
+    measurements (``raw``: the sum of kept terms' latency; ``mparams``, ``gflops``: the sums of
+    their parameters in millions and of their GFLOPs). ``scale`` is 0 where FLOPs alone predict
+    better than the terms. The last part (form ``spill``) charges the weights past a knee: a
+    term timed alone runs with its weights in cache, a whole model whose weights outgrow the
+    cache streams them from memory on every inference, so past the knee each million
+    parameters costs the same again (resnet18 at 64 px, AMD EPYC box: whole models 1.01-1.13x
+    the sum of their terms under 2M parameters, 1.8-2.3x at 6-12M). It is not a sum over
+    terms; the solver takes it as a second latency row (:class:`solvers.SolverExcess`).
+    Records written before a part existed read it as 0. ``form`` names the candidate chosen
+    (:func:`fit_calibration`)."""
 
     scale: float = 1.0
     offset: float = 0.0
@@ -69,10 +84,21 @@ class Calibration:
     ms_per_mparam: float = 0.0
     ms_per_gflop: float = 0.0
     form: str = "affine"
+    ms_per_spilled_mparam: float = 0.0
+    spill_mparams: float = 0.0
 
     def __call__(self, raw: float | np.ndarray, mparams: float | np.ndarray = 0.0,
                  gflops: float | np.ndarray = 0.0) -> float | np.ndarray:
-        return self.scale * raw + self.ms_per_mparam * mparams + self.ms_per_gflop * gflops + self.offset
+        out = self.scale * raw + self.ms_per_mparam * mparams + self.ms_per_gflop * gflops + self.offset
+        if self.ms_per_spilled_mparam:
+            out = out + self.spilled(mparams)
+        return out
+
+    def spilled(self, mparams: float | np.ndarray) -> float | np.ndarray:
+        """The spill part alone: the charge for the parameters past the knee."""
+        past = np.maximum(0.0, np.asarray(mparams, dtype=np.float64) - self.spill_mparams)
+        charge = self.ms_per_spilled_mparam * past
+        return float(charge) if np.ndim(charge) == 0 else charge
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -87,13 +113,16 @@ class Calibration:
     @classmethod
     def fit(cls, raw: Sequence[float], measured: Sequence[float], weights: Sequence[float] | None = None,
             mparams: Sequence[float] | None = None, min_traffic_points: int = MIN_TRAFFIC_POINTS,
-            gflops: Sequence[float] | None = None, use_raw: bool = True) -> Calibration:
+            gflops: Sequence[float] | None = None, use_raw: bool = True, spill: bool = False) -> Calibration:
         """Least-squares fit of the relative error (each point weighted by ``weights``).
 
         With ``mparams`` (weight traffic) or ``gflops`` and at least ``min_traffic_points``
         points, that part is fitted too; it is dropped (affine fit) when a coefficient would
-        come out negative. ``use_raw=False`` with ``gflops`` fits FLOPs alone (scale 0). With
-        fewer than three points, or no spread in ``raw``, a pure scale.
+        come out negative. ``spill=True`` with ``mparams`` and at least :data:`MIN_SPILL_POINTS`
+        points fits the spill part instead of weight traffic (the knee by least squares over
+        :data:`SPILL_KNEES` values); dropped likewise. ``use_raw=False`` with ``gflops`` fits
+        FLOPs alone (scale 0). With fewer than three points, or no spread in ``raw``, a pure
+        scale.
         """
         r = np.asarray(raw, dtype=np.float64)
         m = np.asarray(measured, dtype=np.float64)
@@ -111,7 +140,9 @@ class Calibration:
                 cal = cls(0.0, offset, len(r), ms_per_gflop=slope, form="flops")
         if cal is None and (len(r) < 3 or np.ptp(r) <= 1e-12):
             cal = cls(float(np.dot(w * r, m) / np.dot(w * r, r)), 0.0, len(r), form="scale")
-        if cal is None and len(r) >= min_traffic_points:
+        if cal is None and spill and mparams is not None and len(r) >= max(MIN_SPILL_POINTS, min_traffic_points):
+            cal = _fit_spill(cls, r, m, w, p)
+        if cal is None and not spill and len(r) >= min_traffic_points:
             for extra, name in ((p, "traffic"), (g, "flops+terms")):
                 if (extra is p and mparams is None) or (extra is g and gflops is None) or np.ptp(extra) <= 1e-12:
                     continue
@@ -131,6 +162,29 @@ class Calibration:
         cal.fit_median_abs_pct_err = float(np.median(pct_err(cal(r, p, g), m)))
         cal.raw_median_abs_pct_err = float(np.median(pct_err(r, m)))
         return cal
+
+
+def _fit_spill(cls: type[Calibration], r: np.ndarray, m: np.ndarray, w: np.ndarray, p: np.ndarray
+               ) -> Calibration | None:
+    """``scale * raw + k * max(0, mparams - knee) + offset`` by weighted least squares, the
+    knee the best of :data:`SPILL_KNEES` values strictly inside the plans' range of parameters
+    (at its ends the part is zero or plain weight traffic); ``None`` where no knee gives a
+    positive scale and charge."""
+    if np.ptp(p) <= 1e-12:
+        return None
+    best: tuple[float, tuple[float, ...], float] | None = None
+    for knee in np.linspace(p.min(), p.max(), SPILL_KNEES + 2)[1:-1]:
+        x = np.stack([r, np.maximum(0.0, p - knee), np.ones_like(r)], axis=1)
+        coef = _wls(x, m, w)
+        if coef[0] <= 0 or coef[1] <= 0:
+            continue
+        sse = float(np.dot(w, np.square(x @ np.asarray(coef) - m)))
+        if best is None or sse < best[0]:
+            best = (sse, coef, float(knee))
+    if best is None:
+        return None
+    (scale, k, offset), knee = best[1], best[2]
+    return cls(scale, offset, len(r), form="spill", ms_per_spilled_mparam=k, spill_mparams=knee)
 
 
 def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, ...]:
@@ -170,6 +224,8 @@ class LatencySurface:
         self._mparams = mparams
         self._gflops = gflops
         self._calibrated: tuple[tuple[float, float, float], dict[str, np.ndarray]] | None = None
+        self.calibration_plans: list[Plan] = []
+        """The plans the calibration was fitted on, where it was fitted here (not given)."""
         self._index = {d.name: {w: i for i, w in enumerate(d.choices)} for d in space.dims}
 
     @classmethod
@@ -271,7 +327,20 @@ class LatencySurface:
         total = 0.0
         for t in self.space.kept_terms(plan):
             total += self._at(arrays, t, plan)
+        if self.calibration.ms_per_spilled_mparam:
+            total += float(self.calibration.spilled(self.plan_mparams(plan)))
         return total + self.calibration.offset
+
+    def spill_arrays(self) -> dict[str, np.ndarray] | None:
+        """Per term, the parameters (millions) the spill part sums before its knee; ``None``
+        where the calibration has no spill part."""
+        if not self.calibration.ms_per_spilled_mparam:
+            return None
+        mp = self.mparams
+        if mp is None:
+            raise TableError(f"the calibration charges parameters, but no model adapter counts them for "
+                             f"{self.space.family} terms")
+        return mp
 
     def per_block(self, plan: Plan) -> dict[str, float]:
         """Uncalibrated latency of every block (and ``fixed`` for stem and head) under ``plan``."""
@@ -454,11 +523,12 @@ def calibrate(surface: LatencySurface, plans: Sequence[Plan], measure: Callable[
 
 def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Sequence[float],
                     weights: Sequence[float] | None = None, traffic: bool | None = None,
-                    flops: bool | None = None) -> Calibration:
+                    flops: bool | None = None, spill: bool | None = None) -> Calibration:
     """The calibration of ``surface`` fitted to measured whole-model latencies of ``plans``.
 
-    Candidates: affine in the sum of terms; plus weight traffic (parameters); plus FLOPs; and
-    FLOPs alone. ``traffic`` / ``flops``: ``True`` fits that part, ``False`` leaves it out,
+    Candidates: affine in the sum of terms; plus weight traffic (parameters); plus weights
+    spilled out of cache (parameters past a knee, :class:`Calibration`); plus FLOPs; and FLOPs
+    alone. ``traffic`` / ``spill`` / ``flops``: ``True`` fits that part, ``False`` leaves it out,
     ``None`` (the default) lets the leave-one-out error over ``plans`` decide (root mean
     square of the relative errors, so a bad tail counts), the affine fit staying unless
     another is clearly better (:func:`_clearly_better`: by more than the noise of so few
@@ -469,15 +539,20 @@ def fit_calibration(surface: LatencySurface, plans: Sequence[Plan], measured: Se
     input size (README, "Latency model accuracy").
     """
     raw = [surface.raw(p) for p in plans]
-    mparams = [surface.plan_mparams(p) for p in plans] if traffic is not False and surface.mparams else None
+    wanted = traffic is not False or spill is not False
+    mparams = [surface.plan_mparams(p) for p in plans] if wanted and surface.mparams else None
     gflops = [surface.plan_gflops(p) for p in plans] if flops is not False and surface.gflops else None
     if traffic is True and mparams is not None:
         return Calibration.fit(raw, measured, weights, mparams)
+    if spill is True and mparams is not None:
+        return Calibration.fit(raw, measured, weights, mparams, spill=True)
     if flops is True and gflops is not None:
         return Calibration.fit(raw, measured, weights, gflops=gflops)
     cands: dict[str, dict[str, Any]] = {"affine": {}}
-    if mparams is not None:
+    if mparams is not None and traffic is not False:
         cands["traffic"] = {"mparams": mparams}
+    if mparams is not None and spill is not False:
+        cands["spill"] = {"mparams": mparams, "spill": True}
     if gflops is not None:
         cands["flops+terms"] = {"gflops": gflops}
         cands["flops"] = {"gflops": gflops, "use_raw": False}

@@ -7,10 +7,11 @@ from solvers.problem import (
            SolverBlock,
            SolverDim,
            SolverError,
+           SolverExcess,
            SolverTerm,
            SolverValue,
 )
 from solvers.sweep import plot_sweep, sweep
 
-__all__ = ["Problem", "Solution", "SolverBlock", "SolverDim", "SolverError", "SolverTerm", "SolverValue",
+__all__ = ["Problem", "Solution", "SolverBlock", "SolverDim", "SolverError", "SolverExcess", "SolverTerm", "SolverValue",
            "min_latency", "mip_solvers", "plot_sweep", "solve", "sweep"]

@@ -28,8 +28,10 @@ import contextlib
 import importlib.util
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
+import scipy.sparse as sp
 
 from solvers import backends, decompose
 from solvers.matrix import Matrix, build, decode, encode
@@ -226,6 +228,8 @@ def min_latency(p: Problem, solver: str = "HIGHS", time_limit_s: float = 60.0) -
     where the problem splits into small parts (:func:`solvers.decompose.min_latency`), else by
     a MIP."""
     _check_solver(solver)
+    if p.excess is not None:
+        return _min_latency_excess(p, solver, time_limit_s)
     fastest = decompose.min_latency(restrict(p, dominated(p)))  # dropping dominated choices keeps it
     if fastest is not None:
         return fastest
@@ -234,6 +238,30 @@ def min_latency(p: Problem, solver: str = "HIGHS", time_limit_s: float = 60.0) -
     if run.status != "optimal":
         raise SolverError(f"minimum latency: solver status {run.status}")
     return p.latency(*decode(p, m, run.col))
+
+
+def _min_latency_excess(p: Problem, solver: str, time_limit_s: float) -> float:
+    """The smallest latency with an excess charge ``k * max(0, X - C)``: the least of the
+    smallest ``L`` with ``X <= C`` and the smallest ``L + k * (X - C)`` with ``X >= C``."""
+    e = p.excess
+    assert e is not None
+    q = p.without_excess()
+    m = build(q)
+    row, const = _excess_row(p, m)
+    below = _with_row(m, row, e.threshold - const)
+    past = replace(_with_row(m, -row, const - e.threshold), latency=m.latency + e.ms_per_unit * row,
+                   latency0=m.latency0 + e.ms_per_unit * (const - e.threshold))
+    t0 = time.perf_counter()
+    found = []
+    for mm in (below, past):
+        run = backends.mip(mm, None, solver, max(MIN_CALL_S, time_limit_s - (time.perf_counter() - t0)), False)
+        if run.status == "optimal":
+            found.append(p.latency(*decode(q, mm, run.col)))
+        elif run.status != "infeasible":
+            raise SolverError(f"minimum latency: solver status {run.status}")
+    if not found:
+        raise SolverError("minimum latency: no point at all")
+    return min(found)
 
 
 class _Clock:
@@ -278,9 +306,80 @@ def solve(p: Problem, budget_ms: float, solver: str = "HIGHS", time_limit_s: flo
     """
     _check_solver(solver)
     effort = _Effort()
-    sol = _solve(p, budget_ms, solver, time_limit_s, verbose, reduce, effort)
+    if p.excess is None:
+        sol = _solve(p, budget_ms, solver, time_limit_s, verbose, reduce, effort)
+    else:
+        sol = _solve_excess(p, budget_ms, solver, time_limit_s, verbose, reduce, effort)
     sol.nodes, sol.lp_iterations = effort.nodes, effort.iterations
     return sol
+
+
+def _excess_row(p: Problem, m: Matrix) -> tuple[np.ndarray, float]:
+    """The excess sum of ``p`` over the columns of ``m`` (built from ``p`` without its excess):
+    ``row @ col + const``."""
+    x = build(p.excess_problem())
+    if x.n != m.n:
+        raise AssertionError(f"excess program has {x.n} columns, the latency program {m.n}")
+    return x.latency, x.latency0
+
+
+def _with_row(m: Matrix, row: np.ndarray, rhs: float) -> Matrix:
+    """``m`` with one more constraint ``row @ col <= rhs``."""
+    return replace(m, ub=sp.vstack([m.ub, sp.csr_matrix(row.reshape(1, -1))]).tocsr(),
+                   ub_rhs=np.append(m.ub_rhs, rhs))
+
+
+def _solve_excess(p: Problem, budget_ms: float, solver: str, time_limit_s: float, verbose: bool,
+                  reduce: bool, effort: _Effort) -> Solution:
+    """The plan under ``budget_ms`` where latency carries an excess charge ``k * max(0, X - C)``.
+
+    Latency within the budget means both ``L <= budget`` and ``L + k * (X - C) <= budget``
+    (``L``: the latency without the charge). Each alone is a relaxation of one knapsack row,
+    which :func:`_solve` solves exactly with all its reductions; where the optimum of either
+    meets the other, it is the optimum. Otherwise (the budget falls where the charge starts)
+    the program with both rows goes to the MIP solver whole, started from the best point found."""
+    t0 = time.perf_counter()
+    clock = _Clock(t0, time_limit_s)
+    best: tuple[float, dict[str, int], tuple[str, ...]] | None = None
+    for q in (p.without_excess(), p.excess_folded()):
+        sol = _solve(q, budget_ms, solver, clock.left(), verbose, reduce, effort)
+        if sol.status == "infeasible":  # a relaxation without a point: none at all
+            return _infeasible(p, solver, t0, clock)
+        if sol.widths and p.latency(sol.widths, sol.removed) <= budget_ms:
+            if sol.status == "optimal":
+                return _solution(p, sol.widths, sol.removed, budget_ms, sol.gap, solver, t0, sol.message)
+            if best is None or sol.objective > best[0]:
+                best = (sol.objective, sol.widths, sol.removed)
+        if clock.out():
+            break
+    q = p.without_excess()
+    m = build(q)
+    if not clock.out():
+        e = p.excess
+        assert e is not None
+        row, const = _excess_row(p, m)
+        m = _with_row(m, m.latency + e.ms_per_unit * row,
+                      budget_ms - m.latency0 - e.ms_per_unit * (const - e.threshold))
+        start = encode(q, m, best[1], best[2]) if best is not None else None
+        run = backends.mip(m, budget_ms, solver, clock.left(), verbose, start=start)
+        effort.add(run)
+        if run.status == "infeasible":
+            return _infeasible(p, solver, t0, clock)
+        if run.col.size and run.status in ("optimal", "time_limit"):
+            w, rem = decode(q, m, run.col)
+            fits = p.latency(w, rem) <= budget_ms
+            if fits and (best is None or p.objective(w, rem) >= best[0]):
+                best = (p.objective(w, rem), w, rem)
+            if run.status == "optimal":  # a point over the budget once recomputed is reported as an error
+                point = best if best is not None else (p.objective(w, rem), w, rem)
+                return _solution(p, point[1], point[2], budget_ms, run.gap, solver, t0, run.message)
+        elif run.status not in ("optimal", "time_limit"):
+            return _failed(run, solver, t0)
+    if best is None:
+        return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0,
+                        message="time limit before any feasible point was found")
+    return _solution(p, best[1], best[2], budget_ms, None, solver, t0,
+                     "time limit: best point found, not proven optimal", status="time_limit")
 
 
 class _Effort:

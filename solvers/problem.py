@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,9 +54,22 @@ class SolverValue:
 
 
 @dataclass
+class SolverExcess:
+    """A charge on a second sum over the same terms past a threshold: ``ms_per_unit * max(0,
+    sum of kept terms' tables - threshold)`` (weights that outgrow a cache: ``tables`` are the
+    terms' parameters). ``tables`` maps a term's name to an array of its table's shape; a term
+    left out counts 0."""
+
+    tables: dict[str, np.ndarray]
+    threshold: float
+    ms_per_unit: float
+
+
+@dataclass
 class Problem:
-    """Predicted latency = ``scale * (fixed_ms + sum of kept terms) + offset``; importance =
-    the dims' values + the kept blocks' values + the kept value terms."""
+    """Predicted latency = ``scale * (fixed_ms + sum of kept terms) + offset`` (+ the excess
+    charge, where ``excess`` is given); importance = the dims' values + the kept blocks' values
+    + the kept value terms."""
 
     dims: list[SolverDim]
     blocks: list[SolverBlock]
@@ -65,6 +78,7 @@ class Problem:
     scale: float = 1.0
     offset: float = 0.0
     values: list[SolverValue] = field(default_factory=list)
+    excess: SolverExcess | None = None
 
     def __post_init__(self) -> None:
         names = {d.name: d for d in self.dims}
@@ -95,20 +109,72 @@ class Problem:
                 raise SolverError(f"value term {v.name}: table shape {np.shape(v.table)}, "
                                   f"expected {(len(names[v.dim].choices),)}")
 
+        if self.excess is not None:
+            shapes = {t.name: np.shape(t.table) for t in self.terms}
+            for name, table in self.excess.tables.items():
+                if name not in shapes:
+                    raise SolverError(f"excess: unknown term {name}")
+                if np.shape(table) != shapes[name]:
+                    raise SolverError(f"excess of term {name}: table shape {np.shape(table)}, expected {shapes[name]}")
+            if not (self.excess.ms_per_unit >= 0 and np.isfinite(self.excess.ms_per_unit)):
+                raise SolverError(f"excess: ms_per_unit {self.excess.ms_per_unit} is not a finite charge >= 0")
+            if not np.isfinite(self.excess.threshold):
+                raise SolverError(f"excess: threshold {self.excess.threshold} is not finite")
+            if not self.scale > 0:
+                raise SolverError(f"excess needs a positive scale, not {self.scale}")
+
     def removable(self) -> set[str]:
         return {b.name for b in self.blocks if b.removable}
 
     def latency(self, widths: dict[str, int], removed: Iterable[str] = ()) -> float:
         """Predicted latency of a point, computed directly from the tables."""
+        total, extra = self._sums(widths, removed)
+        out = self.scale * total + self.offset
+        if self.excess is not None:
+            out += self.excess.ms_per_unit * max(0.0, extra - self.excess.threshold)
+        return out
+
+    def excess_sum(self, widths: dict[str, int], removed: Iterable[str] = ()) -> float:
+        """The kept terms' sum of the excess tables (0 without ``excess``)."""
+        return self._sums(widths, removed)[1]
+
+    def _sums(self, widths: dict[str, int], removed: Iterable[str]) -> tuple[float, float]:
         dims = {d.name: d for d in self.dims}
         gone = set(removed)
-        total = self.fixed_ms
+        total, extra = self.fixed_ms, 0.0
+        tables = self.excess.tables if self.excess is not None else {}
         for t in self.terms:
             if t.block in gone or any(dims[n].block in gone for n in t.dims):
                 continue
             idx = tuple(dims[n].choices.index(widths[n]) for n in t.dims)
             total += float(np.asarray(t.table)[idx])
-        return self.scale * total + self.offset
+            if t.name in tables:
+                extra += float(np.asarray(tables[t.name])[idx])
+        return total, extra
+
+    def without_excess(self) -> Problem:
+        """The problem without the excess charge: its latency is never above this one's."""
+        return replace(self, excess=None)
+
+    def excess_folded(self) -> Problem:
+        """The problem with the excess charged as if always past its threshold (a sum over
+        terms, possibly negative below it): its latency is never above this one's, and equal
+        to it wherever the sum is past the threshold."""
+        if self.excess is None:
+            return self
+        e = self.excess
+        k = e.ms_per_unit / self.scale
+        terms = [replace(t, table=np.asarray(t.table, dtype=np.float64) + k * np.asarray(e.tables[t.name]))
+                 if t.name in e.tables else t for t in self.terms]
+        return replace(self, terms=terms, offset=self.offset - e.ms_per_unit * e.threshold, excess=None)
+
+    def excess_problem(self) -> Problem:
+        """The excess tables as the latency tables (scale 1, no offset): the same program
+        columns, its latency the excess sum."""
+        tables = self.excess.tables if self.excess is not None else {}
+        terms = [replace(t, table=np.asarray(tables.get(t.name, np.zeros(np.shape(t.table))), dtype=np.float64))
+                 for t in self.terms]
+        return replace(self, terms=terms, fixed_ms=0.0, scale=1.0, offset=0.0, excess=None)
 
     def objective(self, widths: dict[str, int], removed: Iterable[str] = ()) -> float:
         """Importance kept by a point."""

@@ -7,8 +7,9 @@ three predictors, each fitted on the same calibration plans (never among the eva
 - ``surface``: our latency surface (measured per-term tables over the widths), calibrated as
   the prune command does it (the weight-traffic term kept when it lowers the leave-one-out
   error on the calibration plans; ``calibration.ms_per_mparam`` in the JSON says whether it
-  was). ``surface_traffic`` and ``surface_affine`` in the JSON: the same surface with the
-  term always and never;
+  was; ``form`` says which part was kept, ``spill`` for weights that outgrow the cache, when
+  plans were also measured around its knee). ``surface_traffic``, ``surface_spill`` and
+  ``surface_affine`` in the JSON: the same surface with that part always, and with none;
 - ``linear``: a per-layer model linear in output channels at dense input widths (HALP-style,
   :func:`mdp_trt.surface.linear_surface`), fitted to the same term measurements and
   calibrated on the same plans;
@@ -96,6 +97,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lab.measure_plans(subject, space, order[i:i + group])
             log(f"sweep {sweep}: plans {i + 1}-{min(i + group, len(order))} of {len(order)} measured")
     surface = calibrated(lab, subject, space, SurfaceModel(), n_plans=args.calibration_plans, seed=args.seed)
+    # Where the fit has a spill knee, calibrated() measured plans there too (refine_knee): the
+    # surface and FLOPs are fitted on them all; one that is also an evaluated plan is evaluated no more.
+    cal_plans = surface.calibration_plans or cal_plans
+    cal_keys = {plan_key(p) for p in cal_plans}
+    eval_plans = [p for p in eval_plans if plan_key(p) not in cal_keys]
     # Read again at the dense reference all groups left (the quietest dense reading of any);
     # plans whose groups read loud against it are measured again here.
     cal_ms = lab.measure_plans(subject, space, cal_plans)
@@ -104,7 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # rather than a calibration record stored in the table by an older version.
     surface.calibration = fit_calibration(surface, cal_plans, cal_ms)
     traffic = fit_calibration(surface, cal_plans, cal_ms, traffic=True)
-    affine = fit_calibration(surface, cal_plans, cal_ms, traffic=False, flops=False)
+    spill = fit_calibration(surface, cal_plans, cal_ms, spill=True)
+    affine = fit_calibration(surface, cal_plans, cal_ms, traffic=False, flops=False, spill=False)
 
     linear = calibrated(lab, subject, space, LinearModel(), n_plans=args.calibration_plans,
                         seed=args.seed)  # on the same plans
@@ -122,13 +129,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw = [surface.raw(p) for p in eval_plans]
     mparams = [surface.plan_mparams(p) for p in eval_plans]
     traffic_err = pct_err([float(traffic(r, mp)) for r, mp in zip(raw, mparams, strict=True)], measured)
+    spill_err = pct_err([float(spill(r, mp)) for r, mp in zip(raw, mparams, strict=True)], measured)
     affine_err = pct_err([float(affine(r)) for r in raw], measured)
     # The same terms as timed alone, boundary costs left in: what the fix to the measurement did.
     from mdp_trt.surface import LatencySurface
 
     alone = LatencySurface.from_points(space, {t.signature: lab.table.points(t.signature) for t in space.terms})
     alone_raw = [alone.raw(p) for p in eval_plans]
-    alone_affine = fit_calibration(alone, cal_plans, cal_ms, traffic=False, flops=False)
+    alone_affine = fit_calibration(alone, cal_plans, cal_ms, traffic=False, flops=False, spill=False)
     alone_err = pct_err([float(alone_affine(r)) for r in alone_raw], measured)
     result: dict[str, Any] = {
         "model": args.model,
@@ -142,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops_p95_abs_pct_err": float(np.percentile(errs["flops"], 95)),
         "surface_traffic_median_abs_pct_err": float(np.median(traffic_err)),
         "surface_traffic_p95_abs_pct_err": float(np.percentile(traffic_err, 95)),
+        "surface_spill_median_abs_pct_err": float(np.median(spill_err)),
+        "surface_spill_p95_abs_pct_err": float(np.percentile(spill_err, 95)),
         "surface_affine_median_abs_pct_err": float(np.median(affine_err)),
         "surface_affine_p95_abs_pct_err": float(np.percentile(affine_err, 95)),
         "raw_surface_median_abs_pct_err": float(np.median(pct_err(raw, measured))),
@@ -150,6 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "alone_affine_p95_abs_pct_err": float(np.percentile(alone_err, 95)),
         "calibration": surface.calibration.to_dict(),
         "traffic_calibration": traffic.to_dict(),
+        "spill_calibration": spill.to_dict(),
         "interpolated_points": surface.interpolated_points,
         "measured_ms": {"min": float(min(measured)), "max": float(max(measured))},
         "engine": lab.identity,
@@ -224,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, a, b in (("latency surface", "median_abs_pct_err", "p95_abs_pct_err"),
                            ("  traffic term always", "surface_traffic_median_abs_pct_err",
                             "surface_traffic_p95_abs_pct_err"),
+                           ("  spill term always", "surface_spill_median_abs_pct_err",
+                            "surface_spill_p95_abs_pct_err"),
                            ("  affine only", "surface_affine_median_abs_pct_err",
                             "surface_affine_p95_abs_pct_err"),
                            ("  affine, terms timed alone", "alone_affine_median_abs_pct_err",

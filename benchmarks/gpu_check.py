@@ -83,8 +83,10 @@ TAIL_LINES = 15
 
 GPU_LIMITS = {"install": (60.0, 5.0), "device": (45.0, 5.0), "cuda_tests": (90.0, 15.0),
               "profile": (120.0, 30.0), "latency": (90.0, 30.0), "prune": (120.0, 45.0)}
+# The dry run's latency step measures whole models on the CPU by the measuring protocol, which
+# measures loud groups again: 38 s alone, 92 s while another job ran beside it (AMD EPYC box).
 DRY_LIMITS = {"install": (60.0, 1.0), "device": (60.0, 1.0), "cuda_tests": (90.0, 1.0),
-              "profile": (90.0, 1.0), "latency": (90.0, 1.0), "prune": (120.0, 1.0)}
+              "profile": (90.0, 1.0), "latency": (180.0, 1.0), "prune": (120.0, 1.0)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import gc
 import itertools
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,15 +134,19 @@ def objective_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -
     return kept + sum(b.value for b in p.blocks if b.removable and b.name not in removed)
 
 
-def brute_force(p: Problem, budget: float) -> tuple[float, float]:
-    """(best objective under the budget or -inf, smallest latency) by enumeration."""
+def brute_force(p: Problem, budget: float,
+                latency: Callable[[Problem, dict[str, int], tuple[str, ...]], float] | None = None
+                ) -> tuple[float, float]:
+    """(best objective under the budget or -inf, smallest latency) by enumeration, latency by
+    ``latency`` (default :func:`latency_of`)."""
+    latency = latency or latency_of
     removable = [b.name for b in p.blocks if b.removable]
     best, fastest = -np.inf, np.inf
     for k in range(len(removable) + 1):
         for removed in itertools.combinations(removable, k):
             for combo in itertools.product(*(d.choices for d in p.dims)):
                 widths = dict(zip([d.name for d in p.dims], combo, strict=True))
-                lat = latency_of(p, widths, removed)
+                lat = latency(p, widths, removed)
                 fastest = min(fastest, lat)
                 if lat <= budget:
                     best = max(best, objective_of(p, widths, removed))

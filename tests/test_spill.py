@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from test_solver import brute_force, random_problem
+from test_solver import brute_force, latency_of, random_problem
 from test_surface import full_points, toy_mparams, toy_space
 
 from mdp_trt.latency import SurfaceModel, refine_knee
@@ -165,20 +165,20 @@ def with_excess(p: Problem, seed: int, k: float = 0.4, where: float = 0.5) -> Pr
                    SolverExcess(tables, threshold, k))
 
 
+def excess_latency_of(p: Problem, widths: dict[str, int], removed: tuple[str, ...]) -> float:
+    """Latency with the excess charge, straight from the arrays (not :meth:`Problem.latency`)."""
+    e = p.excess
+    assert e is not None
+    owner = {d.name: d.block for d in p.dims}
+    index = {d.name: d.choices.index(widths[d.name]) for d in p.dims}
+    kept = [t for t in p.terms if t.block not in removed and not any(owner[n] in removed for n in t.dims)]
+    x = sum(float(e.tables[t.name][tuple(index[n] for n in t.dims)]) for t in kept if t.name in e.tables)
+    return latency_of(p, widths, removed) + e.ms_per_unit * max(0.0, x - e.threshold)
+
+
 def brute_force_excess(p: Problem, budget: float) -> tuple[float, float]:
-    """(best objective within the budget, smallest latency) by enumeration, latency from
-    :meth:`Problem.latency` (the excess charge in it)."""
-    removable = [b.name for b in p.blocks if b.removable]
-    best, fastest = -np.inf, np.inf
-    for r in range(len(removable) + 1):
-        for removed in itertools.combinations(removable, r):
-            for combo in itertools.product(*(d.choices for d in p.dims)):
-                widths = dict(zip([d.name for d in p.dims], combo, strict=True))
-                lat = p.latency(widths, removed)
-                fastest = min(fastest, lat)
-                if lat <= budget:
-                    best = max(best, p.objective(widths, removed))
-    return best, fastest
+    """(best objective within the budget, smallest latency) by enumeration, the excess charged."""
+    return brute_force(p, budget, excess_latency_of)
 
 
 @pytest.mark.parametrize("seed", range(24))

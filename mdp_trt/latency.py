@@ -110,38 +110,36 @@ def refine_knee(surface: LatencySurface, plans: list[Plan], measured: list[float
 
     plans, measured = list(plans), list(measured)
     seen = {plan_key(p) for p in plans}
-    pool = [p for p in sample_plans(surface.space, KNEE_POOL, seed=20_000 + seed) if plan_key(p) not in seen]
-    size = {plan_key(p): surface.plan_mparams(p) for p in pool}
+    pool = [(surface.plan_mparams(p), p) for p in sample_plans(surface.space, KNEE_POOL, seed=20_000 + seed)
+            if plan_key(p) not in seen]
     for _ in range(n):
         if cal.form != "spill" or not pool:
             break
-        pick = _knee_pick(sorted({surface.plan_mparams(p) for p in plans}), cal.spill_mparams, pool, size)
+        pick = _knee_pick(sorted({surface.plan_mparams(p) for p in plans}), cal.spill_mparams, pool)
         if pick is None:
             break
         pool.remove(pick)
-        plans.append(pick)
-        measured.append(measure(pick))
+        plans.append(pick[1])
+        measured.append(measure(pick[1]))
         cal = model.fit(surface, plans, measured)
     return plans, measured, cal
 
 
-def _knee_pick(have: list[float], knee: float, pool: list[Plan], size: dict[str, float]) -> Plan | None:
-    """The pool plan nearest (in ratio) to the geometric middle of the widest gap, in ratio,
-    among the gap between the measured parameter counts ``have`` that holds the knee and the
-    gaps either side of it (a fit is indifferent to where in an empty gap the knee lies, so
-    the neighbouring gaps are as uncertain as its own); ``None`` where no pool plan lies
-    strictly inside any of them."""
-    from mdp_trt.engine_io import plan_key
-
+def _knee_pick(have: list[float], knee: float, pool: list[tuple[float, Plan]]) -> tuple[float, Plan] | None:
+    """The (parameters, plan) of ``pool`` nearest (in ratio) to the geometric middle of the
+    widest gap, in ratio, among the gap between the measured parameter counts ``have`` that
+    holds the knee and the gaps either side of it (a fit is indifferent to where in an empty
+    gap the knee lies, so the neighbouring gaps are as uncertain as its own); ``None`` where no
+    pool plan lies strictly inside any of them."""
     if len(have) < 2:
         return None
     at = next((i for i in range(len(have) - 1) if have[i] <= knee < have[i + 1]), len(have) - 2)
     gaps = [(have[i], have[i + 1]) for i in (at - 1, at, at + 1) if 0 <= i < len(have) - 1]
     for lo, hi in sorted(gaps, key=lambda g: -np.log(g[1] / g[0]) if g[0] > 0 else -np.inf):
-        inside = [p for p in pool if lo < size[plan_key(p)] < hi]
+        inside = [c for c in pool if lo < c[0] < hi]
         if inside:
             mid = float(np.sqrt(lo * hi)) if lo > 0 else (lo + hi) / 2
-            return min(inside, key=lambda p: abs(np.log(size[plan_key(p)] / mid)))
+            return min(inside, key=lambda c: abs(np.log(c[0] / mid)))
     return None
 
 

@@ -296,24 +296,33 @@ class LatencySurface:
             return 0.0
         return sum(self._at(gf, t, plan) for t in self.space.kept_terms(plan))
 
+    def _charged_counts(self) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+        """The per-term parameters and GFLOPs the calibration charges for (``None`` for a count
+        no part of it charges); an error where it charges what no model adapter counts."""
+        cal = self.calibration
+        by_params = bool(cal.ms_per_mparam or cal.ms_per_spilled_mparam)
+        mp = self.mparams if by_params else None
+        gf = self.gflops if cal.ms_per_gflop else None
+        if (by_params and mp is None) or (cal.ms_per_gflop and gf is None):
+            raise TableError(f"the calibration charges parameters or FLOPs, but no model adapter counts "
+                             f"them for {self.space.family} terms")
+        return mp, gf
+
     def calibrated_arrays(self) -> dict[str, np.ndarray]:
         """Per term, ``scale * latency + ms_per_mparam * parameters + ms_per_gflop * GFLOPs``:
         what the solver sums.
 
-        Their sum over a plan's kept terms plus ``calibration.offset`` is :meth:`predict`.
+        Their sum over a plan's kept terms plus ``calibration.offset`` (plus the spill part,
+        where the calibration has one) is :meth:`predict`.
         """
         cal = self.calibration
         key = (cal.scale, cal.ms_per_mparam, cal.ms_per_gflop)
         if self._calibrated is None or self._calibrated[0] != key:
-            mp = self.mparams if cal.ms_per_mparam else None
-            gf = self.gflops if cal.ms_per_gflop else None
-            if (cal.ms_per_mparam and mp is None) or (cal.ms_per_gflop and gf is None):
-                raise TableError(f"the calibration charges parameters or FLOPs, but no model adapter counts "
-                                 f"them for {self.space.family} terms")
+            mp, gf = self._charged_counts()
             out = {}
             for name, a in self.arrays.items():
                 v = cal.scale * a
-                if mp is not None:
+                if mp is not None and cal.ms_per_mparam:
                     v = v + cal.ms_per_mparam * mp[name]
                 if gf is not None:
                     v = v + cal.ms_per_gflop * gf[name]
@@ -324,23 +333,20 @@ class LatencySurface:
     def predict(self, plan: Plan) -> float:
         """Calibrated latency of ``plan`` in milliseconds."""
         arrays = self.calibrated_arrays()
-        total = 0.0
+        spill = self.spill_arrays()
+        total = weights = 0.0
         for t in self.space.kept_terms(plan):
             total += self._at(arrays, t, plan)
-        if self.calibration.ms_per_spilled_mparam:
-            total += float(self.calibration.spilled(self.plan_mparams(plan)))
+            if spill is not None:
+                weights += self._at(spill, t, plan)
+        if spill is not None:
+            total += float(self.calibration.spilled(weights))
         return total + self.calibration.offset
 
     def spill_arrays(self) -> dict[str, np.ndarray] | None:
         """Per term, the parameters (millions) the spill part sums before its knee; ``None``
         where the calibration has no spill part."""
-        if not self.calibration.ms_per_spilled_mparam:
-            return None
-        mp = self.mparams
-        if mp is None:
-            raise TableError(f"the calibration charges parameters, but no model adapter counts them for "
-                             f"{self.space.family} terms")
-        return mp
+        return self._charged_counts()[0] if self.calibration.ms_per_spilled_mparam else None
 
     def per_block(self, plan: Plan) -> dict[str, float]:
         """Uncalibrated latency of every block (and ``fixed`` for stem and head) under ``plan``."""

@@ -51,6 +51,7 @@ SHARED_FEW = 1000
 SUPPORT_MIP_S = 0.5  # the MIP over the LP's support only makes an incumbent: its best point by then will do
 EARLY_HEADS = 60  # shared assignments merged there (a few ms each)
 MIN_CALL_S = 0.005  # no solver call is started with less time than this left
+NO_POINT = "time limit before any feasible point was found"
 FIRST_POINT_S = 0.02  # improving the point made without a solve, when the limit left no time at all
 
 
@@ -341,7 +342,8 @@ def _solve_excess(p: Problem, budget_ms: float, solver: str, time_limit_s: float
     t0 = time.perf_counter()
     clock = _Clock(t0, time_limit_s)
     best: tuple[float, dict[str, int], tuple[str, ...]] | None = None
-    for q in (p.without_excess(), p.excess_folded()):
+    plain = p.without_excess()
+    for q in (plain, p.excess_folded()):
         sol = _solve(q, budget_ms, solver, clock.left(), verbose, reduce, effort)
         if sol.status == "infeasible":  # a relaxation without a point: none at all
             return _infeasible(p, solver, t0, clock)
@@ -352,21 +354,20 @@ def _solve_excess(p: Problem, budget_ms: float, solver: str, time_limit_s: float
                 best = (sol.objective, sol.widths, sol.removed)
         if clock.out():
             break
-    q = p.without_excess()
-    m = build(q)
     if not clock.out():
         e = p.excess
         assert e is not None
+        m = build(plain)
         row, const = _excess_row(p, m)
         m = _with_row(m, m.latency + e.ms_per_unit * row,
                       budget_ms - m.latency0 - e.ms_per_unit * (const - e.threshold))
-        start = encode(q, m, best[1], best[2]) if best is not None else None
+        start = encode(plain, m, best[1], best[2]) if best is not None else None
         run = backends.mip(m, budget_ms, solver, clock.left(), verbose, start=start)
         effort.add(run)
         if run.status == "infeasible":
             return _infeasible(p, solver, t0, clock)
         if run.col.size and run.status in ("optimal", "time_limit"):
-            w, rem = decode(q, m, run.col)
+            w, rem = decode(plain, m, run.col)
             fits = p.latency(w, rem) <= budget_ms
             if fits and (best is None or p.objective(w, rem) >= best[0]):
                 best = (p.objective(w, rem), w, rem)
@@ -376,8 +377,7 @@ def _solve_excess(p: Problem, budget_ms: float, solver: str, time_limit_s: float
         elif run.status not in ("optimal", "time_limit"):
             return _failed(run, solver, t0)
     if best is None:
-        return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0,
-                        message="time limit before any feasible point was found")
+        return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0, message=NO_POINT)
     return _solution(p, best[1], best[2], budget_ms, None, solver, t0,
                      "time limit: best point found, not proven optimal", status="time_limit")
 
@@ -426,7 +426,7 @@ def _solve(p: Problem, budget_ms: float, solver: str, time_limit_s: float, verbo
             offer(*first)
         if incumbent is None:
             return Solution("time_limit", solver=solver, solve_s=time.perf_counter() - t0,
-                            message=message or "time limit before any feasible point was found")
+                            message=message or NO_POINT)
         return _solution(p, incumbent[1], incumbent[2], budget_ms, _gap(incumbent[0], max(bound, incumbent[0])),
                          solver, t0, "time limit: best point found, not proven optimal", status="time_limit")
 

@@ -134,10 +134,6 @@ class Problem:
             out += self.excess.ms_per_unit * max(0.0, extra - self.excess.threshold)
         return out
 
-    def excess_sum(self, widths: dict[str, int], removed: Iterable[str] = ()) -> float:
-        """The kept terms' sum of the excess tables (0 without ``excess``)."""
-        return self._sums(widths, removed)[1]
-
     def _sums(self, widths: dict[str, int], removed: Iterable[str]) -> tuple[float, float]:
         dims = {d.name: d for d in self.dims}
         gone = set(removed)

@@ -155,9 +155,9 @@ def with_excess(p: Problem, seed: int, k: float = 0.4, where: float = 0.5) -> Pr
     nrng = np.random.default_rng(1000 + seed)
     tables = {t.name: nrng.random(np.shape(t.table)) for t in p.terms if t.name != "head"}
     probe = Problem(p.dims, p.blocks, p.terms, p.fixed_ms, p.scale, p.offset, p.values,
-                    SolverExcess(tables, 0.0, 0.0))
+                    SolverExcess(tables, 0.0, 0.0)).excess_problem()  # its latency: the excess sum
     removable = [b.name for b in p.blocks if b.removable]
-    sums = [probe.excess_sum(dict(zip([d.name for d in p.dims], combo, strict=True)), removed)
+    sums = [probe.latency(dict(zip([d.name for d in p.dims], combo, strict=True)), removed)
             for r in range(len(removable) + 1) for removed in itertools.combinations(removable, r)
             for combo in itertools.product(*(d.choices for d in p.dims))]
     threshold = min(sums) + where * (max(sums) - min(sums))

@@ -1,5 +1,5 @@
 """The closed loop: solve, cut, measure on the engine, correct, until the measured latency is
-within the tolerance of the budget (or the rounds run out)."""
+at or under the budget by at most the tolerance (or the rounds run out)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ class Outcome:
 
 
 class ClosedLoop:
-    """Solve, cut and measure, dense and pruned interleaved. When the measurement misses the
-    budget by more than the tolerance, refit the calibration with the fresh measurements
+    """Solve, cut and measure, dense and pruned interleaved. The loop aims at the lower half of
+    the verdict's window: a round is accepted when it measures at or under the budget and by at
+    most the tolerance under it (the window ``[budget * (1 - tol), budget]``, centred on
+    :meth:`aim`), so another measurement of the same two models, a little off this one, still
+    lands within the tolerance of the budget and the budget still holds. When the measurement
+    falls outside that window, refit the calibration with the fresh measurements
     (weighted above older ones) and solve again, a bounded number of times.
 
     After :data:`REFITS` refits the calibration stays as it is and the budget handed to the
@@ -71,9 +75,9 @@ class ClosedLoop:
         self.points = [(p, m, 1.0) for p, m in bench.measured_points(space, subject.tag)]
 
     def run(self, budget_of: Callable[[float | None], float], dense: nn.Module | None) -> Outcome:
-        """Round after round; returns the slowest plan within the tolerance (least over-pruned),
-        else the fastest."""
-        budget = solve_budget = budget_of(None)
+        """Round after round; returns the round :meth:`_pick` keeps."""
+        budget = budget_of(None)
+        solve_budget = self.aim(budget)
         for _ in range(self.max_rounds):
             plan, sol = solve_plan(self.space, self.surface, self.importance, solve_budget, solver=self.solver)
             if plan is None and self.tried:  # a moved solve budget out of reach: keep what was measured
@@ -90,20 +94,28 @@ class ClosedLoop:
             if seen is not None:  # the optimum did not move: move the budget instead
                 if len(self.rounds) > REFITS:
                     self.frozen.append((solve_budget, seen[2]))
-                    solve_budget = _secant(self.frozen, budget)
+                    solve_budget = _secant(self.frozen, self.aim(budget))
                 else:
-                    solve_budget *= budget / seen[2]
+                    solve_budget *= self.aim(budget) / seen[2]
                 continue
             budget, measured, ms = self._measure(plan, sol, budget, solve_budget, budget_of, dense)
-            if abs(measured - budget) <= self.tol * budget:
+            if self.accepted(measured, budget):
                 break
             if len(self.rounds) > REFITS:
                 self.frozen.append((solve_budget, measured))
-                solve_budget = _secant(self.frozen, budget)
+                solve_budget = _secant(self.frozen, self.aim(budget))
                 continue
             self._refit(plan, measured, ms[0] if dense is not None else None)
-            solve_budget = budget
+            solve_budget = self.aim(budget)
         return self._pick()
+
+    def aim(self, budget: float) -> float:
+        """The latency the loop solves for: the middle of the accepted window."""
+        return budget * (1 - self.tol / 2)
+
+    def accepted(self, measured: float, budget: float) -> bool:
+        """At or under the budget, by at most the tolerance."""
+        return budget * (1 - self.tol) <= measured <= budget
 
     def _measure(self, plan: Plan, sol: Any, budget: float, solve_budget: float,
                  budget_of: Callable[[float | None], float], dense: nn.Module | None
@@ -135,8 +147,11 @@ class ClosedLoop:
         self.surface.calibration = self.latency_model.fit(self.surface, plans, ms_all, weights)
 
     def _pick(self) -> Outcome:
+        """The slowest accepted round; else the slowest within the tolerance over the budget or
+        faster (least over-pruned); else the fastest."""
         tol = self.tol
-        ok = [i for i, t in enumerate(self.tried) if t[2] <= t[3] * (1 + tol)]
+        ok = [i for i, t in enumerate(self.tried) if self.accepted(t[2], t[3])]
+        ok = ok or [i for i, t in enumerate(self.tried) if t[2] <= t[3] * (1 + tol)]
         pick = (max(ok, key=lambda i: self.tried[i][2]) if ok
                 else min(range(len(self.tried)), key=lambda i: self.tried[i][2]))
         self.rounds[pick]["chosen"] = True

@@ -166,6 +166,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"Measurement: dense and pruned side by side in {meas.get('rounds')} interleaved rounds "
             f"({clock_name(r)}), each round's lower quartile, median over rounds; spread between rounds "
             f"{100 * max(meas.get('spread', [0.0])):.1f}% (speedup {100 * meas.get('ratio_spread', 0.0):.1f}%), "
+            f"so the medians are uncertain by {100 * meas.get('error', 0.0):.1f}%, "
             f"{meas.get('attempts', 1)} attempt(s); other processes kept "
             f"{'?' if others is None else f'{others:.1f}'} core(s) busy, load average {_fmt(meas.get('load_avg'), 1)}.",
         ]

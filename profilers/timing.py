@@ -54,8 +54,13 @@ class Budget:
     max_iters: int = 200
     max_spread: float = 0.05
     max_rounds: int = 2
+    max_repeats: int | None = None
+    """:func:`compare` only: an attempt whose median is less certain than ``repeats`` rounds
+    spread by ``max_spread`` would make it takes ``repeats`` more rounds, up to this many."""
 
     def __post_init__(self) -> None:
+        if self.max_repeats is not None and self.max_repeats < self.repeats:
+            raise ValueError(f"invalid timing budget {self}")
         if self.repeats < 1 or self.min_iters < 1 or self.max_iters < self.min_iters:
             raise ValueError(f"invalid timing budget {self}")
         if self.iters is not None and self.iters < 1:
@@ -237,8 +242,13 @@ def measure_for(runner: Callable[[], Any], warmup_ms: float, duration_s: float, 
 # -- whole models side by side: an estimator that interference cannot inflate ---------------
 
 AB = Budget(warmup_ms=200.0, warmup_iters=5, repeats=9, repeat_ms=50.0, min_iters=8, max_iters=400,
-            max_spread=0.03, max_rounds=3)
-"""Whole models compared side by side: 9 short rounds each, at most 3 attempts when unreliable.
+            max_spread=0.03, max_rounds=3, max_repeats=81)
+"""Whole models compared side by side: 9 short rounds each, more (up to 81) while the medians
+are less certain than 9 rounds spread by 3% would make them, at most 3 attempts when unreliable.
+
+Beside two spinning processes on a 2-vCPU AMD EPYC (family 26 model 2) the rounds of resnet18
+at 64 px spread by 6-10% by the thread's CPU time: 9 rounds left its speedup uncertain by 3-4%,
+and the closed loop, keeping the round nearest its budget, kept one that read 7% low.
 
 A round lasts at least 50 ms and 8 runs, so the quantile it reports is taken over enough
 samples for a short model: with 25 ms, a pruned resnet18 at 64 px (2.8 ms, 9 samples a round)
@@ -276,6 +286,8 @@ class Comparison:
     loud_rounds: int = 0
     """Rounds left out because the sentinel read loud around them (see :class:`Sentinel`)."""
     sentinel_floor_ms: float | None = None
+    error: float = 0.0
+    """The worst relative standard error of a median (a model's or a speedup's) over the rounds."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -371,6 +383,29 @@ class Sentinel:
                 return False
 
 
+MEDIAN_SE = math.sqrt(math.pi / 2)
+"""The standard error of a median of n normal values is this times their deviation / sqrt(n)."""
+
+
+def _uncertainty(rounds: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(the worst robust spread of a model's round values or of the paired ratios to model 0,
+    the relative standard error of a median that spread gives over these rounds)."""
+    per_model = np.asarray(rounds, dtype=np.float64).T
+    worst = max([robust_spread(v) for v in per_model]
+                + [robust_spread(per_model[0] / v) for v in per_model[1:]])
+    return worst, MEDIAN_SE * worst / math.sqrt(len(rounds))
+
+
+def _quiet_rounds(rounds: list[list[float]], marks: list[float], sentinel: Sentinel | None,
+                  repeats: int) -> tuple[list[list[float]] | None, int]:
+    """(the rounds the sentinel read quiet around, or all without one; None when fewer than
+    half of ``repeats`` (and 3) were quiet, how many were loud)."""
+    if sentinel is None:
+        return rounds, 0
+    quiet = [r for r, v in zip(rounds, marks, strict=True) if sentinel.loudness(v) <= sentinel.tolerance]
+    return (quiet if len(quiet) >= max(3, (repeats + 1) // 2) else None), len(rounds) - len(quiet)
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -424,8 +459,12 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
             busy_cores_slow_thread: bool = True) -> Comparison:
     """Measure ``runners`` side by side (see :class:`Comparison`), re-measuring when unreliable.
 
-    An attempt is reliable when every model's round values and the paired ratios spread by
-    at most ``budget.max_spread``, and other processes left the engine's cores alone. On a
+    An attempt is reliable when every model's median and every speedup (the paired ratios)
+    is as certain as ``budget.repeats`` rounds spread by ``budget.max_spread`` make it (the
+    relative standard error of a median, :data:`MEDIAN_SE` * spread / sqrt(rounds): 1.25% for
+    9 rounds at 3%), and other processes left the engine's cores alone. While it is less
+    certain, ``repeats`` more rounds are taken, up to ``budget.max_repeats`` (or ``wait_s``
+    seconds): a noisy machine costs time, not the verdict. On a
     host (wall) clock: ``others_cores <= cores - threads + 0.25``, since a wall clock cannot
     tell computing from waiting for the core. On the thread-CPU-time clock waiting does not
     count, but a neighbour on the same core, or on its hardware sibling, still slows the
@@ -446,23 +485,33 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     if not runners:
         raise ValueError("nothing to compare")
     timers = [_Timer(r, clock, device_clock) for r in runners]
+    limit = MEDIAN_SE * budget.max_spread / math.sqrt(budget.repeats)
     iters = [_iters_for(budget, t.warmup(budget)) for t in timers]
     kind = timers[0].kind
     cores = usable_cores()
     result: Comparison | None = None
+    most = budget.max_repeats or budget.repeats
     for attempt in range(1, budget.max_rounds + 1):
         m = meter()
         rounds: list[list[float]] = []
         marks: list[float] = []  # the sentinel's louder reading around each round
         deadline = wall() + wait_s
+        need = budget.repeats
         while True:
             if sentinel is None:
-                if len(rounds) >= budget.repeats:
-                    break
+                done = len(rounds) >= need
             else:
                 quiet = sum(sentinel.loudness(v) <= sentinel.tolerance for v in marks)
-                if quiet >= budget.repeats or (rounds and wall() >= deadline):
+                done = quiet >= need or bool(rounds and wall() >= deadline)
+            if done:
+                if need >= most or wall() >= deadline:
                     break
+                kept, _ = _quiet_rounds(rounds, marks, sentinel, budget.repeats)
+                if kept is not None and len(kept) >= 2 and _uncertainty(kept)[1] <= limit:
+                    break
+                need += budget.repeats  # less certain than asked: more rounds
+                continue
+            if sentinel is not None:
                 sentinel.wait(deadline, wall=wall)
                 before = sentinel.last_ms
             shift = len(rounds) % len(timers)
@@ -474,24 +523,21 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
                 marks.append(max(before, sentinel.sample()))
         others = m.others_cores()
         reasons = []
-        loud = 0
-        kept = rounds
-        if sentinel is not None:
-            quiet_idx = [k for k, v in enumerate(marks) if sentinel.loudness(v) <= sentinel.tolerance]
-            loud = len(rounds) - len(quiet_idx)
-            if len(quiet_idx) >= max(3, (budget.repeats + 1) // 2):
-                kept = [rounds[k] for k in quiet_idx]
-            else:
-                reasons.append(f"the machine stayed loud: a reference workload ran more than "
-                               f"{100 * sentinel.tolerance:.0f}% above its quietest time around "
-                               f"{loud} of {len(rounds)} rounds")
+        quiet_kept, loud = _quiet_rounds(rounds, marks, sentinel, budget.repeats)
+        kept = rounds if quiet_kept is None else quiet_kept
+        if quiet_kept is None:
+            assert sentinel is not None
+            reasons.append(f"the machine stayed loud: a reference workload ran more than "
+                           f"{100 * sentinel.tolerance:.0f}% above its quietest time around "
+                           f"{loud} of {len(rounds)} rounds")
         per_model = np.asarray(kept).T
         ratios = [per_model[0] / per_model[i] for i in range(len(timers))]
         spread = [robust_spread(v) for v in per_model]
         ratio_spread = max((robust_spread(r) for r in ratios[1:]), default=0.0)
-        worst = max(spread + [ratio_spread])
-        if worst > budget.max_spread:
-            reasons.append(f"rounds spread by {100 * worst:.1f}% (limit {100 * budget.max_spread:.1f}%)")
+        worst, error = _uncertainty(kept)
+        if error > limit:
+            reasons.append(f"rounds spread by {100 * worst:.1f}% over {len(kept)} rounds: the median is "
+                           f"uncertain by {100 * error:.1f}% (limit {100 * limit:.1f}%)")
         if kind == "host" and others is not None and others > cores - threads + 0.25:
             reasons.append(f"other processes kept {others:.1f} of {cores} cores busy, and the wall "
                            f"clock counts waiting for a core ({threads} thread(s) needed)")
@@ -505,7 +551,7 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
                             ratios=[float(np.median(r)) for r in ratios], spread=spread,
                             ratio_spread=ratio_spread, rounds=kept, clock=kind, others_cores=others,
                             load_avg=load, attempts=attempt, reliable=not reasons, reason="; ".join(reasons),
-                            loud_rounds=loud,
+                            loud_rounds=loud, error=error,
                             sentinel_floor_ms=None if sentinel is None else sentinel.floor_ms)
         if result.reliable:
             break

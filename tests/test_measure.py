@@ -3,6 +3,7 @@ command reports and returns when a measurement cannot be trusted."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,6 +85,32 @@ def test_interference_everywhere_is_unreliable_after_remeasuring() -> None:
     c = _compare([call, steady], clock)
     assert not c.reliable and c.attempts == FAST.max_rounds
     assert "spread" in c.reason
+
+
+def test_noisy_rounds_are_outnumbered_instead_of_given_up() -> None:
+    # Every sample takes up to 30% more than its time, at random: 9 rounds leave the speedup
+    # less certain than asked, so more rounds are taken until it is; without them it stays so.
+    import random
+
+    def noisy(clock: Clock, ms: float, seed: int):
+        rng = random.Random(seed)
+
+        def call() -> None:
+            clock.now += ms * (1 + 0.3 * rng.random()) / 1e3
+        return call
+
+    clock = Clock()
+    more = dataclasses.replace(FAST, max_repeats=81)
+    c = _compare([noisy(clock, 4.0, 1), noisy(clock, 2.0, 2)], clock, budget=more)
+    assert c.reliable and c.reason == "" and c.attempts == 1, c.reason
+    assert 9 < len(c.rounds) <= 81 and len(c.rounds) % 9 == 0
+    assert c.error <= 1.2533 * 0.03 / 3 and c.error > 0
+    assert c.ratios[1] == pytest.approx(2.0, rel=0.02)
+    few = _compare([noisy(clock, 4.0, 1), noisy(clock, 2.0, 2)], clock)
+    assert not few.reliable and len(few.rounds) == 9 and few.attempts == FAST.max_rounds
+    assert "uncertain by" in few.reason and few.error > c.error
+    with pytest.raises(ValueError):
+        Budget(repeats=9, max_repeats=5)
 
 
 def test_wall_clock_on_a_busy_machine_is_unreliable_but_thread_time_is_not() -> None:

@@ -452,6 +452,22 @@ def _cpu_snapshot() -> tuple[float, float, float] | None:
     return time.monotonic(), busy / ticks, (float(mine[11]) + float(mine[12])) / ticks
 
 
+def _busy_reason(kind: str, others: float | None, cores: int, threads: int, busy_cores_slow_thread: bool) -> str:
+    """Why other processes' CPU time makes a measurement on this clock unreliable ("": it
+    does not); see :func:`compare`."""
+    if others is None:
+        return ""
+    if kind == "host" and others > cores - threads + 0.25:
+        return (f"other processes kept {others:.1f} of {cores} cores busy, and the wall "
+                f"clock counts waiting for a core ({threads} thread(s) needed)")
+    if kind == "thread-cpu" and busy_cores_slow_thread and others > cores - threads:
+        return (f"other processes kept {others:.1f} of {cores} cores busy: more than the "
+                f"{cores - threads} left to them, so they shared the measured thread's core "
+                "(or its hardware sibling and caches), which slows its CPU time on some CPUs "
+                "(`python -m profilers.neighbours` on a quiet machine tells whether on this one)")
+    return ""
+
+
 def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, threads: int = 1,
             clock: Clock = time.perf_counter, device_clock: bool = True,
             meter: Callable[[], CpuMeter] = CpuMeter, sentinel: Sentinel | None = None,
@@ -464,7 +480,8 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
     relative standard error of a median, :data:`MEDIAN_SE` * spread / sqrt(rounds): 1.25% for
     9 rounds at 3%), and other processes left the engine's cores alone. While it is less
     certain, ``repeats`` more rounds are taken, up to ``budget.max_repeats`` (or ``wait_s``
-    seconds): a noisy machine costs time, not the verdict. An attempt that ends less certain
+    seconds), unless other processes' CPU time already makes the attempt unreliable: a noisy
+    machine costs time, not the verdict. An attempt that ends less certain
     than asked, with nothing else wrong, hands its rounds to the next one, which adds to them:
     beside two spinning processes on a 2-vCPU Intel Xeon VM the paired speedup of resnet18 at
     128 px spread by 7-10% over 81 rounds, a median uncertain by 1.3-1.6%, and three fresh
@@ -511,6 +528,8 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
             if done:
                 if need >= most or wall() >= deadline:
                     break
+                if _busy_reason(kind, m.others_cores(), cores, threads, busy_cores_slow_thread):
+                    break  # unreliable whatever more rounds would say
                 kept, _ = _quiet_rounds(rounds, marks, sentinel, budget.repeats)
                 if kept is not None and len(kept) >= 2 and _uncertainty(kept)[1] <= limit:
                     break
@@ -544,14 +563,9 @@ def compare(runners: Sequence[Callable[[], Any]], budget: Budget = AB, *, thread
         if uncertain:
             reasons.append(f"rounds spread by {100 * worst:.1f}% over {len(kept)} rounds: the median is "
                            f"uncertain by {100 * error:.1f}% (limit {100 * limit:.1f}%)")
-        if kind == "host" and others is not None and others > cores - threads + 0.25:
-            reasons.append(f"other processes kept {others:.1f} of {cores} cores busy, and the wall "
-                           f"clock counts waiting for a core ({threads} thread(s) needed)")
-        elif kind == "thread-cpu" and busy_cores_slow_thread and others is not None and others > cores - threads:
-            reasons.append(f"other processes kept {others:.1f} of {cores} cores busy: more than the "
-                           f"{cores - threads} left to them, so they shared the measured thread's core "
-                           "(or its hardware sibling and caches), which slows its CPU time on some CPUs "
-                           "(`python -m profilers.neighbours` on a quiet machine tells whether on this one)")
+        busy = _busy_reason(kind, others, cores, threads, busy_cores_slow_thread)
+        if busy:
+            reasons.append(busy)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         result = Comparison(ms=[float(np.median(v)) for v in per_model],
                             ratios=[float(np.median(r)) for r in ratios], spread=spread,

@@ -110,9 +110,12 @@ def test_noisy_rounds_are_outnumbered_instead_of_given_up() -> None:
     few = _compare([noisy(clock, 4.0, 1), noisy(clock, 2.0, 2)], clock)
     assert not few.reliable and len(few.rounds) == 9 * FAST.max_rounds and few.attempts == FAST.max_rounds
     assert "uncertain by" in few.reason and "over 27 rounds" in few.reason and few.error > c.error
-    # ... but where the wall clock also says the cores were busy, each attempt starts afresh.
-    busy = _compare([noisy(clock, 4.0, 1), noisy(clock, 2.0, 2)], clock, meter_cores=float(usable_cores()))
+    # ... but where the wall clock also says the cores were busy, no more rounds are taken (they
+    # could not make it reliable) and each attempt starts afresh.
+    busy = _compare([noisy(clock, 4.0, 1), noisy(clock, 2.0, 2)], clock, meter_cores=float(usable_cores()),
+                    budget=more)
     assert not busy.reliable and len(busy.rounds) == 9 and "cores busy" in busy.reason
+    assert busy.attempts == FAST.max_rounds
     with pytest.raises(ValueError):
         Budget(repeats=9, max_repeats=5)
 

@@ -162,9 +162,11 @@ class ClosedLoop:
     def _rank(self, t: Tried) -> tuple[bool, int, bool, float]:
         """How a round ranks for keeping. Classes: accepted; within the tolerance over the
         budget or faster; past it. A reliable round of the first two classes comes first, then
-        by class, a reliable measurement before an unreliable one; within that, the least
-        over-pruned (the highest measured / budget, so a round is judged against the budget of
-        its own dense measurement), except past the tolerance, where the fastest.
+        by class, a reliable measurement before an unreliable one; within that, judged by
+        measured / budget (each round against the budget of its own dense measurement): the
+        least over-pruned accepted round, the round nearest the budget within the tolerance
+        (deit_tiny beside two spinners on the Intel Xeon box kept +2.9% over +1.2%, by the
+        slowest), the fastest past it.
 
         By raw milliseconds, rounds whose dense model read slow (a higher budget) looked least
         over-pruned: make demo beside two spinners (Intel Xeon box) kept a round whose dense
@@ -172,7 +174,7 @@ class ClosedLoop:
         reported 2.28x where an independent A/B gave 1.94x."""
         ratio = t.measured / t.budget
         cls = 2 if self.accepted(t.measured, t.budget) else 1 if ratio <= 1 + self.tol else 0
-        return cls > 0 and t.reliable, cls, t.reliable, ratio if cls else -ratio
+        return cls > 0 and t.reliable, cls, t.reliable, (ratio, -abs(ratio - 1), -ratio)[2 - cls]
 
 
 @dataclass

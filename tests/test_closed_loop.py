@@ -139,6 +139,11 @@ def test_closed_loop_judges_each_round_by_its_own_budget_and_trusts_reliable_rou
     # Among accepted rounds, the least over-pruned against its own budget, not the slowest.
     _rounds(loop, plan, model, [(1.95, 2.0, True), (1.9, 1.9, True)])
     assert loop._pick().measured_ms == 1.9
+    # None accepted: the one nearest the budget within the tolerance, over it or under.
+    _rounds(loop, plan, model, [(1.029, 1.0, True), (1.012, 1.0, True), (0.962, 1.0, True)])
+    assert loop._pick().measured_ms == 1.012
+    _rounds(loop, plan, model, [(1.029, 1.0, True), (0.975, 1.0, True), (0.968, 1.0, True)])
+    assert loop._pick().measured_ms == 0.975
 
 
 def test_an_unreliable_round_in_the_window_does_not_end_the_loop() -> None:
